@@ -1,0 +1,89 @@
+"""The one place that knows cnet's thread counts.
+
+cnet runs two thread pools: the OpenMP team of its own kernels and the BLAS
+pool that numpy's matmul uses for the convolution and dense GEMMs.  Both are
+set together here.  Kernels never read a global thread count: every call site
+passes ``num_threads()`` explicitly, so a kernel called from a data-loader
+thread uses the same count as one called from the main thread.
+
+Why OMP_WAIT_POLICY=PASSIVE by default: on a 2-core machine, OpenMP workers
+that spin after a parallel region steal the cores that OpenBLAS needs for the
+next GEMM (and the reverse), which costs several times the work itself.  It
+must be set before libgomp is loaded, so cnet/__init__ sets it before it
+imports any kernel; a user's own setting wins.
+"""
+import contextlib
+import os
+import threading
+
+_lock = threading.Lock()
+_num_threads = None
+_controller = None
+
+
+def available_cores():
+    """The cores this process may run on (affinity mask aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _blas_controller():
+    """One cached ThreadpoolController: building one inspects every loaded library."""
+    global _controller
+    if _controller is None:
+        import numpy  # noqa: F401  (make sure numpy's BLAS is loaded and visible)
+        from threadpoolctl import ThreadpoolController
+        _controller = ThreadpoolController()
+    return _controller
+
+
+def num_threads():
+    """Thread count for kernels and BLAS (hot path: a global read)."""
+    n = _num_threads
+    return n if n is not None else _init_default()
+
+
+def _init_default():
+    env = os.environ.get("CNET_NUM_THREADS")
+    n = int(env) if env else available_cores()
+    set_num_threads(n)
+    return n
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for cnet's OpenMP kernels and for the BLAS pool."""
+    global _num_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    from cnet_ext import _openmp_helpers
+    with _lock:
+        _num_threads = n
+        _openmp_helpers.set_max_threads(n)
+        _blas_controller().limit(limits=n, user_api="blas")
+
+
+def get_num_threads():
+    """The thread count set by set_num_threads (default: available cores)."""
+    return num_threads()
+
+
+@contextlib.contextmanager
+def threads(n):
+    """Temporarily run cnet's kernels and BLAS with ``n`` threads."""
+    previous = num_threads()
+    set_num_threads(n)
+    try:
+        yield n
+    finally:
+        set_num_threads(previous)
+
+
+def blas_info():
+    """What threadpoolctl sees: one dict per loaded BLAS / OpenMP library."""
+    return [dict(api=i.get("user_api"), internal_api=i.get("internal_api"),
+                 version=i.get("version"), num_threads=i.get("num_threads"),
+                 filepath=i.get("filepath"))
+            for i in _blas_controller().info()]

@@ -1,0 +1,110 @@
+"""Containers: Sequential, Add (residual sums) and Concat (Inception merges)."""
+import numpy as np
+
+from .module import Module, require_cache
+
+
+class Sequential(Module):
+    """Runs its children in order; backward runs them in reverse."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+        self._layers = list(layers)
+
+    def append(self, layer):
+        self.add_module(str(len(self._layers)), layer)
+        self._layers.append(layer)
+        return self
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return Sequential(*self._layers[idx])
+        return self._layers[idx]
+
+    def forward(self, x):
+        for layer in self._layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad):
+        for layer in reversed(self._layers):
+            grad = layer.backward(grad)
+        return grad
+
+
+class _Branches(Module):
+    """Shared part of Add and Concat: every branch sees the same input."""
+
+    def __init__(self, *branches):
+        super().__init__()
+        if not branches:
+            raise ValueError(f"{type(self).__name__}: needs at least one branch")
+        for i, b in enumerate(branches):
+            self.add_module(str(i), b)
+        self.branches = list(branches)
+
+    def _backward_branches(self, grads):
+        """Sum of each branch's input gradient (the input fans out to all)."""
+        grads_in = [branch.backward(g) for branch, g in zip(self.branches, grads)]
+        if len(grads_in) == 1:
+            return grads_in[0]
+        # A fresh array: a branch (Identity) may hand back the array it was given.
+        total = np.add(grads_in[0], grads_in[1])
+        for gi in grads_in[2:]:
+            np.add(total, gi, out=total)
+        return total
+
+
+class Add(_Branches):
+    """Sum of the branches' outputs: ``Add(body, shortcut)`` is a residual join."""
+
+    def forward(self, x):
+        outs = [b.forward(x) for b in self.branches]
+        shape = outs[0].shape
+        for b, o in zip(self.branches[1:], outs[1:]):
+            if o.shape != shape:
+                raise ValueError(f"Add: branch outputs differ in shape: {shape} from "
+                                 f"{type(self.branches[0]).__name__}, {o.shape} from "
+                                 f"{type(b).__name__}")
+        out = np.add(outs[0], outs[1]) if len(outs) > 1 else outs[0].copy()
+        for o in outs[2:]:
+            np.add(out, o, out=out)
+        return out
+
+    def backward(self, grad):
+        return self._backward_branches([grad] * len(self.branches))
+
+
+class Concat(_Branches):
+    """Concatenates the branches' outputs along channels (the last, NHWC axis)."""
+
+    def __init__(self, *branches):
+        super().__init__(*branches)
+        self._splits = None
+
+    def _drop_cache(self):
+        self._splits = None
+
+    def forward(self, x):
+        outs = [b.forward(x) for b in self.branches]
+        lead = outs[0].shape[:-1]
+        for b, o in zip(self.branches, outs):
+            if o.shape[:-1] != lead:
+                raise ValueError(f"Concat: branch outputs must agree on all but the channel "
+                                 f"axis: {outs[0].shape} vs {o.shape} from {type(b).__name__}")
+        if self.training:
+            self._splits = np.cumsum([o.shape[-1] for o in outs])[:-1]
+        return np.concatenate(outs, axis=-1)
+
+    def backward(self, grad):
+        splits = require_cache(self, self._splits)
+        parts = [np.ascontiguousarray(g) for g in np.split(grad, splits, axis=-1)]
+        return self._backward_branches(parts)

@@ -1,0 +1,44 @@
+# OpenMP shim shared by every kernel module.
+#
+# Kernels must build and run without OpenMP: then the omp_* calls below are
+# inline stand-ins and Cython's prange runs serially.  Thread counts are never
+# read from a global here; the Python layer (cnet/_threads.py) passes n_threads
+# into every kernel, so a kernel called from a data-loader thread behaves the
+# same as one called from the main thread.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define CNET_HAVE_OPENMP 1
+    #else
+    #define CNET_HAVE_OPENMP 0
+    static inline int omp_get_max_threads(void) { return 1; }
+    static inline int omp_get_thread_num(void) { return 0; }
+    static inline int omp_get_num_threads(void) { return 1; }
+    static inline void omp_set_num_threads(int n) { (void)n; }
+    #endif
+    """
+    int CNET_HAVE_OPENMP
+    int omp_get_max_threads() noexcept nogil
+    int omp_get_thread_num() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
+    void omp_set_num_threads(int n) noexcept nogil
+
+
+# Below this many scalar operations a parallel region costs more to start
+# (waking and joining the other threads) than it saves on a 2-core machine.
+cdef enum:
+    _MIN_WORK_PER_THREAD = 32768
+
+cdef inline int effective_threads(Py_ssize_t work, int n_threads) noexcept nogil:
+    """Threads worth using for ``work`` scalar operations, at most n_threads."""
+    cdef Py_ssize_t useful
+    if n_threads <= 1 or CNET_HAVE_OPENMP == 0:
+        return 1
+    useful = work // _MIN_WORK_PER_THREAD
+    if useful < 1:
+        return 1
+    if useful < n_threads:
+        return <int>useful
+    return n_threads
