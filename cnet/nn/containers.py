@@ -17,11 +17,16 @@ class Sequential(Module):
         super().__init__()
         self._layers = []
         self._plan = None
+        if len(layers) == 1 and isinstance(layers[0], dict):
+            # Sequential(OrderedDict(conv1=..., bn1=...)): named children, as in PyTorch.
+            for name, layer in layers[0].items():
+                self.append(layer, name=name)
+            return
         for layer in layers:
             self.append(layer)
 
-    def append(self, layer):
-        self.add_module(str(len(self._layers)), layer)
+    def append(self, layer, name=None):
+        self.add_module(str(len(self._layers)) if name is None else name, layer)
         self._layers.append(layer)
         self._plan = None
         return self
