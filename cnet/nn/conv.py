@@ -1,0 +1,330 @@
+"""Conv2d and Linear: im2col + BLAS GEMM over NHWC activations and HWIO kernels.
+
+How a convolution runs (see cnet_ext/_conv.pyx for the column layout):
+
+- 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
+  (N*H*W, C), so the convolution is one GEMM with no im2col.
+- Otherwise the batch is processed in chunks of images: im2col of a chunk into
+  a cached column buffer small enough to stay in cache, then one GEMM straight
+  into the NHWC output.  Chunking also bounds memory (a full ResNet-20 stage-1
+  column matrix would be 75 MB per layer) and lets backward recompute the
+  columns from the saved input instead of keeping them.
+- Groups are one batched GEMM over a (G, M, K) x (G, K, C_out/G) stack: numpy's
+  matmul hands every group to BLAS with strided views of the column buffer,
+  the HWIO weight and the NHWC output, so nothing is copied or transposed.
+
+Workspaces (column buffers, the weight-gradient scratch) are allocated once
+per input shape and dtype and reused; outputs and input gradients are fresh
+arrays.  Training mode keeps a reference to the input for backward; eval mode
+keeps nothing.
+"""
+import math
+
+import numpy as np
+
+from cnet_ext import _conv
+
+from .. import init
+from .._threads import num_threads
+from .module import Module, Parameter, check_input, require_cache
+
+__all__ = ["Conv2d", "Linear"]
+
+# Column-buffer size per chunk of images.  Measured on the 2-core dev box
+# (bench/conv_layers.py): see _chunk_images.
+_COL_CHUNK_BYTES = 4 << 20
+
+
+def _pair(v, name):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"Conv2d: {name} must be an int or a pair, got {v!r}")
+        a, b = v
+    else:
+        a = b = v
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in (a, b)):
+        raise TypeError(f"Conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return int(a), int(b)
+
+
+def _bias_grad(dy2d, bias_grad):
+    """bias.grad += dy2d.sum(axis=0), deterministic in the thread count."""
+    _conv.bias_grad(dy2d, bias_grad.reshape(-1), num_threads())
+
+
+def _check_grad(layer, grad, shape, dtype):
+    if not isinstance(grad, np.ndarray) or grad.shape != shape:
+        got = grad.shape if isinstance(grad, np.ndarray) else type(grad).__name__
+        raise ValueError(f"{layer._describe()}: backward expected a gradient of shape {shape}, "
+                         f"got {got}")
+    if grad.dtype != dtype:
+        raise ValueError(f"{layer._describe()}: backward expected a {np.dtype(dtype)} gradient, "
+                         f"got {grad.dtype}")
+    # A non-contiguous gradient (a transposed view from a user's loss) is copied
+    # once rather than refused: backward never writes to it.
+    return np.ascontiguousarray(grad)
+
+
+class Conv2d(Module):
+    """2-D convolution over NHWC input with an HWIO kernel (torch.nn.Conv2d semantics).
+
+    ``weight``: (KH, KW, in_channels // groups, out_channels); ``bias``:
+    (out_channels,).  Initialised as PyTorch does: kaiming_uniform_(a=sqrt(5))
+    on the weight, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound
+    for the bias.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, dtype=np.float32):
+        super().__init__()
+        in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise ValueError(f"Conv2d: padding={padding!r} is not supported "
+                                 "(use an int, a pair, or 'valid')")
+            padding = 0
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        if in_channels < 1 or out_channels < 1 or groups < 1:
+            raise ValueError(f"Conv2d: in_channels={in_channels}, out_channels={out_channels} and "
+                             f"groups={groups} must be positive")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: in_channels={in_channels} and out_channels={out_channels} "
+                             f"must both be divisible by groups={groups}")
+        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"Conv2d: kernel_size={self.kernel_size}, stride={self.stride} and "
+                             f"dilation={self.dilation} must be positive and "
+                             f"padding={self.padding} non-negative")
+        kh, kw = self.kernel_size
+        self.weight = Parameter(np.empty((kh, kw, in_channels // groups, out_channels), dtype))
+        self.bias = Parameter(np.empty((out_channels,), dtype)) if bias else None
+        self.reset_parameters()
+        self._x = None
+        self._ws = None
+        self._ws_key = None
+
+    def reset_parameters(self):
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            init.fan_in_uniform_(self.bias, init.fans(self.weight.shape)[0])
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+    def _drop_cache(self):
+        self._x = None
+        self._ws = None
+        self._ws_key = None
+
+    # -- geometry ----------------------------------------------------------
+    def output_shape(self, input_shape):
+        """(N, OH, OW, C_out) for an NHWC input shape; ValueError if the input is too small."""
+        n, h, w = input_shape[0], input_shape[1], input_shape[2]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        if h + 2 * ph < eh or w + 2 * pw < ew:
+            raise ValueError(f"{self._describe()}: input of shape {tuple(input_shape)} is smaller "
+                             f"than the kernel: padded size ({h + 2 * ph}, {w + 2 * pw}) < "
+                             f"(dilated) kernel size ({eh}, {ew})")
+        return n, (h + 2 * ph - eh) // sh + 1, (w + 2 * pw - ew) // sw + 1, self.out_channels
+
+    def _is_pointwise(self):
+        """1x1, stride 1, no padding: the input is its own column matrix."""
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _workspace(self, x, out_shape):
+        """Column buffers for this input shape, allocated once and reused."""
+        key = (x.shape, x.dtype)
+        if self._ws_key == key:
+            return self._ws
+        n = x.shape[0]
+        _, oh, ow, _ = out_shape
+        kh, kw = self.kernel_size
+        k_total = kh * kw * self.in_channels
+        ws = {"chunk": n}
+        if not self._is_pointwise():
+            chunk = self._chunk_images(n, oh * ow * k_total * x.itemsize)
+            ws["chunk"] = chunk
+            ws["col"] = np.empty((chunk * oh * ow, k_total), x.dtype)
+        self._ws, self._ws_key = ws, key
+        return ws
+
+    @staticmethod
+    def _chunk_images(n, bytes_per_image):
+        """Images per chunk: a column buffer of about _COL_CHUNK_BYTES (shape-only, so
+        the chunking, and hence the summation order, never depends on the thread count)."""
+        return max(1, min(n, _COL_CHUNK_BYTES // max(1, bytes_per_image)))
+
+    def _weight_stack(self, w):
+        """HWIO weight as (G, K, C_out/G) views (no copy): group g's GEMM operand."""
+        g = self.groups
+        k = w.shape[0] * w.shape[1] * w.shape[2]
+        if g == 1:
+            return w.reshape(k, w.shape[3])
+        return w.reshape(k, g, w.shape[3] // g).transpose(1, 0, 2)
+
+    def _group_view(self, a):
+        """(M, G*K) matrix as the (G, M, K) stack BLAS reads in place."""
+        g = self.groups
+        if g == 1:
+            return a
+        return a.reshape(a.shape[0], g, a.shape[1] // g).transpose(1, 0, 2)
+
+    def _im2col(self, x, col, n0, n1, oh, ow, nt):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        _conv.im2col(x, col, n0, n1, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, self.groups, nt)
+
+    def _col2im(self, dcol, dx, n0, n1, oh, ow, nt):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        _conv.col2im(dcol, dx, n0, n1, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, self.groups, nt)
+
+    # -- computation -------------------------------------------------------
+    def forward(self, x):
+        w = self.weight.data
+        check_input(self, x, 4, channels=self.in_channels, dtype=w.dtype)
+        out_shape = self.output_shape(x.shape)
+        n, oh, ow, cout = out_shape
+        ws = self._workspace(x, out_shape)
+        wstack = self._weight_stack(w)
+        y = np.empty(out_shape, x.dtype)
+        y2 = y.reshape(-1, cout)
+        bias = None if self.bias is None else self.bias.data
+        if self._is_pointwise():
+            np.matmul(self._group_view(x.reshape(-1, self.in_channels)), wstack,
+                      out=self._group_view(y2))
+            if bias is not None:
+                np.add(y2, bias, out=y2)
+        else:
+            nt = num_threads()
+            col, chunk = ws["col"], ws["chunk"]
+            rows = oh * ow
+            for n0 in range(0, n, chunk):
+                n1 = min(n, n0 + chunk)
+                c = col[:(n1 - n0) * rows]
+                self._im2col(x, c, n0, n1, oh, ow, nt)
+                yc = y2[n0 * rows:n1 * rows]
+                np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
+                if bias is not None:
+                    np.add(yc, bias, out=yc)   # while the chunk is still in cache
+        if self.training:
+            self._x = x
+        return y
+
+    def backward(self, grad_out):
+        x = require_cache(self, self._x)
+        w = self.weight.data
+        out_shape = self.output_shape(x.shape)
+        dy = _check_grad(self, grad_out, out_shape, w.dtype)
+        n, oh, ow, cout = out_shape
+        ws = self._workspace(x, out_shape)
+        wstack = self._weight_stack(w)
+        wstack_t = np.swapaxes(wstack, -1, -2)            # (G, Cout/G, K) view
+        gw = self._weight_stack(self.weight.grad)          # accumulate into .grad (a view)
+        dw_tmp = ws.get("dw")
+        if dw_tmp is None:
+            dw_tmp = ws["dw"] = np.empty(np.shape(gw), w.dtype)
+        dy2 = dy.reshape(-1, cout)
+        dx = np.empty_like(x)
+        if self._is_pointwise():
+            xs = self._group_view(x.reshape(-1, self.in_channels))
+            dys = self._group_view(dy2)
+            np.matmul(np.swapaxes(xs, -1, -2), dys, out=dw_tmp)
+            np.add(gw, dw_tmp, out=gw)
+            np.matmul(dys, wstack_t, out=self._group_view(dx.reshape(-1, self.in_channels)))
+        else:
+            nt = num_threads()
+            col, chunk = ws["col"], ws["chunk"]
+            dcol = ws.get("dcol")
+            if dcol is None:
+                dcol = ws["dcol"] = np.empty_like(col)
+            rows = oh * ow
+            for n0 in range(0, n, chunk):
+                n1 = min(n, n0 + chunk)
+                m = (n1 - n0) * rows
+                c, dc = col[:m], dcol[:m]
+                dys = self._group_view(dy2[n0 * rows:n1 * rows])
+                # Recompute the columns from the saved input: cheaper than keeping them.
+                self._im2col(x, c, n0, n1, oh, ow, nt)
+                np.matmul(np.swapaxes(self._group_view(c), -1, -2), dys, out=dw_tmp)
+                np.add(gw, dw_tmp, out=gw)
+                np.matmul(dys, wstack_t, out=self._group_view(dc))
+                self._col2im(dc, dx, n0, n1, oh, ow, nt)
+        if self.bias is not None:
+            _bias_grad(dy2, self.bias.grad)
+        return dx
+
+
+class Linear(Module):
+    """y = x @ weight + bias with weight (in_features, out_features) (torch.nn.Linear
+    semantics, transposed weight layout).  Accepts (N, in) or (..., in) input."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
+        super().__init__()
+        in_features, out_features = int(in_features), int(out_features)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear: in_features={in_features} and out_features={out_features} "
+                             "must be positive")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(np.empty((in_features, out_features), dtype))
+        self.bias = Parameter(np.empty((out_features,), dtype)) if bias else None
+        self.reset_parameters()
+        self._x = None
+        self._dw = None
+
+    def reset_parameters(self):
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            init.fan_in_uniform_(self.bias, self.in_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+    def _drop_cache(self):
+        self._x = None
+        self._dw = None
+
+    def forward(self, x):
+        w = self.weight.data
+        check_input(self, x, (2, 3, 4), channels=self.in_features, dtype=w.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        y = np.empty(x.shape[:-1] + (self.out_features,), x.dtype)
+        y2 = y.reshape(-1, self.out_features)
+        np.matmul(x2, w, out=y2)
+        if self.bias is not None:
+            np.add(y2, self.bias.data, out=y2)
+        if self.training:
+            self._x = x
+        return y
+
+    def backward(self, grad_out):
+        x = require_cache(self, self._x)
+        w = self.weight.data
+        dy = _check_grad(self, grad_out, x.shape[:-1] + (self.out_features,), w.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        dy2 = dy.reshape(-1, self.out_features)
+        if self._dw is None or self._dw.dtype != w.dtype:
+            self._dw = np.empty_like(w)
+        np.matmul(x2.T, dy2, out=self._dw)
+        np.add(self.weight.grad, self._dw, out=self.weight.grad)
+        if self.bias is not None:
+            _bias_grad(dy2, self.bias.grad)
+        dx = np.empty_like(x)
+        np.matmul(dy2, w.T, out=dx.reshape(-1, self.in_features))
+        return dx
