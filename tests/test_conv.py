@@ -1,0 +1,378 @@
+"""Conv2d and Linear: gradients, an independent numpy reference, torch parity,
+thread-count determinism, the 1x1 fast path, chunking and bad inputs."""
+import math
+
+import numpy as np
+import pytest
+
+import cnet
+from cnet import nn
+from cnet.nn import conv as conv_mod
+from helpers import check_gradients, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, input (N, H, W))
+CONFIGS = {
+    "1x1": (4, 6, 1, 1, 0, 1, 1, True, (2, 5, 6)),
+    "1x1-stride2": (4, 6, 1, 2, 0, 1, 1, False, (2, 7, 6)),
+    "1x1-groups2": (4, 6, 1, 1, 0, 1, 2, True, (2, 4, 5)),
+    "3x3-pad1": (3, 5, 3, 1, 1, 1, 1, True, (2, 6, 7)),
+    "3x3-stride2-pad1": (4, 6, 3, 2, 1, 1, 1, True, (2, 7, 8)),
+    "3x3-nopad": (3, 4, 3, 1, 0, 1, 1, False, (2, 6, 5)),
+    "5x5-pad2": (3, 4, 5, 1, 2, 1, 1, True, (2, 7, 6)),
+    "7x7-stride2-pad3": (3, 4, 7, 2, 3, 1, 1, True, (2, 9, 10)),
+    "3x3-dil2-pad2": (3, 4, 3, 1, 2, 2, 1, True, (2, 7, 7)),
+    "3x3-stride3-dil2-pad1": (3, 5, 3, 3, 1, 2, 1, True, (2, 9, 8)),
+    "3x3-groups2": (4, 6, 3, 1, 1, 1, 2, True, (2, 6, 6)),
+    "depthwise": (4, 4, 3, 1, 1, 1, 4, True, (2, 6, 5)),
+    "depthwise-x2-stride2": (3, 6, 3, 2, 1, 1, 3, False, (2, 7, 7)),
+    "nonsquare": (3, 4, (3, 1), (2, 1), (1, 0), 1, 1, True, (2, 7, 5)),
+    "nonsquare-all": (4, 4, (1, 3), (1, 2), (0, 2), (1, 2), 2, True, (2, 5, 9)),
+}
+
+
+def make(cfg):
+    cin, cout, k, s, p, d, g, b, _ = cfg
+    return nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=b)
+
+
+def make_input(cfg, rng, dtype=np.float32):
+    n, h, w = cfg[-1]
+    return rng.standard_normal((n, h, w, cfg[0])).astype(dtype)
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def reference_conv(x, w, b, stride, padding, dilation, groups):
+    """Direct convolution on the zero-padded input, one einsum per kernel tap."""
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    n, h, wd, c = x.shape
+    kh, kw, cg, cout = w.shape
+    cog = cout // groups
+    xp = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), x.dtype)
+    xp[:, ph:ph + h, pw:pw + wd] = x
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((n, oh, ow, cout), x.dtype)
+    for g in range(groups):
+        for i in range(kh):
+            for j in range(kw):
+                patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                           j * dw:j * dw + sw * (ow - 1) + 1:sw, g * cg:(g + 1) * cg]
+                y[..., g * cog:(g + 1) * cog] += np.einsum(
+                    "nhwc,co->nhwo", patch, w[i, j, :, g * cog:(g + 1) * cog])
+    if b is not None:
+        y += b
+    return y
+
+
+# -- forward against the numpy reference, gradients by finite differences --------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_matches_numpy_reference(name, rng):
+    cfg = CONFIGS[name]
+    m = make(cfg).double()
+    x = make_input(cfg, rng, np.float64)
+    y = m(x)
+    ref = reference_conv(x, m.weight.data, None if m.bias is None else m.bias.data,
+                         m.stride, m.padding, m.dilation, m.groups)
+    assert y.shape == ref.shape == m.output_shape(x.shape)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_finite_differences(name, rng):
+    cfg = CONFIGS[name]
+    check_gradients(make(cfg), make_input(cfg, rng, np.float64), max_checks=60)
+
+
+def test_chunked_batch_matches_reference_and_gradients(rng, monkeypatch):
+    # A column buffer of one image forces one chunk per image.
+    monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1)
+    cfg = (3, 4, 3, 2, 1, 1, 1, True, (4, 6, 5))
+    m = make(cfg).double()
+    x = make_input(cfg, rng, np.float64)
+    y = m(x)
+    assert m._ws["chunk"] == 1
+    ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    check_gradients(m, x, max_checks=60)
+
+
+# -- torch parity (float32) ---------------------------------------------------------
+
+def _close(a, b, what):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_parity(name, rng):
+    torch = pytest.importorskip("torch")
+    cfg = CONFIGS[name]
+    cin, cout, k, s, p, d, g, b, _ = cfg
+    m = make(cfg)
+    x = make_input(cfg, rng)
+    y = m(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = m.backward(dy)
+
+    t = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=b)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(hwio_to_oihw(m.weight.data)))
+        if b:
+            t.bias.copy_(torch.from_numpy(m.bias.data))
+    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
+    _close(y, nchw_to_nhwc(yt.detach().numpy()), "output")
+    _close(dx, nchw_to_nhwc(xt.grad.numpy()), "input gradient")
+    _close(m.weight.grad, oihw_to_hwio(t.weight.grad.numpy()), "weight gradient")
+    if b:
+        _close(m.bias.grad, t.bias.grad.numpy(), "bias gradient")
+
+
+def test_repr_and_init_match_torch():
+    torch = pytest.importorskip("torch")
+    for args, kw in [((3, 16, 3), dict(padding=1, bias=False)),
+                     ((8, 8, (3, 5)), dict(stride=2, dilation=(1, 2), groups=4)),
+                     ((4, 4, 1), {})]:
+        assert repr(nn.Conv2d(*args, **kw)) == repr(torch.nn.Conv2d(*args, **kw))
+    assert repr(nn.Linear(3, 4)) == repr(torch.nn.Linear(3, 4))
+    assert repr(nn.Linear(3, 4, bias=False)) == repr(torch.nn.Linear(3, 4, bias=False))
+
+
+def test_default_init_bounds():
+    m = nn.Conv2d(8, 32, 3, groups=2)
+    assert m.weight.shape == (3, 3, 4, 32) and m.bias.shape == (32,)
+    assert m.weight.dtype == np.float32
+    bound = 1 / math.sqrt(3 * 3 * 4)   # fan_in counts only the group's input channels
+    for arr in (m.weight.data, m.bias.data):
+        assert np.abs(arr).max() <= bound
+        assert np.abs(arr).max() > 0.8 * bound   # uses the range, not a narrower one
+    lin = nn.Linear(50, 20)
+    assert lin.weight.shape == (50, 20)
+    assert np.abs(lin.weight.data).max() <= 1 / math.sqrt(50)
+    assert np.abs(lin.bias.data).max() <= 1 / math.sqrt(50)
+    cnet.manual_seed(3)
+    a = nn.Conv2d(3, 4, 3).weight.data.copy()
+    cnet.manual_seed(3)
+    np.testing.assert_array_equal(a, nn.Conv2d(3, 4, 3).weight.data)
+
+
+# -- fast path, threads, accumulation, modes --------------------------------------------
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pointwise_fast_path_equals_general_path(groups, rng):
+    fast = nn.Conv2d(8, 6, 1, groups=groups)
+    general = nn.Conv2d(8, 6, 1, groups=groups)
+    general.load_state_dict(fast.state_dict())
+    general._is_pointwise = lambda: False      # force im2col + GEMM
+    x = rng.standard_normal((3, 5, 4, 8)).astype(np.float32)
+    y_fast, y_gen = fast(x), general(x)
+    assert "col" in general._ws and "col" not in fast._ws
+    np.testing.assert_allclose(y_fast, y_gen, rtol=1e-6, atol=1e-6)
+    dy = rng.standard_normal(y_fast.shape).astype(np.float32)
+    np.testing.assert_allclose(fast.backward(dy), general.backward(dy), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fast.weight.grad, general.weight.grad, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast.bias.grad, general.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def _run_fwd_bwd(m, x, dy, n):
+    m.zero_grad()
+    with cnet.threads(n):
+        y = m(x)
+        dx = m.backward(dy)
+    return y, dx, m.weight.grad.copy(), m.bias.grad.copy()
+
+
+@pytest.mark.parametrize("args,kwargs", [((16, 16, 3), dict(padding=1)),
+                                         ((16, 32, 3), dict(stride=2, padding=1, groups=4)),
+                                         ((16, 16, 3), dict(padding=1, groups=16)),
+                                         ((16, 24, 1), {})])
+def test_one_and_two_threads_identical(args, kwargs, rng):
+    # Big enough that im2col, col2im, the bias reduction and BLAS all go parallel.
+    m = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((8, 16, 16, 16)).astype(np.float32)
+    dy = rng.standard_normal(m.output_shape(x.shape)).astype(np.float32)
+    one = _run_fwd_bwd(m, x, dy, 1)
+    two = _run_fwd_bwd(m, x, dy, 2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backward_accumulates_and_keeps_grad_out(rng):
+    m = nn.Conv2d(3, 4, 3, padding=1)
+    x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    x0 = x.copy()
+    y = m(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dy0 = dy.copy()
+    dx1 = m.backward(dy)
+    g1, b1 = m.weight.grad.copy(), m.bias.grad.copy()
+    m(x)
+    dx2 = m.backward(dy)
+    np.testing.assert_allclose(m.weight.grad, 2 * g1, rtol=1e-6)
+    np.testing.assert_allclose(m.bias.grad, 2 * b1, rtol=1e-6)
+    np.testing.assert_array_equal(dx1, dx2)
+    assert dx1 is not dx2
+    np.testing.assert_array_equal(dy, dy0)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_flat_parameter_buffer_receives_gradients(rng):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.Conv2d(4, 4, 3, groups=2))
+    flat_data, flat_grad = model.flatten_parameters()
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    y = model(x)
+    model.backward(np.ones_like(y))
+    assert np.abs(flat_grad).sum() > 0
+    np.testing.assert_array_equal(flat_grad[:model[0].weight.size], model[0].weight.grad.ravel())
+
+
+def test_eval_keeps_nothing_for_backward(rng):
+    m = nn.Conv2d(3, 4, 3)
+    x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    y_train = m(x)
+    m.eval()
+    assert m._x is None
+    y_eval = m(x)
+    np.testing.assert_array_equal(y_train, y_eval)
+    assert m._x is None
+    with pytest.raises(RuntimeError, match=r"Conv2d\(3, 4.*without a forward"):
+        m.backward(y_eval)
+
+
+def test_float64_model_and_shape_change(rng):
+    m = nn.Conv2d(3, 4, 3, padding=1).double()
+    for shape in [(2, 5, 5, 3), (3, 8, 6, 3), (2, 5, 5, 3)]:
+        x = rng.standard_normal(shape)
+        y = m(x)
+        assert y.dtype == np.float64
+        np.testing.assert_allclose(
+            y, reference_conv(x, m.weight.data, m.bias.data, 1, 1, 1, 1), rtol=1e-12, atol=1e-12)
+
+
+# -- bad inputs ----------------------------------------------------------------------
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible by groups=3"):
+        nn.Conv2d(4, 6, 3, groups=3)
+    with pytest.raises(ValueError, match="divisible by groups=4"):
+        nn.Conv2d(8, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        nn.Conv2d(3, 4, (3, 0))
+    with pytest.raises(ValueError, match="padding"):
+        nn.Conv2d(3, 4, 3, padding=-1)
+    with pytest.raises(ValueError, match="pair"):
+        nn.Conv2d(3, 4, (3, 3, 3))
+    with pytest.raises(ValueError, match="positive"):
+        nn.Linear(0, 3)
+
+
+def test_bad_inputs_name_layer_and_shapes(rng):
+    m = nn.Conv2d(3, 8, 3, padding=1)
+    name = r"Conv2d\(3, 8, kernel_size=\(3, 3\), stride=\(1, 1\), padding=\(1, 1\)\)"
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=name + r".*channels.*\(2, 6, 6, 4\)"):
+        m(np.zeros((2, 6, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=name + r".*4-D.*\(6, 6, 3\)"):
+        m(x[0])
+    with pytest.raises(ValueError, match=name + r".*float32.*float64"):
+        m(x.astype(np.float64))
+    with pytest.raises(ValueError, match=name + r".*not C-contiguous"):
+        m(x[:, ::2])
+    with pytest.raises(ValueError, match=r"Conv2d\(3, 8.*\(2, 1, 2, 3\).*smaller than the kernel"):
+        nn.Conv2d(3, 8, (5, 3), padding=1)(np.zeros((2, 1, 2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dilated\) kernel size \(5, 5\)"):
+        nn.Conv2d(3, 8, 3, dilation=2)(np.zeros((1, 4, 9, 3), np.float32))
+    with pytest.raises(TypeError, match="numpy array"):
+        m([[1.0]])
+    y = m(x)
+    with pytest.raises(ValueError, match=name + r".*gradient of shape \(2, 6, 6, 8\).*\(2, 6, 6, 7\)"):
+        m.backward(np.zeros((2, 6, 6, 7), np.float32))
+    with pytest.raises(ValueError, match=name + r".*float32 gradient.*float64"):
+        m.backward(y.astype(np.float64))
+
+
+def test_kernel_wrappers_check_shapes():
+    from cnet_ext import _conv
+    x = np.zeros((2, 5, 5, 4), np.float32)
+    col = np.zeros((25, 36), np.float32)
+    _conv.im2col(x, col, 0, 1, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"column buffer has shape \(25, 36\), need \(50, 36\)"):
+        _conv.im2col(x, col, 0, 2, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="output size"):
+        _conv.col2im(col, x, 0, 1, 4, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="image range"):
+        _conv.im2col(x, col, 2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="divisible by groups=3"):
+        _conv.im2col(x, col, 0, 1, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 3, 1)
+    with pytest.raises(ValueError, match="does not match bias"):
+        _conv.bias_grad(np.zeros((4, 3), np.float32), np.zeros(4, np.float32), 1)
+
+
+# -- Linear ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_reference_and_gradients(bias, rng):
+    m = nn.Linear(7, 5, bias=bias).double()
+    x = rng.standard_normal((4, 7))
+    ref = x @ m.weight.data + (m.bias.data if bias else 0)
+    np.testing.assert_allclose(m(x), ref, rtol=1e-13, atol=1e-13)
+    check_gradients(m, x)
+    x3 = rng.standard_normal((2, 3, 7))
+    np.testing.assert_allclose(m(x3), x3 @ m.weight.data + (m.bias.data if bias else 0),
+                               rtol=1e-13, atol=1e-13)
+    check_gradients(m, x3)
+
+
+def test_linear_torch_parity(rng):
+    torch = pytest.importorskip("torch")
+    m = nn.Linear(64, 10)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    y = m(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = m.backward(dy)
+    t = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(m.weight.data.T.copy()))
+        t.bias.copy_(torch.from_numpy(m.bias.data))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(dy))
+    _close(y, yt.detach().numpy(), "output")
+    _close(dx, xt.grad.numpy(), "input gradient")
+    _close(m.weight.grad, t.weight.grad.numpy().T, "weight gradient")
+    _close(m.bias.grad, t.bias.grad.numpy(), "bias gradient")
+
+
+def test_linear_threads_identical_and_accumulates(rng):
+    m = nn.Linear(256, 128)
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    dy = rng.standard_normal((512, 128)).astype(np.float32)
+    one = _run_fwd_bwd(m, x, dy, 1)
+    two = _run_fwd_bwd(m, x, dy, 2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    m.backward(dy)
+    np.testing.assert_allclose(m.weight.grad, 2 * two[2], rtol=1e-6)
+
+
+def test_linear_bad_inputs(rng):
+    m = nn.Linear(7, 5)
+    name = r"Linear\(in_features=7, out_features=5, bias=True\)"
+    with pytest.raises(ValueError, match=name + r".*7 channels.*\(4, 6\)"):
+        m(np.zeros((4, 6), np.float32))
+    with pytest.raises(ValueError, match=name + r".*\(7,\)"):
+        m(np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match=name + r".*float32.*float64"):
+        m(np.zeros((4, 7)))
+    with pytest.raises(ValueError, match=name + r".*not C-contiguous"):
+        m(np.zeros((7, 4), np.float32).T)
+    with pytest.raises(RuntimeError, match=name):
+        nn.Linear(7, 5).backward(np.zeros((4, 5), np.float32))
+    m(np.zeros((4, 7), np.float32))
+    with pytest.raises(ValueError, match=name + r".*\(4, 5\).*\(4, 6\)"):
+        m.backward(np.zeros((4, 6), np.float32))
