@@ -1,0 +1,153 @@
+"""Batch normalisation over the channels-last axis: BatchNorm2d and BatchNorm1d.
+
+Semantics follow torch.nn.BatchNorm*d: batch statistics with the biased
+variance in training, running statistics updated with
+``running = (1 - momentum) * running + momentum * batch`` (unbiased variance;
+``momentum=None`` is a cumulative moving average over ``num_batches_tracked``),
+running statistics in eval mode (batch statistics when
+``track_running_stats=False``).  Parameter and buffer names match torch, so
+state_dict keys do too.  Only the layout differs: channels are the last axis.
+"""
+import numpy as np
+
+from cnet_ext import _batchnorm
+
+from .._threads import num_threads
+from .module import Module, Parameter, check_input, require_cache
+
+
+class _BatchNorm(Module):
+    _ranks = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True):
+        super().__init__()
+        num_features = int(num_features)
+        if num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be >= 1, got {num_features}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
+                             f"got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        if self.affine:
+            self.weight = Parameter(np.ones(num_features, dtype=np.float32))
+            self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
+        else:
+            self.weight = None
+            self.bias = None
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+            self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        self._relu = False
+        self._cache = None
+        self._work = None
+
+    def fuse_relu(self):
+        """Apply a following ReLU inside the kernels (called by Sequential)."""
+        self._relu = True
+        return True
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+
+    def _drop_cache(self):
+        self._cache = None
+        self._work = None
+
+    def _dtype(self):
+        if self.affine:
+            return self.weight.data.dtype
+        if self.track_running_stats:
+            return self.running_mean.dtype
+        return None
+
+    def _workspace(self, dtype):
+        """Per-channel vectors (statistics and folded alpha/shift), allocated once per dtype."""
+        work = self._work
+        if work is None or work[2].dtype != dtype:
+            C = self.num_features
+            work = (np.empty(C), np.empty(C), np.empty(C, dtype), np.empty(C, dtype))
+            self._work = work
+        return work
+
+    def forward(self, x):
+        check_input(self, x, self._ranks, channels=self.num_features, dtype=self._dtype())
+        C = self.num_features
+        x2 = x.reshape(-1, C)
+        y = np.empty_like(x)
+        y2 = y.reshape(-1, C)
+        weight = self.weight.data if self.affine else None
+        bias = self.bias.data if self.affine else None
+        mean, invstd, alpha, shift = self._workspace(x.dtype)
+        if self.training or not self.track_running_stats:
+            if x2.shape[0] < 2 and self.training:
+                raise ValueError(f"{self._describe()}: expected more than 1 value per channel "
+                                 f"when training, got input of shape {x.shape}")
+            update = self.training and self.track_running_stats
+            factor = 0.0
+            if update:
+                self.num_batches_tracked += 1
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+            _batchnorm.forward_train(
+                x2, y2, weight, bias, self.eps, self._relu, mean, invstd, alpha, shift,
+                self.running_mean if update else None, self.running_var if update else None,
+                factor, num_threads())
+            self._cache = x2 if self.training else None
+        else:
+            _batchnorm.forward_eval(x2, y2, weight, bias, self.running_mean, self.running_var,
+                                    self.eps, self._relu, alpha, shift, num_threads())
+            self._cache = None
+        return y
+
+    def backward(self, grad_out):
+        x2 = require_cache(self, self._cache)
+        C = self.num_features
+        check_input(self, grad_out, self._ranks, channels=C, dtype=x2.dtype, what="gradient")
+        if grad_out.size != x2.size:
+            raise ValueError(f"{self._describe()}: gradient of shape {grad_out.shape} does not "
+                             f"match the forward input ({x2.shape[0]} rows of {C} channels)")
+        mean, invstd, alpha, shift = self._work
+        dx = np.empty_like(grad_out)
+        _batchnorm.backward(
+            x2, grad_out.reshape(-1, C), dx.reshape(-1, C),
+            self.weight.data if self.affine else None,
+            self.weight.grad if self.affine else None,
+            self.bias.grad if self.affine else None,
+            mean, invstd, alpha, shift, self._relu, num_threads())
+        return dx
+
+    def extra_repr(self):
+        s = (f"{self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
+             f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        if self._relu:
+            s += ", fused_relu=True"
+        return s
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, H, W, C) inputs: statistics per channel over N, H and W.
+
+    ``BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True)`` as in torch, on channels-last tensors.
+    """
+    _ranks = (4,)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, L, C) inputs (channels last): statistics per channel."""
+    _ranks = (2, 3)
