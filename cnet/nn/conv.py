@@ -18,21 +18,81 @@ per input shape and dtype and reused; outputs and input gradients are fresh
 arrays.  Training mode keeps a reference to the input for backward; eval mode
 keeps nothing.
 """
+import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
 from cnet_ext import _conv
 
 from .. import init
+from .. import _threads
 from .._threads import num_threads
 from .module import Module, Parameter, check_input, require_cache
 
 __all__ = ["Conv2d", "Linear"]
 
-# Column-buffer size per chunk of images.  Measured on the 2-core dev box
-# (bench/conv_layers.py): see _chunk_images.
-_COL_CHUNK_BYTES = 4 << 20
+# Column-buffer bytes per chunk of images: small enough to stay in one core's
+# L2 while it is written by im2col and read by the GEMM (bench/conv_layers.py).
+_COL_CHUNK_BYTES = 1 << 20
+# Backward sums weight gradients over at most this many stripes of chunks (the
+# parallelism of the weight-gradient GEMMs), with all slots under _STRIPE_BYTES.
+_STRIPES = 8
+_STRIPE_BYTES = 32 << 20
+
+_pool = None
+
+
+def _executor(n_workers):
+    global _pool
+    if _pool is None or _pool._max_workers != n_workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="cnet-conv")
+    return _pool
+
+
+def _run_tasks(fn, n_tasks, n_threads):
+    """Call fn(task, worker) for every task in range(n_tasks) on n_threads threads.
+
+    Why threads over chunks instead of parallel kernels and a multithreaded
+    BLAS: each worker runs im2col, its GEMMs and col2im on its own chunk with a
+    single-threaded BLAS, so a layer has one hand-off instead of four per chunk
+    (every hand-off costs a wake-up, and several milliseconds when the cores are
+    shared).  The kernels and numpy release the GIL.  Tasks are taken
+    dynamically (a slow core takes fewer), which cannot change results: a task
+    writes only its own outputs.  The caller's thread is worker 0.
+    """
+    n_threads = min(n_threads, n_tasks)
+    if n_threads <= 1:
+        for t in range(n_tasks):
+            fn(t, 0)
+        return
+    counter = itertools.count()
+
+    def work(wid):
+        for t in iter(counter.__next__, None):
+            if t >= n_tasks:
+                return
+            fn(t, wid)
+
+    blas = [lib for lib in _threads._blas_controller().lib_controllers
+            if lib.user_api == "blas"]
+    saved = [lib.num_threads for lib in blas]
+    for lib in blas:
+        lib.set_num_threads(1)
+    try:
+        futures = [_executor(n_threads - 1).submit(work, wid) for wid in range(1, n_threads)]
+        try:
+            work(0)
+        finally:
+            wait(futures)
+        for f in futures:
+            f.result()
+    finally:
+        for lib, n in zip(blas, saved):
+            lib.set_num_threads(n)
 
 
 def _pair(v, name):
@@ -147,27 +207,35 @@ class Conv2d(Module):
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def _workspace(self, x, out_shape):
-        """Column buffers for this input shape, allocated once and reused."""
-        key = (x.shape, x.dtype)
-        if self._ws_key == key:
-            return self._ws
-        n = x.shape[0]
-        _, oh, ow, _ = out_shape
-        kh, kw = self.kernel_size
-        k_total = kh * kw * self.in_channels
-        ws = {"chunk": n}
-        if not self._is_pointwise():
-            chunk = self._chunk_images(n, oh * ow * k_total * x.itemsize)
-            ws["chunk"] = chunk
-            ws["col"] = np.empty((chunk * oh * ow, k_total), x.dtype)
-        self._ws, self._ws_key = ws, key
-        return ws
+        """Buffers for this input shape, allocated once and reused.
 
-    @staticmethod
-    def _chunk_images(n, bytes_per_image):
-        """Images per chunk: a column buffer of about _COL_CHUNK_BYTES (shape-only, so
-        the chunking, and hence the summation order, never depends on the thread count)."""
-        return max(1, min(n, _COL_CHUNK_BYTES // max(1, bytes_per_image)))
+        The batch is split into chunks of whole images (shape-only, so the
+        chunking, and hence every summation order, is the same for any thread
+        count).  Each worker thread owns one column buffer, one column-gradient
+        buffer and one weight-gradient scratch.  Backward sums the weight
+        gradient of a fixed number of stripes (consecutive chunks) in separate
+        slots and adds the slots in stripe order: deterministic, no locks.
+        """
+        key = (x.shape, x.dtype)
+        if self._ws_key != key:
+            n, oh, ow, _ = out_shape
+            kh, kw = self.kernel_size
+            k_total = kh * kw * self.in_channels
+            per_image = oh * ow * (self.in_channels if self._is_pointwise() else k_total)
+            chunk = max(1, min(n, _COL_CHUNK_BYTES // max(1, per_image * x.itemsize)))
+            n_chunks = -(-n // chunk)
+            w_bytes = self.weight.data.nbytes
+            stripes = max(1, min(n_chunks, _STRIPES, _STRIPE_BYTES // max(1, w_bytes)))
+            self._ws = {"chunk": chunk, "n_chunks": n_chunks, "stripes": stripes,
+                        "col": [], "dcol": [], "dw": [], "slots": None}
+            self._ws_key = key
+        return self._ws
+
+    def _worker_buffers(self, ws, name, n_workers, shape, dtype):
+        bufs = ws[name]
+        while len(bufs) < n_workers:
+            bufs.append(np.empty(shape, dtype))
+        return bufs
 
     def _weight_stack(self, w):
         """HWIO weight as (G, K, C_out/G) views (no copy): group g's GEMM operand."""
@@ -184,15 +252,10 @@ class Conv2d(Module):
             return a
         return a.reshape(a.shape[0], g, a.shape[1] // g).transpose(1, 0, 2)
 
-    def _im2col(self, x, col, n0, n1, oh, ow, nt):
+    def _geometry(self):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
                                                   self.padding, self.dilation)
-        _conv.im2col(x, col, n0, n1, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, self.groups, nt)
-
-    def _col2im(self, dcol, dx, n0, n1, oh, ow, nt):
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
-                                                  self.padding, self.dilation)
-        _conv.col2im(dcol, dx, n0, n1, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, self.groups, nt)
+        return kh, kw, sh, sw, ph, pw, dh, dw, self.groups
 
     # -- computation -------------------------------------------------------
     def forward(self, x):
@@ -200,28 +263,34 @@ class Conv2d(Module):
         check_input(self, x, 4, channels=self.in_channels, dtype=w.dtype)
         out_shape = self.output_shape(x.shape)
         n, oh, ow, cout = out_shape
+        nt = num_threads()
         ws = self._workspace(x, out_shape)
+        chunk, rows = ws["chunk"], oh * ow
+        pointwise = self._is_pointwise()
+        if not pointwise:
+            cols = self._worker_buffers(ws, "col", min(nt, ws["n_chunks"]),
+                                        (chunk * rows, x.shape[3] * self.kernel_size[0]
+                                         * self.kernel_size[1]), x.dtype)
         wstack = self._weight_stack(w)
+        bias = None if self.bias is None else self.bias.data
+        geom = self._geometry()
+        x2 = x.reshape(-1, self.in_channels)
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
-        bias = None if self.bias is None else self.bias.data
-        if self._is_pointwise():
-            np.matmul(self._group_view(x.reshape(-1, self.in_channels)), wstack,
-                      out=self._group_view(y2))
+
+        def task(t, wid):
+            n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+            if pointwise:
+                c = x2[n0 * rows:n1 * rows]
+            else:
+                c = cols[wid][:(n1 - n0) * rows]
+                _conv.im2col(x, c, n0, n1, oh, ow, *geom, 1)
+            yc = y2[n0 * rows:n1 * rows]
+            np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
             if bias is not None:
-                np.add(y2, bias, out=y2)
-        else:
-            nt = num_threads()
-            col, chunk = ws["col"], ws["chunk"]
-            rows = oh * ow
-            for n0 in range(0, n, chunk):
-                n1 = min(n, n0 + chunk)
-                c = col[:(n1 - n0) * rows]
-                self._im2col(x, c, n0, n1, oh, ow, nt)
-                yc = y2[n0 * rows:n1 * rows]
-                np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
-                if bias is not None:
-                    np.add(yc, bias, out=yc)   # while the chunk is still in cache
+                np.add(yc, bias, out=yc)   # while the chunk is still in cache
+
+        _run_tasks(task, ws["n_chunks"], nt)
         if self.training:
             self._x = x
         return y
@@ -232,39 +301,57 @@ class Conv2d(Module):
         out_shape = self.output_shape(x.shape)
         dy = _check_grad(self, grad_out, out_shape, w.dtype)
         n, oh, ow, cout = out_shape
+        nt = num_threads()
         ws = self._workspace(x, out_shape)
+        chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
+        pointwise = self._is_pointwise()
+        n_workers = min(nt, stripes)
         wstack = self._weight_stack(w)
         wstack_t = np.swapaxes(wstack, -1, -2)            # (G, Cout/G, K) view
         gw = self._weight_stack(self.weight.grad)          # accumulate into .grad (a view)
-        dw_tmp = ws.get("dw")
-        if dw_tmp is None:
-            dw_tmp = ws["dw"] = np.empty(np.shape(gw), w.dtype)
+        if ws["slots"] is None:
+            ws["slots"] = np.empty((stripes,) + gw.shape, w.dtype)
+        slots = ws["slots"]
+        dws = self._worker_buffers(ws, "dw", n_workers, gw.shape, w.dtype)
+        if not pointwise:
+            col_shape = (chunk * rows, x.shape[3] * self.kernel_size[0] * self.kernel_size[1])
+            cols = self._worker_buffers(ws, "col", n_workers, col_shape, x.dtype)
+            dcols = self._worker_buffers(ws, "dcol", n_workers, col_shape, x.dtype)
+        geom = self._geometry()
+        x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = np.empty_like(x)
-        if self._is_pointwise():
-            xs = self._group_view(x.reshape(-1, self.in_channels))
-            dys = self._group_view(dy2)
-            np.matmul(np.swapaxes(xs, -1, -2), dys, out=dw_tmp)
-            np.add(gw, dw_tmp, out=gw)
-            np.matmul(dys, wstack_t, out=self._group_view(dx.reshape(-1, self.in_channels)))
-        else:
-            nt = num_threads()
-            col, chunk = ws["col"], ws["chunk"]
-            dcol = ws.get("dcol")
-            if dcol is None:
-                dcol = ws["dcol"] = np.empty_like(col)
-            rows = oh * ow
-            for n0 in range(0, n, chunk):
-                n1 = min(n, n0 + chunk)
-                m = (n1 - n0) * rows
-                c, dc = col[:m], dcol[:m]
-                dys = self._group_view(dy2[n0 * rows:n1 * rows])
-                # Recompute the columns from the saved input: cheaper than keeping them.
-                self._im2col(x, c, n0, n1, oh, ow, nt)
-                np.matmul(np.swapaxes(self._group_view(c), -1, -2), dys, out=dw_tmp)
-                np.add(gw, dw_tmp, out=gw)
-                np.matmul(dys, wstack_t, out=self._group_view(dc))
-                self._col2im(dc, dx, n0, n1, oh, ow, nt)
+        dx2 = dx.reshape(-1, self.in_channels)
+
+        def stripe(s, wid):
+            acc = slots[s]
+            first = s * n_chunks // stripes
+            for t in range(first, (s + 1) * n_chunks // stripes):
+                n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+                r0, r1 = n0 * rows, n1 * rows
+                dys = self._group_view(dy2[r0:r1])
+                if pointwise:
+                    c = x2[r0:r1]
+                else:
+                    # Recompute the columns from the saved input: cheaper than keeping them.
+                    c = cols[wid][:r1 - r0]
+                    _conv.im2col(x, c, n0, n1, oh, ow, *geom, 1)
+                ct = np.swapaxes(self._group_view(c), -1, -2)
+                if t == first:
+                    np.matmul(ct, dys, out=acc)
+                else:
+                    np.matmul(ct, dys, out=dws[wid])
+                    np.add(acc, dws[wid], out=acc)
+                if pointwise:
+                    np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
+                else:
+                    dc = dcols[wid][:r1 - r0]
+                    np.matmul(dys, wstack_t, out=self._group_view(dc))
+                    _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, 1)
+
+        _run_tasks(stripe, stripes, nt)
+        for s in range(stripes):            # fixed order: same bits for any thread count
+            np.add(gw, slots[s], out=gw)
         if self.bias is not None:
             _bias_grad(dy2, self.bias.grad)
         return dx

@@ -1,0 +1,155 @@
+"""Forward+backward time of single Conv2d layers, cnet vs PyTorch in the same run.
+
+    python bench/conv_layers.py [--threads 2] [--repeats 15] [--profile]
+
+For each layer: the median over repeats of one training step (forward, then
+backward with the input gradient) for cnet (NHWC/HWIO) and for torch in NCHW
+and channels_last (the better of the two is the reference).  The ratio is
+cnet time / best torch time (lower is better, < 1 means cnet is faster).
+--profile splits cnet's time into im2col, GEMM, col2im and the rest.
+"""
+import argparse
+import collections
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import cnet
+from cnet import nn
+from cnet.nn import conv as conv_mod
+
+LAYERS = {
+    # name: (N, H, W, C_in, C_out, kernel, stride, padding, groups)
+    "resnet20-stage1 32x32x16->16 3x3": (128, 32, 32, 16, 16, 3, 1, 1, 1),
+    "resnet20-stage3 8x8x64->64 3x3": (128, 8, 8, 64, 64, 3, 1, 1, 1),
+    "resnet20-down 32x32x16->32 3x3 s2": (128, 32, 32, 16, 32, 3, 2, 1, 1),
+    "1x1 16x16x64->64": (128, 16, 16, 64, 64, 1, 1, 0, 1),
+    "resnext 8x8x128 3x3 g32": (128, 8, 8, 128, 128, 3, 1, 1, 32),
+    "depthwise 16x16x64 3x3": (128, 16, 16, 64, 64, 3, 1, 1, 64),
+}
+
+
+def median_time(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_cnet(spec, repeats):
+    n, h, w, cin, cout, k, s, p, g = spec
+    m = nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g, bias=False)
+    x = np.random.default_rng(0).standard_normal((n, h, w, cin)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal(m.output_shape(x.shape)).astype(np.float32)
+
+    def step():
+        m(x)
+        m.backward(dy)
+    return median_time(step, repeats), m, x, dy
+
+
+def bench_torch(spec, repeats, threads):
+    import torch
+    torch.set_num_threads(threads)
+    n, h, w, cin, cout, k, s, p, g = spec
+    best = {}
+    for fmt in ("nchw", "channels_last"):
+        mf = torch.contiguous_format if fmt == "nchw" else torch.channels_last
+        conv = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g, bias=False)
+        conv = conv.to(memory_format=mf)
+        x = torch.randn(n, cin, h, w).contiguous(memory_format=mf).requires_grad_()
+        with torch.no_grad():
+            dy = torch.randn_like(conv(x)).contiguous(memory_format=mf)
+
+        def step():
+            x.grad = None
+            conv.weight.grad = None
+            conv(x).backward(dy)
+        best[fmt] = median_time(step, repeats)
+    return best
+
+
+class _Timed:
+    """Delegates to ``target``; times the named callables into ``totals``."""
+
+    def __init__(self, target, names, totals, label):
+        self._target, self._names, self._totals, self._label = target, names, totals, label
+
+    def __getattr__(self, name):
+        attr = getattr(self._target, name)
+        if name not in self._names:
+            return attr
+        totals, key = self._totals, f"{self._label}.{name}"
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return attr(*a, **kw)
+            finally:
+                totals[key] += time.perf_counter() - t0
+        return timed
+
+
+def profile_cnet(m, x, dy, repeats):
+    totals = collections.Counter()
+    orig_np, orig_conv = conv_mod.np, conv_mod._conv
+    conv_mod.np = _Timed(np, {"matmul", "add", "empty", "empty_like"}, totals, "np")
+    conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "bias_grad"}, totals, "kernel")
+    try:
+        m(x)
+        m.backward(dy)
+        totals.clear()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            m(x)
+            m.backward(dy)
+        total = (time.perf_counter() - t0) / repeats
+    finally:
+        conv_mod.np, conv_mod._conv = orig_np, orig_conv
+    parts = {k: v / repeats for k, v in totals.items()}
+    parts["other (python, checks)"] = total - sum(parts.values())
+    return total, parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--only", default="", help="substring filter on layer names")
+    args = ap.parse_args(argv)
+    cnet.set_num_threads(args.threads)
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    print(f"threads={args.threads} repeats={args.repeats} "
+          f"col chunk={conv_mod._COL_CHUNK_BYTES >> 10} KiB")
+    print(f"{'layer':36s} {'cnet ms':>8s} {'torch nchw':>10s} {'torch cl':>9s} {'ratio':>6s}")
+    for name, spec in LAYERS.items():
+        if args.only and args.only not in name:
+            continue
+        t_cnet, m, x, dy = bench_cnet(spec, args.repeats)
+        if have_torch:
+            tt = bench_torch(spec, args.repeats, args.threads)
+            best = min(tt.values())
+            print(f"{name:36s} {t_cnet * 1e3:8.2f} {tt['nchw'] * 1e3:10.2f} "
+                  f"{tt['channels_last'] * 1e3:9.2f} {t_cnet / best:6.2f}")
+        else:
+            print(f"{name:36s} {t_cnet * 1e3:8.2f}")
+        if args.profile:
+            total, parts = profile_cnet(m, x, dy, max(3, args.repeats // 3))
+            for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+                print(f"    {k:28s} {v * 1e3:8.2f} ms {100 * v / total:5.1f}%")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
