@@ -1,6 +1,9 @@
 """Containers: Sequential, Add (residual sums) and Concat (Inception merges)."""
 import numpy as np
 
+from cnet_ext import _elementwise
+
+from .._threads import num_threads
 from .module import Module, require_cache
 
 
@@ -78,36 +81,97 @@ class _Branches(Module):
             self.add_module(str(i), b)
         self.branches = list(branches)
 
-    def _backward_branches(self, grads):
-        """Sum of each branch's input gradient (the input fans out to all)."""
+    def _branch_outputs(self, x):
+        outs = [b.forward(x) for b in self.branches]
+        dtype = outs[0].dtype
+        for b, o in zip(self.branches, outs):
+            if not isinstance(o, np.ndarray) or o.dtype != dtype or o.ndim < 1:
+                raise ValueError(f"{type(self).__name__}: branch {type(b).__name__} returned "
+                                 f"{getattr(o, 'dtype', type(o).__name__)} "
+                                 f"{getattr(o, 'shape', '')}, the first branch {dtype}")
+        # the kernels need C-contiguous operands (a no-op for every cnet layer)
+        return [np.ascontiguousarray(o) for o in outs]
+
+    def _backward_branches(self, grads, out=None):
+        """Sum of each branch's input gradient (the input fans out to all).
+
+        The sum goes into ``out`` when the caller owns a scratch array of the
+        right shape (Add's masked gradient), else into a fresh array: a branch
+        (Identity) may hand back the very array it was given.
+        """
         grads_in = [branch.backward(g) for branch, g in zip(self.branches, grads)]
         if len(grads_in) == 1:
             return grads_in[0]
-        # A fresh array: a branch (Identity) may hand back the array it was given.
-        total = np.add(grads_in[0], grads_in[1])
+        grads_in = [np.ascontiguousarray(g) for g in grads_in]
+        if out is None or out.shape != grads_in[0].shape or out.dtype != grads_in[0].dtype:
+            out = np.empty_like(grads_in[0])
+        nt = num_threads()
+        _elementwise.add(grads_in[0], grads_in[1], out, False, nt)
         for gi in grads_in[2:]:
-            np.add(total, gi, out=total)
-        return total
+            _elementwise.add(out, gi, out, False, nt)
+        return out
 
 
 class Add(_Branches):
-    """Sum of the branches' outputs: ``Add(body, shortcut)`` is a residual join."""
+    """Sum of the branches' outputs: ``Add(body, shortcut)`` is a residual join.
+
+    ``Sequential(Add(body, shortcut), ReLU())`` is the ResNet block: Sequential
+    calls ``fuse_relu()`` and the add and the ReLU run as one pass (backward
+    masks the gradient by the cached output, into a scratch array that then
+    receives the branches' summed input gradients).
+    """
+
+    def __init__(self, *branches):
+        super().__init__(*branches)
+        self._relu = False
+        self._y = None
+
+    def fuse_relu(self):
+        """Apply the following ReLU inside the add (called by Sequential's plan)."""
+        self._relu = True
+        return True
+
+    def _drop_cache(self):
+        self._y = None
+
+    def extra_repr(self):
+        return "fused_relu=True" if self._relu else ""
 
     def forward(self, x):
-        outs = [b.forward(x) for b in self.branches]
+        outs = self._branch_outputs(x)
         shape = outs[0].shape
         for b, o in zip(self.branches[1:], outs[1:]):
             if o.shape != shape:
                 raise ValueError(f"Add: branch outputs differ in shape: {shape} from "
                                  f"{type(self.branches[0]).__name__}, {o.shape} from "
                                  f"{type(b).__name__}")
-        out = np.add(outs[0], outs[1]) if len(outs) > 1 else outs[0].copy()
-        for o in outs[2:]:
-            np.add(out, o, out=out)
+        nt = num_threads()
+        out = np.empty_like(outs[0])
+        if len(outs) == 1:
+            if self._relu:
+                _elementwise.relu_forward(outs[0], out, nt)
+            else:
+                np.copyto(out, outs[0])
+        else:
+            _elementwise.add(outs[0], outs[1], out, self._relu and len(outs) == 2, nt)
+            for k, o in enumerate(outs[2:], start=3):
+                _elementwise.add(out, o, out, self._relu and k == len(outs), nt)
+        if self._relu and self.training:
+            self._y = out
         return out
 
     def backward(self, grad):
-        return self._backward_branches([grad] * len(self.branches))
+        if not self._relu:
+            return self._backward_branches([grad] * len(self.branches))
+        y = require_cache(self, self._y)
+        if not isinstance(grad, np.ndarray) or grad.shape != y.shape or grad.dtype != y.dtype:
+            raise ValueError(f"Add: gradient {getattr(grad, 'shape', type(grad).__name__)} "
+                             f"{getattr(grad, 'dtype', '')} does not match the output "
+                             f"{y.shape} {y.dtype}")
+        masked = np.empty_like(y)
+        _elementwise.relu_backward(np.ascontiguousarray(grad), y, masked, num_threads())
+        # `masked` is ours: once every branch is done with it, it takes the sum
+        return self._backward_branches([masked] * len(self.branches), out=masked)
 
 
 class Concat(_Branches):
@@ -115,23 +179,31 @@ class Concat(_Branches):
 
     def __init__(self, *branches):
         super().__init__(*branches)
-        self._splits = None
+        self._widths = None
 
     def _drop_cache(self):
-        self._splits = None
+        self._widths = None
 
     def forward(self, x):
-        outs = [b.forward(x) for b in self.branches]
+        outs = self._branch_outputs(x)
         lead = outs[0].shape[:-1]
         for b, o in zip(self.branches, outs):
             if o.shape[:-1] != lead:
                 raise ValueError(f"Concat: branch outputs must agree on all but the channel "
                                  f"axis: {outs[0].shape} vs {o.shape} from {type(b).__name__}")
+        widths = [o.shape[-1] for o in outs]
+        out = np.empty(lead + (sum(widths),), dtype=outs[0].dtype)
+        _elementwise.concat_last(outs, out, num_threads())
         if self.training:
-            self._splits = np.cumsum([o.shape[-1] for o in outs])[:-1]
-        return np.concatenate(outs, axis=-1)
+            self._widths = widths
+        return out
 
     def backward(self, grad):
-        splits = require_cache(self, self._splits)
-        parts = [np.ascontiguousarray(g) for g in np.split(grad, splits, axis=-1)]
+        widths = require_cache(self, self._widths)
+        if not isinstance(grad, np.ndarray) or grad.ndim < 1 or grad.shape[-1] != sum(widths):
+            raise ValueError(f"Concat: gradient of shape {getattr(grad, 'shape', None)} does "
+                             f"not have the {sum(widths)} output channels")
+        grad = np.ascontiguousarray(grad)
+        parts = [np.empty(grad.shape[:-1] + (w,), dtype=grad.dtype) for w in widths]
+        _elementwise.split_last(grad, parts, num_threads())
         return self._backward_branches(parts)

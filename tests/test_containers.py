@@ -1,0 +1,220 @@
+"""Add, Concat and Sequential: forward references, finite-difference gradients with
+parameterless and parameterised branches, the fused residual add + ReLU,
+thread determinism and bad inputs."""
+import numpy as np
+import pytest
+
+import cnet
+from cnet import nn
+from cnet.nn.module import Module, Parameter, check_input, require_cache
+from helpers import check_gradients
+
+
+class Scale(Module):
+    """A tiny parameterised layer (per-channel scale and shift), independent of conv."""
+
+    def __init__(self, channels, seed=0):
+        super().__init__()
+        r = np.random.default_rng(seed)
+        self.weight = Parameter(r.uniform(0.5, 1.5, channels))
+        self.bias = Parameter(r.uniform(-0.5, 0.5, channels))
+        self._x = None
+
+    def _drop_cache(self):
+        self._x = None
+
+    def forward(self, x):
+        check_input(self, x, (2, 4), channels=self.weight.shape[0], dtype=self.weight.dtype)
+        if self.training:
+            self._x = x
+        return x * self.weight.data + self.bias.data
+
+    def backward(self, g):
+        x = require_cache(self, self._x)
+        axes = tuple(range(g.ndim - 1))
+        self.weight.grad += (g * x).sum(axis=axes)
+        self.bias.grad += g.sum(axis=axes)
+        return g * self.weight.data
+
+
+def _x(rng, shape=(2, 5, 5, 4)):
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < 1e-2, 0.3, x)
+
+
+# -- forward references ------------------------------------------------------------
+
+def test_add_forward_matches_numpy(rng):
+    x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    a = nn.Add(nn.Identity(), nn.ReLU(), Scale(3).float())
+    y = a(x)
+    s = a.branches[2]
+    np.testing.assert_allclose(y, x + np.maximum(x, 0) + (x * s.weight.data + s.bias.data),
+                               rtol=1e-6, atol=1e-6)
+    single = nn.Add(nn.Identity())
+    y1 = single(x)
+    assert y1 is not x
+    np.testing.assert_array_equal(y1, x)
+
+
+def test_concat_forward_matches_numpy(rng):
+    x = rng.standard_normal((2, 4, 4, 3))
+    c = nn.Concat(nn.Identity(), nn.ReLU(), nn.AvgPool2d(3, 1, 1), nn.Identity())
+    y = c(x)
+    ref = np.concatenate([x, np.maximum(x, 0), c.branches[2](x), x], axis=-1)
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_concat_split_backward_slices(rng):
+    x = rng.standard_normal((2, 3, 3, 2))
+    c = nn.Concat(nn.Identity(), Scale(2).double(), nn.Identity())
+    c(x)
+    g = rng.standard_normal((2, 3, 3, 6))
+    g0 = g.copy()
+    w = c.branches[1].weight.data
+    np.testing.assert_allclose(c.backward(g), g[..., :2] + g[..., 2:4] * w + g[..., 4:], rtol=1e-14)
+    np.testing.assert_array_equal(g, g0)
+
+
+# -- finite-difference gradients ----------------------------------------------------
+
+def test_add_gradients_parameterless(rng):
+    check_gradients(nn.Add(nn.ReLU(), nn.Identity(), nn.MaxPool2d(3, 1, 1)), _x(rng))
+
+
+def test_add_gradients_parameterised(rng):
+    check_gradients(nn.Add(nn.Sequential(Scale(4), nn.ReLU(), Scale(4, seed=1)), nn.Identity()),
+                    _x(rng))
+
+
+def test_concat_gradients(rng):
+    check_gradients(nn.Concat(nn.Identity(), nn.Sequential(Scale(4), nn.ReLU()),
+                              nn.AvgPool2d(3, 1, 1)), _x(rng))
+
+
+def test_fused_residual_block_gradients(rng):
+    block = nn.Sequential(nn.Add(nn.Sequential(Scale(4), nn.ReLU(), Scale(4, seed=2)),
+                                 nn.Identity()), nn.ReLU())
+    check_gradients(block, _x(rng))
+    assert block[0]._relu  # the plan folded the ReLU into the Add
+
+
+def _conv(*args, **kw):
+    conv = pytest.importorskip("cnet.nn.conv")
+    return conv.Conv2d(*args, **kw)
+
+
+def test_gradients_with_conv_branches(rng):
+    body = nn.Sequential(_conv(4, 4, 3, padding=1), nn.ReLU(), _conv(4, 4, 3, padding=1))
+    block = nn.Sequential(nn.Add(body, _conv(4, 4, 1, bias=False)), nn.ReLU())
+    check_gradients(block, _x(rng), max_checks=60)
+    inception = nn.Concat(_conv(4, 2, 1), nn.Sequential(_conv(4, 3, 3, padding=1), nn.ReLU()),
+                          nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv(4, 2, 1)))
+    check_gradients(inception, _x(rng), max_checks=60)
+
+
+# -- fused add + ReLU -----------------------------------------------------------------
+
+def test_fused_equals_unfused(rng):
+    x = rng.standard_normal((4, 6, 6, 4)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+
+    def make():
+        return nn.Add(nn.Sequential(Scale(4).float(), nn.ReLU(), Scale(4, 3).float()),
+                      nn.Identity())
+
+    fused = nn.Sequential(make(), nn.ReLU())
+    add = make()
+    relu = nn.ReLU()
+    y_ref = relu(add(x))
+    y = fused(x)
+    np.testing.assert_array_equal(y, y_ref)
+    g0 = g.copy()
+    np.testing.assert_array_equal(fused.backward(g), add.backward(relu.backward(g)))
+    np.testing.assert_array_equal(g, g0)  # grad_out untouched
+    for p, q in zip(fused.parameters(), add.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
+
+
+def test_fused_add_relu_eval_keeps_nothing(rng):
+    x = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+    block = nn.Sequential(nn.Add(nn.ReLU(), nn.Identity()), nn.ReLU())
+    y = block(x)
+    block.eval()
+    np.testing.assert_array_equal(block(x), y)
+    assert block[0]._y is None
+    with pytest.raises(RuntimeError, match="training mode"):
+        block.backward(np.ones_like(y))
+
+
+def test_add_backward_does_not_modify_grad(rng):
+    x = rng.standard_normal((2, 3, 3, 4))
+    for block in (nn.Add(nn.Identity(), nn.Identity()),
+                  nn.Sequential(nn.Add(nn.Identity(), nn.Identity()), nn.ReLU())):
+        y = block(x)
+        g = rng.standard_normal(y.shape)
+        g0 = g.copy()
+        gx = block.backward(g)
+        assert gx is not g
+        np.testing.assert_array_equal(g, g0)
+
+
+# -- threads ---------------------------------------------------------------------------
+
+def test_containers_threads_bitwise(rng):
+    x = rng.standard_normal((16, 16, 16, 16)).astype(np.float32)
+    res = []
+    for nt in (1, 2):
+        with cnet.threads(nt):
+            cnet.manual_seed(1)
+            m = nn.Sequential(
+                nn.Add(nn.Sequential(nn.ReLU(), nn.Dropout(0.3)), nn.Identity(), nn.ReLU()),
+                nn.ReLU(),
+                nn.Concat(nn.Identity(), nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1)))
+            y = m(x)
+            res.append((y, m.backward(np.cos(y))))
+    for a, b in zip(*res):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- bad inputs --------------------------------------------------------------------------
+
+def test_add_shape_mismatch():
+    with pytest.raises(ValueError, match=r"Add.*\(1, 2, 2, 3\).*\(1, 1, 1, 3\).*MaxPool2d"):
+        nn.Add(nn.Identity(), nn.MaxPool2d(2))(np.zeros((1, 2, 2, 3), np.float32))
+
+
+def test_concat_shape_mismatch():
+    with pytest.raises(ValueError, match=r"Concat.*\(1, 2, 2, 3\).*\(1, 1, 1, 3\)"):
+        nn.Concat(nn.Identity(), nn.MaxPool2d(2))(np.zeros((1, 2, 2, 3), np.float32))
+
+
+class ToDouble(Module):
+    def forward(self, x):
+        return x.astype(np.float64)
+
+
+@pytest.mark.parametrize("container", [nn.Add, nn.Concat])
+def test_dtype_mismatch_between_branches(container):
+    x = np.zeros((1, 2, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=f"{container.__name__}.*ToDouble.*float64.*float32"):
+        container(nn.Identity(), ToDouble())(x)
+
+
+def test_bad_gradients(rng):
+    x = rng.standard_normal((1, 2, 2, 3)).astype(np.float32)
+    c = nn.Concat(nn.Identity(), nn.Identity())
+    c(x)
+    with pytest.raises(ValueError, match="Concat.*6 output channels"):
+        c.backward(np.zeros((1, 2, 2, 5), np.float32))
+    block = nn.Sequential(nn.Add(nn.Identity(), nn.Identity()), nn.ReLU())
+    block(x)
+    with pytest.raises(ValueError, match=r"Add.*\(1, 2, 2, 4\)"):
+        block.backward(np.zeros((1, 2, 2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="training mode"):
+        nn.Concat(nn.Identity()).backward(x)
+
+
+def test_needs_a_branch():
+    with pytest.raises(ValueError, match="at least one branch"):
+        nn.Add()
