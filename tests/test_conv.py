@@ -202,6 +202,21 @@ def test_one_and_two_threads_identical(args, kwargs, rng):
         np.testing.assert_array_equal(a, b)
 
 
+def test_single_image_uses_parallel_kernels_same_result(rng):
+    # One chunk: the tasks run in turn with parallel im2col/col2im and BLAS.
+    m = nn.Conv2d(16, 16, 3, padding=1)
+    x = rng.standard_normal((1, 40, 40, 16)).astype(np.float32)
+    dy = rng.standard_normal(m.output_shape(x.shape)).astype(np.float32)
+    one = _run_fwd_bwd(m, x, dy, 1)
+    assert m._ws["n_chunks"] == 1
+    two = _run_fwd_bwd(m, x, dy, 2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    ref = reference_conv(x.astype(np.float64), m.weight.data.astype(np.float64),
+                         m.bias.data.astype(np.float64), 1, 1, 1, 1)
+    np.testing.assert_allclose(one[0], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_backward_accumulates_and_keeps_grad_out(rng):
     m = nn.Conv2d(3, 4, 3, padding=1)
     x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)

@@ -63,11 +63,15 @@ def _run_tasks(fn, n_tasks, n_threads):
     shared).  The kernels and numpy release the GIL.  Tasks are taken
     dynamically (a slow core takes fewer), which cannot change results: a task
     writes only its own outputs.  The caller's thread is worker 0.
+
+    fn's third argument is the thread count for its own kernels and BLAS: 1 on
+    the worker threads; n_threads when there are fewer tasks than threads (a
+    batch of one large image), where the tasks run in turn on this thread with
+    parallel kernels and BLAS instead.  Task results do not depend on it.
     """
-    n_threads = min(n_threads, n_tasks)
-    if n_threads <= 1:
+    if n_threads <= 1 or n_tasks < n_threads:
         for t in range(n_tasks):
-            fn(t, 0)
+            fn(t, 0, n_threads)
         return
     counter = itertools.count()
 
@@ -75,7 +79,7 @@ def _run_tasks(fn, n_tasks, n_threads):
         for t in iter(counter.__next__, None):
             if t >= n_tasks:
                 return
-            fn(t, wid)
+            fn(t, wid, 1)
 
     blas = [lib for lib in _threads._blas_controller().lib_controllers
             if lib.user_api == "blas"]
@@ -278,13 +282,13 @@ class Conv2d(Module):
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
 
-        def task(t, wid):
+        def task(t, wid, kt):
             n0, n1 = t * chunk, min(n, (t + 1) * chunk)
             if pointwise:
                 c = x2[n0 * rows:n1 * rows]
             else:
                 c = cols[wid][:(n1 - n0) * rows]
-                _conv.im2col(x, c, n0, n1, oh, ow, *geom, 1)
+                _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
             yc = y2[n0 * rows:n1 * rows]
             np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
             if bias is not None:
@@ -323,7 +327,7 @@ class Conv2d(Module):
         dx = np.empty_like(x)
         dx2 = dx.reshape(-1, self.in_channels)
 
-        def stripe(s, wid):
+        def stripe(s, wid, kt):
             acc = slots[s]
             first = s * n_chunks // stripes
             for t in range(first, (s + 1) * n_chunks // stripes):
@@ -335,7 +339,7 @@ class Conv2d(Module):
                 else:
                     # Recompute the columns from the saved input: cheaper than keeping them.
                     c = cols[wid][:r1 - r0]
-                    _conv.im2col(x, c, n0, n1, oh, ow, *geom, 1)
+                    _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
                 ct = np.swapaxes(self._group_view(c), -1, -2)
                 if t == first:
                     np.matmul(ct, dys, out=acc)
@@ -347,7 +351,7 @@ class Conv2d(Module):
                 else:
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
-                    _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, 1)
+                    _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
         _run_tasks(stripe, stripes, nt)
         for s in range(stripes):            # fixed order: same bits for any thread count
