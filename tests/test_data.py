@@ -14,7 +14,7 @@ import pytest
 
 import cnet
 from cnet.data import (CIFAR10, CIFAR100, MNIST, ArrayDataset, DataLoader, DatasetError,
-                       load_npz, read_idx, transforms as T)
+                       load_npz, random_split, read_idx, transforms as T)
 from cnet.data import _io, datasets
 
 BUNDLED = os.path.join(os.path.dirname(datasets.__file__), "_mnist")
@@ -405,6 +405,19 @@ def test_array_dataset(rng):
         ArrayDataset(x.reshape(10, 36), np.zeros(10, int))
     with pytest.raises(ValueError, match="out of range"):
         ArrayDataset(x, np.arange(10), num_classes=5)
+
+
+def test_random_split(rng):
+    ds = ArrayDataset(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1), np.arange(10))
+    a, b = random_split(ds, [7, 3], seed=1)
+    assert len(a) == 7 and len(b) == 3
+    assert sorted(np.concatenate([a.labels, b.labels])) == list(range(10))
+    np.testing.assert_array_equal(a.images.ravel(), a.labels)
+    c, d = random_split(ds, [0.75, 0.25], seed=1)
+    assert (len(c), len(d)) == (7, 3)
+    np.testing.assert_array_equal(random_split(ds, [7, 3], seed=1)[1].labels, b.labels)
+    with pytest.raises(ValueError, match="sum to the dataset size 10"):
+        random_split(ds, [5, 4])
 
 
 def test_npz(tmp_path, rng):

@@ -10,8 +10,8 @@
 from . import transforms
 from ._io import DatasetError, read_idx
 from .datasets import (CIFAR10, CIFAR100, MNIST, ArrayDataset, NpzDataset, default_root,
-                       load_npz)
+                       load_npz, random_split)
 from .loader import DataLoader
 
-__all__ = ["ArrayDataset", "NpzDataset", "load_npz", "MNIST", "CIFAR10", "CIFAR100",
-           "DataLoader", "DatasetError", "read_idx", "default_root", "transforms"]
+__all__ = ["ArrayDataset", "NpzDataset", "load_npz", "random_split", "MNIST", "CIFAR10",
+           "CIFAR100", "DataLoader", "DatasetError", "read_idx", "default_root", "transforms"]

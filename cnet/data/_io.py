@@ -10,7 +10,6 @@ is an error that names the file; nothing corrupt is ever used silently.
 """
 import gzip
 import hashlib
-import io
 import os
 import pickle
 import shutil
@@ -208,11 +207,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(path):
     """Load a pickle file through the restricted unpickler; errors name the file."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
     try:
-        # latin1 is numpy's advice for Python 2 pickles that hold arrays.
-        return _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        with open(path, "rb") as f:
+            # latin1 is numpy's advice for Python 2 pickles that hold arrays.
+            return _RestrictedUnpickler(f, encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise DatasetError(f"{path}: unsafe or corrupt pickle: {e}") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError,

@@ -18,8 +18,8 @@ from . import _io
 from ._io import DatasetError, read_idx, safe_extract_tar, safe_unpickle, \
     sha256_file, verify_file
 
-__all__ = ["ArrayDataset", "NpzDataset", "load_npz", "MNIST", "CIFAR10", "CIFAR100",
-           "default_root", "DatasetError"]
+__all__ = ["ArrayDataset", "NpzDataset", "load_npz", "random_split", "MNIST", "CIFAR10",
+           "CIFAR100", "default_root", "DatasetError"]
 
 _BUNDLED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mnist")
 
@@ -93,6 +93,31 @@ class ArrayDataset:
         n, h, w, c = self.images.shape
         return (f"{self.name}({n} images of {h}x{w}x{c} {self.images.dtype}, "
                 f"{self.num_classes} classes)")
+
+
+def random_split(dataset, lengths, seed=None):
+    """Split an ArrayDataset into disjoint random subsets of the given sizes.
+
+    ``lengths``: integers summing to ``len(dataset)``, or fractions summing to 1
+    (the last part takes the rounding remainder).  ``seed`` defaults to one drawn
+    from cnet's global generator.  Returns a list of ArrayDatasets (copies).
+    """
+    n = len(dataset)
+    lengths = list(lengths)
+    if lengths and all(isinstance(v, float) for v in lengths):
+        if abs(sum(lengths) - 1.0) > 1e-6:
+            raise ValueError(f"random_split: fractions must sum to 1, got {lengths}")
+        counts = [int(np.floor(f * n)) for f in lengths[:-1]]
+        lengths = counts + [n - sum(counts)]
+    if any(int(v) < 0 for v in lengths) or sum(int(v) for v in lengths) != n:
+        raise ValueError(f"random_split: lengths {lengths} must be >= 0 and sum to the "
+                         f"dataset size {n}")
+    if seed is None:
+        from .._random import next_seed
+        seed = next_seed()
+    order = np.random.Generator(np.random.PCG64(int(seed))).permutation(n)
+    bounds = np.cumsum([0] + [int(v) for v in lengths])
+    return [dataset.subset(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # --------------------------------------------------------------------- npz

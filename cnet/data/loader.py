@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from .transforms import _takes_seed, derive_seed
+from .transforms import BatchTransform, _takes_seed, derive_seed
 
 __all__ = ["DataLoader"]
 
@@ -46,14 +46,18 @@ class DataLoader:
     training step (0: prepare each batch on demand in the calling thread).
     ``seed``: the base of every shuffle and augmentation seed (default: drawn
     from cnet's global generator); ``generator``: a numpy Generator to draw it
-    from instead.
+    from instead.  ``num_threads``: OpenMP threads for a cnet batch transform;
+    default 1 with prefetch (the background thread overlaps a training step
+    that already uses every core, and a parallel region there only adds
+    oversubscription: measured 0.5 ms for a 128x32x32x3 CIFAR batch on one
+    thread), cnet's thread count without.
 
     A transform that draws its own randomness from cnet's global generator
     (instead of taking ``seed=``) is reproducible only with ``prefetch=0``.
     """
 
     def __init__(self, dataset, batch_size=1, shuffle=False, drop_last=False,
-                 transform=None, prefetch=2, seed=None, generator=None):
+                 transform=None, prefetch=2, seed=None, generator=None, num_threads=None):
         if int(batch_size) < 1:
             raise ValueError(f"DataLoader: batch_size must be >= 1, got {batch_size}")
         if int(prefetch) < 0:
@@ -69,6 +73,7 @@ class DataLoader:
         self._seed = None if seed is None else int(seed)
         self._generator = generator
         self._transform_takes_seed = transform is not None and _takes_seed(transform)
+        self.num_threads = None if num_threads is None else int(num_threads)
         self._next_epoch = 0
         self._start_batch = 0
         self._progress = None
@@ -156,7 +161,10 @@ class DataLoader:
             x = np.stack([np.asarray(it[0]) for it in items])
             y = np.asarray([it[1] for it in items])
         if self.transform is not None:
-            if self._transform_takes_seed:
+            if isinstance(self.transform, BatchTransform):
+                nt = self.num_threads or (1 if self.prefetch else None)
+                x = self.transform(x, seed=derive_seed(seed, epoch, b), n_threads=nt)
+            elif self._transform_takes_seed:
                 x = self.transform(x, seed=derive_seed(seed, epoch, b))
             else:
                 x = self.transform(x)
