@@ -197,6 +197,8 @@ def test_input_not_modified_and_noncontiguous_ok(batch):
     out = T.RandomHorizontalFlip(1.0)(view)
     np.testing.assert_array_equal(batch, before)
     np.testing.assert_array_equal(out, view[:, :, ::-1])
+    batch.flags.writeable = False                    # e.g. a memory-mapped dataset
+    np.testing.assert_array_equal(T.Pad(1)(batch)[:, 1:-1, 1:-1], batch)
 
 
 def test_global_seed_reproducible(batch):
