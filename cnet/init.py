@@ -74,6 +74,8 @@ def fans(shape, groups=1):
 
 
 def _fan(shape, mode, groups):
+    if 0 in shape:
+        return 1    # a zero-element array: nothing to fill (torch warns and returns)
     fan_in, fan_out = fans(shape, groups)
     if mode == "fan_in":
         return fan_in
@@ -144,14 +146,14 @@ def kaiming_normal_(t, a=0.0, mode="fan_in", nonlinearity="leaky_relu", groups=1
 
 def lecun_uniform_(t, groups=1):
     """LeCun uniform: U(-b, b), b = sqrt(3 / fan_in) (unit variance for linear units)."""
-    fan_in, _ = fans(_array(t).shape, groups)
+    fan_in = _fan(_array(t).shape, "fan_in", groups)
     bound = math.sqrt(3.0 / fan_in)
     return uniform_(t, -bound, bound)
 
 
 def lecun_normal_(t, groups=1):
     """LeCun normal: N(0, 1 / fan_in)."""
-    fan_in, _ = fans(_array(t).shape, groups)
+    fan_in = _fan(_array(t).shape, "fan_in", groups)
     return normal_(t, 0.0, math.sqrt(1.0 / fan_in))
 
 
