@@ -35,69 +35,63 @@ cdef inline Py_ssize_t _chunk(Py_ssize_t n, int nt) noexcept nogil:
     return (c + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-# -- ReLU ---------------------------------------------------------------------
-
-cdef void _relu(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating v
-    for i in range(n):
-        v = x[i]
-        y[i] = 0 if v < 0 else v  # NaN passes through, as torch.relu
-
-
-cdef void _relu_mask(const floating* g, const floating* y, floating* out,
-                     Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating v
-    for i in range(n):
-        v = g[i]  # loaded unconditionally so the select vectorises (no branch)
-        out[i] = 0 if y[i] <= 0 else v  # torch's threshold_backward(g, y, 0)
-
-
-cdef void _add(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-               bint relu) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating v
-    if relu:
-        for i in range(n):
-            v = a[i] + b[i]
-            out[i] = 0 if v < 0 else v
-    else:
-        for i in range(n):
-            out[i] = a[i] + b[i]
-
-
-# -- dropout ------------------------------------------------------------------
-
-cdef inline uint64_t _mix64(uint64_t z) noexcept nogil:
-    """splitmix64's finaliser (a bijection with full avalanche)."""
-    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
-    return z ^ (z >> 31)
-
-
-cdef void _dropout(const floating* x, floating* y, Py_ssize_t start, Py_ssize_t stop,
-                   uint64_t key, uint64_t threshold, floating scale) noexcept nogil:
-    """y[i] = x[i] * (scale if element i is kept else 0), i in [start, stop).
-
-    start is even; element i uses the high (i even) or low (i odd) 32 bits of
-    splitmix64(key + (i // 2 + 1) * golden); it is kept iff that uniform >= threshold.
+# The loops are C (multi-versioned for AVX2 / AVX-512): see _elementwise_impl.h.
+cdef extern from *:
     """
-    cdef Py_ssize_t i
-    cdef uint64_t h
-    cdef floating mult[2]
-    # a table lookup, not a select: gcc turns `keep ? scale : 0` (and even
-    # scale * keep) into a branch that mispredicts half the time at p = 0.5
-    mult[0] = 0
-    mult[1] = scale
-    for i in range(start, stop - 1, 2):
-        h = _mix64(key + <uint64_t>(i // 2 + 1) * <uint64_t>0x9E3779B97F4A7C15ULL)
-        y[i] = x[i] * mult[(h >> 32) >= threshold]
-        y[i + 1] = x[i + 1] * mult[(h & 0xFFFFFFFFULL) >= threshold]
-    if (stop - start) % 2:
-        i = stop - 1
-        h = _mix64(key + <uint64_t>(i // 2 + 1) * <uint64_t>0x9E3779B97F4A7C15ULL)
-        y[i] = x[i] * mult[(h >> 32) >= threshold]
+    #include <stdint.h>
+    #define T float
+    #define SFX f32
+    #include "_elementwise_impl.h"
+    #undef T
+    #undef SFX
+    #define T double
+    #define SFX f64
+    #include "_elementwise_impl.h"
+    #undef T
+    #undef SFX
+    """
+    uint64_t cnet_mix64(uint64_t) noexcept nogil
+    void cnet_relu_f32(const float*, float*, Py_ssize_t) noexcept nogil
+    void cnet_relu_f64(const double*, double*, Py_ssize_t) noexcept nogil
+    void cnet_relu_mask_f32(const float*, const float*, float*, Py_ssize_t) noexcept nogil
+    void cnet_relu_mask_f64(const double*, const double*, double*, Py_ssize_t) noexcept nogil
+    void cnet_add_f32(const float*, const float*, float*, Py_ssize_t, int) noexcept nogil
+    void cnet_add_f64(const double*, const double*, double*, Py_ssize_t, int) noexcept nogil
+    void cnet_dropout_f32(const float*, float*, Py_ssize_t, Py_ssize_t, uint64_t, uint64_t,
+                          float) noexcept nogil
+    void cnet_dropout_f64(const double*, double*, Py_ssize_t, Py_ssize_t, uint64_t, uint64_t,
+                          double) noexcept nogil
+
+
+cdef inline void _relu(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        cnet_relu_f32(x, y, n)
+    else:
+        cnet_relu_f64(x, y, n)
+
+
+cdef inline void _relu_mask(const floating* g, const floating* y, floating* out,
+                            Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        cnet_relu_mask_f32(g, y, out, n)
+    else:
+        cnet_relu_mask_f64(g, y, out, n)
+
+
+cdef inline void _add(const floating* a, const floating* b, floating* out, Py_ssize_t n,
+                      bint relu) noexcept nogil:
+    if floating is float:
+        cnet_add_f32(a, b, out, n, relu)
+    else:
+        cnet_add_f64(a, b, out, n, relu)
+
+
+cdef inline void _dropout(const floating* x, floating* y, Py_ssize_t start, Py_ssize_t stop,
+                          uint64_t key, uint64_t threshold, floating scale) noexcept nogil:
+    if floating is float:
+        cnet_dropout_f32(x, y, start, stop, key, threshold, scale)
+    else:
+        cnet_dropout_f64(x, y, start, stop, key, threshold, scale)
 
 
 # -- flat drivers (one chunk per thread) ----------------------------------------
@@ -186,7 +180,7 @@ def dropout(x, out, seed, double p, int n_threads):
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     xf = _flat("x", x)
     of = _flat("out", out, x)
-    cdef uint64_t key = _mix64(<uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
+    cdef uint64_t key = cnet_mix64(<uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
     cdef uint64_t threshold = <uint64_t>min(round(p * 4294967296.0), 4294967296)
     dt = x.dtype.type
     scale = float(dt(1) / dt(1.0 - p)) if p < 1.0 else 0.0

@@ -90,7 +90,12 @@ class MaxPool2d(_Pool2d):
         check_input(self, x, 4)
         shape = self.output_shape(x.shape)
         y = np.empty(shape, dtype=x.dtype)
-        idx = np.empty(shape, dtype=np.int32) if self.training else None
+        idx = None
+        if self.training:
+            # a workspace: reused while the shape holds (only our backward reads it)
+            idx = self._idx
+            if idx is None or idx.shape != shape:
+                idx = np.empty(shape, dtype=np.int32)
         _pool.max_pool2d_forward(x, y, idx, self.kernel_size, self.stride, self.padding,
                                  self.dilation, num_threads())
         if self.training:
