@@ -24,6 +24,7 @@ from libc.stdlib cimport malloc, free
 
 cimport cython
 from cython cimport floating
+import numpy as np
 
 from cnet_ext._openmp cimport effective_threads
 
@@ -146,6 +147,155 @@ cdef void _col2im(const floating* col, floating* dx, Py_ssize_t n0, Py_ssize_t n
         for r in prange(rows, nogil=True, num_threads=nt, schedule="static"):
             _col2im_row(col, dx, n0, n0 + r // H, r % H, H, W, C, OH, OW, KH, KW,
                         sh, sw, ph, pw, dh, dw, G)
+
+
+# ---------------------------------------------------------------------------
+# Direct convolution (groups == 1, C_out a multiple of the vector width)
+#
+# Small channel counts make skinny GEMMs that BLAS runs far below its peak, and
+# im2col writes KH*KW copies of every input.  This kernel computes a block of
+# 6 output pixels x one vector of output channels in registers: per input
+# channel it loads one vector of weights and issues 6 broadcast-FMAs.  GCC
+# vector extensions keep the source ISA-neutral; target_clones builds it for
+# baseline x86-64, AVX2 (v3) and AVX-512 (v4) and picks one at load time, so no
+# -march flag is needed.  Pixels outside the input read a buffer of zeros, so
+# the inner loop has no branches.
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    #define CNET_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+    #else
+    #define CNET_CLONES
+    #endif
+    #define CNET_PB 6
+
+    #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW)                                          \
+    CNET_CLONES static void NAME(                                                          \
+        const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
+        Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
+        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,       \
+        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+    {                                                                                      \
+        typedef T VT __attribute__((vector_size(64)));                                     \
+        typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
+        const T* img = x + n * H * W * C;                                                  \
+        for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += CNET_PB) {                               \
+            Py_ssize_t nb = OW - ow0 < CNET_PB ? OW - ow0 : CNET_PB;                       \
+            for (Py_ssize_t co = 0; co < Cout; co += VW) {                                 \
+                VT acc[CNET_PB];                                                           \
+                VT b0 = {0};                                                               \
+                if (bias) b0 = *(const VTU*)(bias + co);                                   \
+                for (int p = 0; p < CNET_PB; p++) acc[p] = b0;                             \
+                for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
+                    Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
+                    if ((size_t)ih >= (size_t)H) continue;                                 \
+                    const T* xrow = img + ih * W * C;                                      \
+                    for (Py_ssize_t kw = 0; kw < KW; kw++) {                               \
+                        const T* xp[CNET_PB];                                              \
+                        for (int p = 0; p < CNET_PB; p++) {                                \
+                            Py_ssize_t iw = (ow0 + p) * sw - pw + kw * dw;                 \
+                            xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * C     \
+                                                                       : zeros;            \
+                        }                                                                  \
+                        const T* wk = w + (kh * KW + kw) * C * Cout + co;                  \
+                        for (Py_ssize_t ci = 0; ci < C; ci++) {                            \
+                            VT wv = *(const VTU*)(wk + ci * Cout);                         \
+                            _Pragma("GCC unroll 6")                                        \
+                            for (int p = 0; p < CNET_PB; p++) acc[p] += xp[p][ci] * wv;    \
+                        }                                                                  \
+                    }                                                                      \
+                }                                                                          \
+                for (int p = 0; p < nb; p++)                                               \
+                    *(VTU*)(yrow + (ow0 + p) * Cout + co) = acc[p];                        \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16)
+    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8)
+    """
+    void cnet_direct_row_f32(const float* x, const float* w, const float* bias,
+                             const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row_f64(const double* x, const double* w, const double* bias,
+                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
+
+
+cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
+                             const floating* zeros, floating* y, Py_ssize_t n0, Py_ssize_t r,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                             Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t n = n0 + r // OH
+    cdef Py_ssize_t oh = r % OH
+    cdef floating* yrow = y + (n * OH + oh) * OW * Cout
+    if floating is float:
+        cnet_direct_row_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_direct_row_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+def direct_lanes(dtype):
+    """Output channels per vector of the direct kernel (C_out must be a multiple)."""
+    return 16 if dtype == np.float32 else 8
+
+
+def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
+                floating[:, :, :, ::1] y, Py_ssize_t n0, Py_ssize_t n1,
+                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """y[n0:n1] = conv(x[n0:n1], w) (+ bias) for groups == 1, NHWC x/y, HWIO w.
+
+    C_out must be a multiple of direct_lanes(dtype); ``bias`` is None or a
+    contiguous (C_out,) array of the same dtype.  Overwrites y[n0:n1].
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], Cout = w.shape[3]
+    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef Py_ssize_t rows = (n1 - n0) * OH, r
+    cdef floating[::1] b
+    cdef const floating* bp = NULL
+    cdef floating* zeros
+    cdef int nt
+    if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or Cout % lanes:
+        raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
+                         f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
+                         f"do not fit (C_out must be a multiple of {lanes})")
+    _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
+                    KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_direct")
+    if bias is not None:
+        b = bias
+        if b.shape[0] != Cout:
+            raise ValueError(f"conv_direct: bias of shape ({b.shape[0]},) for {Cout} outputs")
+        bp = &b[0]
+    zeros = <floating*>malloc(C * sizeof(floating))
+    if zeros == NULL:
+        raise MemoryError()
+    memset(zeros, 0, C * sizeof(floating))
+    nt = effective_threads(rows * OW * KH * KW * C * Cout, n_threads)
+    with nogil:
+        if nt == 1:
+            for r in range(rows):
+                _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            for r in prange(rows, num_threads=nt, schedule="static"):
+                _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw)
+    free(zeros)
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,13 @@ CONFIGS = {
     "depthwise-x2-stride2": (3, 6, 3, 2, 1, 1, 3, False, (2, 7, 7)),
     "nonsquare": (3, 4, (3, 1), (2, 1), (1, 0), 1, 1, True, (2, 7, 5)),
     "nonsquare-all": (4, 4, (1, 3), (1, 2), (0, 2), (1, 2), 2, True, (2, 5, 9)),
+    # Channel counts in whole vectors: the direct kernel (forward, and the input
+    # gradient at stride 1) instead of im2col + GEMM.
+    "direct-3x3": (16, 16, 3, 1, 1, 1, 1, True, (2, 6, 7)),
+    "direct-stem-stride2": (3, 16, 3, 2, 1, 1, 1, True, (2, 9, 8)),
+    "direct-5x5-dil2": (16, 32, 5, 1, 3, 2, 1, False, (2, 9, 8)),
+    "direct-nonsquare": (8, 16, (3, 1), 1, (1, 0), 1, 1, True, (2, 5, 4)),
+    "direct-pad-exceeds-kernel": (16, 16, 3, 1, 3, 1, 1, True, (1, 4, 5)),
 }
 
 
@@ -179,6 +186,26 @@ def test_pointwise_fast_path_equals_general_path(groups, rng):
     np.testing.assert_allclose(fast.bias.grad, general.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("args,kwargs", [((16, 16, 3), dict(padding=1)),
+                                         ((3, 32, 5), dict(stride=2, padding=2)),
+                                         ((32, 16, 3), dict(padding=2, dilation=2))])
+def test_direct_kernel_matches_im2col_path(args, kwargs, rng, monkeypatch):
+    direct = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((3, 11, 10, args[0])).astype(np.float32)
+    y = direct(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = direct.backward(dy)
+    assert direct._direct_forward(x.dtype)
+    assert ("wflip" in direct._ws) == (direct.stride == (1, 1))
+    monkeypatch.setattr(conv_mod, "_DIRECT_MAX_CHANNELS", 0)
+    general = nn.Conv2d(*args, **kwargs)
+    general.load_state_dict(direct.state_dict())
+    np.testing.assert_allclose(general(x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.backward(dy), dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.weight.grad, direct.weight.grad, rtol=1e-5, atol=1e-4)
+    assert "wflip" not in general._ws
+
+
 def _run_fwd_bwd(m, x, dy, n):
     m.zero_grad()
     with cnet.threads(n):
@@ -190,6 +217,7 @@ def _run_fwd_bwd(m, x, dy, n):
 @pytest.mark.parametrize("args,kwargs", [((16, 16, 3), dict(padding=1)),
                                          ((16, 32, 3), dict(stride=2, padding=1, groups=4)),
                                          ((16, 16, 3), dict(padding=1, groups=16)),
+                                         ((16, 64, 3), dict(padding=1)),
                                          ((16, 24, 1), {})])
 def test_one_and_two_threads_identical(args, kwargs, rng):
     # Big enough that im2col, col2im, the bias reduction and BLAS all go parallel.

@@ -40,6 +40,9 @@ _COL_CHUNK_BYTES = 1 << 20
 # parallelism of the weight-gradient GEMMs), with all slots under _STRIPE_BYTES.
 _STRIPES = 8
 _STRIPE_BYTES = 32 << 20
+# The direct kernel (no im2col) beats im2col + BLAS up to this many output
+# channels (32 vs 64 at 3x3 on the AVX-512 dev box: bench/conv_layers.py).
+_DIRECT_MAX_CHANNELS = 32
 
 _pool = None
 
@@ -210,6 +213,21 @@ class Conv2d(Module):
         """1x1, stride 1, no padding: the input is its own column matrix."""
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
+    def _direct_forward(self, dtype):
+        """Forward by the direct kernel: groups 1, few output channels in whole vectors."""
+        cout = self.out_channels
+        return (self.groups == 1 and not self._is_pointwise() and cout <= _DIRECT_MAX_CHANNELS
+                and cout % _conv.direct_lanes(dtype) == 0)
+
+    def _direct_input_grad(self, dtype):
+        """dx as a direct convolution of dy with the flipped, transposed kernel
+        (stride 1 only: it is then an ordinary convolution with padding d*(k-1)-p)."""
+        cin = self.in_channels
+        (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
+        return (self.groups == 1 and not self._is_pointwise() and self.stride == (1, 1)
+                and cin <= _DIRECT_MAX_CHANNELS and cin % _conv.direct_lanes(dtype) == 0
+                and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+
     def _workspace(self, x, out_shape):
         """Buffers for this input shape, allocated once and reused.
 
@@ -271,7 +289,8 @@ class Conv2d(Module):
         ws = self._workspace(x, out_shape)
         chunk, rows = ws["chunk"], oh * ow
         pointwise = self._is_pointwise()
-        if not pointwise:
+        direct = self._direct_forward(x.dtype)
+        if not (pointwise or direct):
             cols = self._worker_buffers(ws, "col", min(nt, ws["n_chunks"]),
                                         (chunk * rows, x.shape[3] * self.kernel_size[0]
                                          * self.kernel_size[1]), x.dtype)
@@ -284,6 +303,9 @@ class Conv2d(Module):
 
         def task(t, wid, kt):
             n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+            if direct:
+                _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt)
+                return
             if pointwise:
                 c = x2[n0 * rows:n1 * rows]
             else:
@@ -317,11 +339,20 @@ class Conv2d(Module):
             ws["slots"] = np.empty((stripes,) + gw.shape, w.dtype)
         slots = ws["slots"]
         dws = self._worker_buffers(ws, "dw", n_workers, gw.shape, w.dtype)
+        geom = self._geometry()
+        direct_dx = self._direct_input_grad(w.dtype)
         if not pointwise:
             col_shape = (chunk * rows, x.shape[3] * self.kernel_size[0] * self.kernel_size[1])
             cols = self._worker_buffers(ws, "col", n_workers, col_shape, x.dtype)
-            dcols = self._worker_buffers(ws, "dcol", n_workers, col_shape, x.dtype)
-        geom = self._geometry()
+            if direct_dx:
+                kh, kw, _, _, ph, pw, dh, dw, _ = geom
+                dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+                wflip = ws.get("wflip")
+                if wflip is None:
+                    wflip = ws["wflip"] = np.empty((kh, kw, cout, self.in_channels), w.dtype)
+                np.copyto(wflip, w[::-1, ::-1].swapaxes(2, 3))
+            else:
+                dcols = self._worker_buffers(ws, "dcol", n_workers, col_shape, x.dtype)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = np.empty_like(x)
@@ -348,6 +379,9 @@ class Conv2d(Module):
                     np.add(acc, dws[wid], out=acc)
                 if pointwise:
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
+                elif direct_dx:
+                    _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, dx_pad[0], dx_pad[1],
+                                      dh, dw, kt)
                 else:
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
