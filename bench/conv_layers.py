@@ -6,7 +6,7 @@ For each layer: the median over repeats of one training step (forward, then
 backward with the input gradient) for cnet (NHWC/HWIO) and for torch in NCHW
 and channels_last (the better of the two is the reference).  The ratio is
 cnet time / best torch time (lower is better, < 1 means cnet is faster).
---profile splits cnet's time into im2col, GEMM, col2im and the rest.
+--profile splits cnet's time by kernel (summed over worker threads).
 """
 import argparse
 import collections
@@ -100,7 +100,7 @@ def profile_cnet(m, x, dy, repeats):
     totals = collections.Counter()
     orig_np, orig_conv = conv_mod.np, conv_mod._conv
     conv_mod.np = _Timed(np, {"matmul", "add", "empty", "empty_like"}, totals, "np")
-    conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "bias_grad"}, totals, "kernel")
+    conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "bias_grad", "conv_direct", "conv_direct_wgrad"}, totals, "kernel")
     try:
         m(x)
         m.backward(dy)

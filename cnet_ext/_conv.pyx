@@ -215,6 +215,58 @@ cdef extern from *:
 
     CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16)
     CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8)
+
+    /* Weight gradient of one kernel tap (kh, kw) over images [n0, n1):
+       gw[ci, co] (+)= sum over output pixels of x[n, ih, iw, ci] * dy[n, oh, ow, co].
+       Registers hold 6 input channels x one vector of output channels; per
+       pixel one vector load of dy and 6 broadcast-FMAs.  Channel tails read a
+       clamped (valid) channel and are not stored.  Fixed loop order: the sum
+       is the same whatever thread runs it. */
+    #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW)                                        \
+    CNET_CLONES static void NAME(                                                          \
+        const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
+        Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
+        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,       \
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                        \
+    {                                                                                      \
+        typedef T VT __attribute__((vector_size(64)));                                     \
+        typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
+        /* Output columns whose input column is inside the image. */                      \
+        Py_ssize_t off = kw * dw - pw;                                                     \
+        Py_ssize_t ow_lo = off >= 0 ? 0 : (-off + sw - 1) / sw;                            \
+        Py_ssize_t ow_hi = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;                   \
+        if (ow_hi > OW) ow_hi = OW;                                                        \
+        for (Py_ssize_t ci0 = 0; ci0 < C; ci0 += CNET_PB) {                                \
+            Py_ssize_t nb = C - ci0 < CNET_PB ? C - ci0 : CNET_PB;                         \
+            Py_ssize_t cidx[CNET_PB];                                                      \
+            for (int j = 0; j < CNET_PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);       \
+            for (Py_ssize_t co = 0; co < Cout; co += VW) {                                 \
+                VT acc[CNET_PB];                                                           \
+                for (int j = 0; j < CNET_PB; j++) acc[j] = (VT){0};                        \
+                for (Py_ssize_t n = n0; n < n1; n++) {                                     \
+                    for (Py_ssize_t oh = 0; oh < OH; oh++) {                               \
+                        Py_ssize_t ih = oh * sh - ph + kh * dh;                            \
+                        if ((size_t)ih >= (size_t)H) continue;                             \
+                        const T* xr = x + (n * H + ih) * W * C;                            \
+                        const T* dr = dy + ((n * OH + oh) * OW) * Cout + co;               \
+                        for (Py_ssize_t ow = ow_lo; ow < ow_hi; ow++) {                    \
+                            VT dv = *(const VTU*)(dr + ow * Cout);                         \
+                            const T* xp = xr + (ow * sw + off) * C;                        \
+                            _Pragma("GCC unroll 6")                                        \
+                            for (int j = 0; j < CNET_PB; j++) acc[j] += xp[cidx[j]] * dv;  \
+                        }                                                                  \
+                    }                                                                      \
+                }                                                                          \
+                for (Py_ssize_t j = 0; j < nb; j++) {                                      \
+                    VTU* g = (VTU*)(gw + (ci0 + j) * Cout + co);                           \
+                    if (accumulate) *g += acc[j]; else *g = acc[j];                        \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8)
     """
     void cnet_direct_row_f32(const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
@@ -228,6 +280,65 @@ cdef extern from *:
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad_f32(const float* x, const float* dy, float* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad_f64(const double* x, const double* dy, double* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+
+
+cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floating* gw,
+                                   int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t tap,
+                                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                                   Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
+                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                   Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t kh = tap // KW, kw = tap % KW
+    if floating is float:
+        cnet_direct_wgrad_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W, C,
+                              OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_direct_wgrad_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W, C,
+                              OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+
+
+def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
+                      floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0, Py_ssize_t n1,
+                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                      Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """Weight gradient of images [n0, n1) for groups == 1: ``gw`` (HWIO) is overwritten,
+    or added to with ``accumulate``.  C_out must be a multiple of direct_lanes(dtype)."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t KH = gw.shape[0], KW = gw.shape[1], Cout = gw.shape[3]
+    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2]
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef Py_ssize_t tap
+    cdef int nt
+    if gw.shape[2] != C or dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
+        raise ValueError(f"conv_direct_wgrad: input {(N, H, W, C)}, output gradient "
+                         f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
+                         f"{(KH, KW, gw.shape[2], Cout)} do not fit "
+                         f"(C_out must be a multiple of {lanes})")
+    _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
+                    KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_direct_wgrad")
+    # Taps write disjoint slices of gw: parallel over taps needs no reduction.
+    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C * Cout, n_threads)
+    with nogil:
+        if nt == 1:
+            for tap in range(KH * KW):
+                _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
+                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            for tap in prange(KH * KW, num_threads=nt, schedule="dynamic"):
+                _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
+                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,

@@ -340,10 +340,12 @@ class Conv2d(Module):
         slots = ws["slots"]
         dws = self._worker_buffers(ws, "dw", n_workers, gw.shape, w.dtype)
         geom = self._geometry()
+        direct_dw = self._direct_forward(w.dtype)      # same kernel family, same conditions
         direct_dx = self._direct_input_grad(w.dtype)
         if not pointwise:
             col_shape = (chunk * rows, x.shape[3] * self.kernel_size[0] * self.kernel_size[1])
-            cols = self._worker_buffers(ws, "col", n_workers, col_shape, x.dtype)
+            if not direct_dw:
+                cols = self._worker_buffers(ws, "col", n_workers, col_shape, x.dtype)
             if direct_dx:
                 kh, kw, _, _, ph, pw, dh, dw, _ = geom
                 dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
@@ -365,18 +367,22 @@ class Conv2d(Module):
                 n0, n1 = t * chunk, min(n, (t + 1) * chunk)
                 r0, r1 = n0 * rows, n1 * rows
                 dys = self._group_view(dy2[r0:r1])
-                if pointwise:
-                    c = x2[r0:r1]
+                if direct_dw:
+                    _conv.conv_direct_wgrad(x, dy, acc.reshape(w.shape), t != first, n0, n1,
+                                            *geom[2:8], kt)
                 else:
-                    # Recompute the columns from the saved input: cheaper than keeping them.
-                    c = cols[wid][:r1 - r0]
-                    _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
-                ct = np.swapaxes(self._group_view(c), -1, -2)
-                if t == first:
-                    np.matmul(ct, dys, out=acc)
-                else:
-                    np.matmul(ct, dys, out=dws[wid])
-                    np.add(acc, dws[wid], out=acc)
+                    if pointwise:
+                        c = x2[r0:r1]
+                    else:
+                        # Recompute the columns from the saved input: cheaper than keeping them.
+                        c = cols[wid][:r1 - r0]
+                        _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
+                    ct = np.swapaxes(self._group_view(c), -1, -2)
+                    if t == first:
+                        np.matmul(ct, dys, out=acc)
+                    else:
+                        np.matmul(ct, dys, out=dws[wid])
+                        np.add(acc, dws[wid], out=acc)
                 if pointwise:
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif direct_dx:
