@@ -1,0 +1,6 @@
+"""``python -m cnet ...`` = the ``cnet`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
