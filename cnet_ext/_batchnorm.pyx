@@ -13,10 +13,11 @@ never on the thread count; each chunk's partial result lands in its own slot
 and the slots are merged serially in chunk order.  Results are therefore
 bitwise identical for any number of threads.
 
-Statistics and gradient sums accumulate in double for both dtypes: float32
-products are exact in double, and the per-chunk moments are taken about the
-chunk's first row so the sum of squares does not cancel (merged with Chan's
-pairwise formula).
+Statistics and gradient sums are summed in the dtype over blocks of 8 rows and
+in double across blocks, so float32 runs at float32 SIMD width yet its totals
+are double-accurate.  The per-chunk moments are taken about the chunk's first
+row so the sum of squares does not cancel, and chunks are merged with Chan's
+pairwise formula.
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -59,10 +60,10 @@ cdef double* _alloc_slots(Py_ssize_t n) except NULL:
 
 # -- per-chunk kernels (one thread each, no shared writes) ---------------------
 #
-# Plain C with restrict pointers and branch-free selects, so gcc vectorises the
-# channel loops at the baseline ISA (Cython's generated code kept a branch and
-# a conditional load in the fused-ReLU loops, which ran ~10x slower).  One
-# macro body, instantiated for float (f) and double (d).
+# Plain C with restrict pointers, branch-free selects and, for few channels,
+# explicit vectors, so the loops vectorise at the baseline ISA (Cython's
+# generated code kept a branch and a conditional load in the fused-ReLU loops,
+# which ran ~10x slower).  One macro body, instantiated for float and double.
 
 cdef extern from *:
     """
@@ -70,122 +71,198 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #define CNET_R __restrict__
-    #define CNET_BN_CHUNK_KERNELS(T, IT, SFX)                                           \
-    /* g if keep else +0, by a bit mask: a select gcc vectorises even when the     \
-       result is widened to double (a ternary there stays a branch). */              \
-    static inline T bn_mask_##SFX(T g, int keep) {                                      \
-        IT bits;                                                                        \
-        memcpy(&bits, &g, sizeof bits);                                                 \
-        bits &= -(IT)keep;                                                              \
-        memcpy(&g, &bits, sizeof bits);                                                 \
-        return g;                                                                       \
-    }                                                                                   \
-    /* Mean and sum of squared deviations of n rows, taken about the first row. */      \
-    static void bn_moments_##SFX(const T* CNET_R x, ptrdiff_t n, ptrdiff_t C,           \
-                                 double* CNET_R mean, double* CNET_R m2) {              \
-        for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }               \
-        for (ptrdiff_t r = 1; r < n; r++) {                                             \
-            const T* CNET_R row = x + r * C;                                            \
-            _Pragma("omp simd")                                                         \
-            for (ptrdiff_t c = 0; c < C; c++) {                                         \
-                double d = (double)row[c] - (double)x[c];                               \
-                mean[c] += d;                                                           \
-                m2[c] += d * d;                                                         \
-            }                                                                           \
-        }                                                                               \
-        for (ptrdiff_t c = 0; c < C; c++) {                                             \
-            double d = mean[c];                                                         \
-            mean[c] = (double)x[c] + d / (double)n;                                     \
-            m2[c] -= d * d / (double)n;                                                 \
-        }                                                                               \
-    }                                                                                   \
-    /* y = x * alpha + shift per channel, then max(y, 0) when relu. */                  \
-    static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n,            \
-                                ptrdiff_t C, const T* CNET_R alpha,                     \
-                                const T* CNET_R shift, int relu) {                      \
-        for (ptrdiff_t r = 0; r < n; r++) {                                             \
-            const T* CNET_R xr = x + r * C;                                             \
-            T* CNET_R yr = y + r * C;                                                   \
-            if (relu) {                                                                 \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++) {                                     \
-                    T v = xr[c] * alpha[c] + shift[c];                                  \
-                    yr[c] = v > (T)0 ? v : (T)0;                                        \
-                }                                                                       \
-            } else {                                                                    \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++)                                       \
-                    yr[c] = xr[c] * alpha[c] + shift[c];                                \
-            }                                                                           \
-        }                                                                               \
-    }                                                                                   \
-    /* sum(g) and sum(g * (x - mean)) per channel, g = dy masked by the fused ReLU.    \
-       The mask is recomputed from x with the forward's expression, so it matches    \
-       the forward bit for bit without keeping the output alive. */                  \
-    static void bn_grad_sums_##SFX(const T* CNET_R x, const T* CNET_R dy, ptrdiff_t n,  \
-                                   ptrdiff_t C, const double* CNET_R mean,              \
-                                   const T* CNET_R alpha, const T* CNET_R shift,        \
-                                   int relu, double* CNET_R sdy, double* CNET_R sdyx) { \
-        for (ptrdiff_t c = 0; c < C; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }              \
-        for (ptrdiff_t r = 0; r < n; r++) {                                             \
-            const T* CNET_R xr = x + r * C;                                             \
-            const T* CNET_R gr = dy + r * C;                                            \
-            if (relu) {                                                                 \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++) {                                     \
-                    T v = xr[c] * alpha[c] + shift[c];                                  \
-                    double g = (double)bn_mask_##SFX(gr[c], v > (T)0);                  \
-                    sdy[c] += g;                                                        \
-                    sdyx[c] += g * ((double)xr[c] - mean[c]);                           \
-                }                                                                       \
-            } else {                                                                    \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++) {                                     \
-                    double g = (double)gr[c];                                           \
-                    sdy[c] += g;                                                        \
-                    sdyx[c] += g * ((double)xr[c] - mean[c]);                           \
-                }                                                                       \
-            }                                                                           \
-        }                                                                               \
-    }                                                                                   \
-    /* dx = a*g + k*(x - mean) + b per channel, g = dy masked by the fused ReLU. */     \
-    static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx,        \
-                            ptrdiff_t n, ptrdiff_t C, const T* CNET_R mean,             \
-                            const T* CNET_R a, const T* CNET_R k, const T* CNET_R b,    \
-                            const T* CNET_R alpha, const T* CNET_R shift, int relu) {   \
-        for (ptrdiff_t r = 0; r < n; r++) {                                             \
-            const T* CNET_R xr = x + r * C;                                             \
-            const T* CNET_R gr = dy + r * C;                                            \
-            T* CNET_R dr = dx + r * C;                                                  \
-            if (relu) {                                                                 \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++) {                                     \
-                    T v = xr[c] * alpha[c] + shift[c];                                  \
-                    T g = bn_mask_##SFX(gr[c], v > (T)0);                               \
-                    dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                 \
-                }                                                                       \
-            } else {                                                                    \
-                _Pragma("omp simd")                                                     \
-                for (ptrdiff_t c = 0; c < C; c++)                                       \
-                    dr[c] = a[c] * gr[c] + k[c] * (xr[c] - mean[c]) + b[c];             \
-            }                                                                           \
-        }                                                                               \
+    /* Rows summed in the dtype before a double accumulation; channels per
+       register-resident column; the largest C that takes the register path. */
+    #define BN_BLOCK 8
+    #define BN_W 8
+    #define BN_REG_C 32
+    typedef float bn_vf __attribute__((vector_size(16)));
+    typedef int32_t bn_vif __attribute__((vector_size(16)));
+    typedef double bn_vd __attribute__((vector_size(16)));
+    typedef int64_t bn_vid __attribute__((vector_size(16)));
+    /* One body for float (f) and double (d): T the scalar, IT the same-width
+       integer, VT/IVT their 16-byte vectors (GCC/Clang vector extensions: SSE2
+       on x86-64, NEON on arm64), L the lanes per vector. */
+    #define CNET_BN_CHUNK_KERNELS(T, IT, VT, IVT, L, SFX)                                       \
+    /* g if keep else +0, by a bit mask: a select gcc vectorises even when the                  \
+       result is widened (a ternary there stays a mispredicting branch). */                     \
+    static inline T bn_mask_##SFX(T g, int keep) {                                              \
+        IT bits;                                                                                \
+        memcpy(&bits, &g, sizeof bits);                                                         \
+        bits &= -(IT)keep;                                                                      \
+        memcpy(&g, &bits, sizeof bits);                                                         \
+        return g;                                                                               \
+    }                                                                                           \
+    static inline VT bn_ld_##SFX(const T* p) { VT v; memcpy(&v, p, sizeof v); return v; }       \
+    /* Mean and sum of squared deviations of n rows, taken about the first row k.               \
+       Rows go in blocks of BN_BLOCK summed in T, blocks are summed in double:                  \
+       float32 SIMD speed with double-accurate totals.  Few channels (a multiple                \
+       of BN_W, at most BN_REG_C): BN_W-channel columns with their accumulators in              \
+       vector registers; otherwise whole rows against block sums in scratch (2*C                \
+       values), where a small C would chain every row through memory. */                        \
+    static void bn_moments_##SFX(const T* CNET_R x, ptrdiff_t n, ptrdiff_t C,                   \
+                                 double* CNET_R mean, double* CNET_R m2, T* CNET_R scratch) {   \
+        for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }                       \
+        if (C % BN_W == 0 && C <= BN_REG_C) {                                                   \
+            for (ptrdiff_t c0 = 0; c0 < C; c0 += BN_W) {                                        \
+                VT k[BN_W / L];                                                                 \
+                for (int i = 0; i < BN_W / L; i++) k[i] = bn_ld_##SFX(x + c0 + i * L);          \
+                for (ptrdiff_t r0 = 1; r0 < n; r0 += BN_BLOCK) {                                \
+                    ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                       \
+                    VT b1[BN_W / L] = {0}, b2[BN_W / L] = {0};                                  \
+                    T t1[BN_W], t2[BN_W];                                                       \
+                    for (ptrdiff_t r = r0; r < r1; r++) {                                       \
+                        for (int i = 0; i < BN_W / L; i++) {                                    \
+                            VT d = bn_ld_##SFX(x + r * C + c0 + i * L) - k[i];                  \
+                            b1[i] += d;                                                         \
+                            b2[i] += d * d;                                                     \
+                        }                                                                       \
+                    }                                                                           \
+                    memcpy(t1, b1, sizeof t1);                                                  \
+                    memcpy(t2, b2, sizeof t2);                                                  \
+                    for (int w = 0; w < BN_W; w++) { mean[c0 + w] += t1[w]; m2[c0 + w] += t2[w]; }\
+                }                                                                               \
+            }                                                                                   \
+        } else {                                                                                \
+            T* CNET_R b1 = scratch;                                                             \
+            T* CNET_R b2 = scratch + C;                                                         \
+            for (ptrdiff_t r0 = 1; r0 < n; r0 += BN_BLOCK) {                                    \
+                ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                           \
+                for (ptrdiff_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                     \
+                for (ptrdiff_t r = r0; r < r1; r++) {                                           \
+                    const T* CNET_R row = x + r * C;                                            \
+                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
+                        T d = row[c] - x[c];                                                    \
+                        b1[c] += d;                                                             \
+                        b2[c] += d * d;                                                         \
+                    }                                                                           \
+                }                                                                               \
+                for (ptrdiff_t c = 0; c < C; c++) { mean[c] += b1[c]; m2[c] += b2[c]; }         \
+            }                                                                                   \
+        }                                                                                       \
+        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
+            double d = mean[c];                                                                 \
+            mean[c] = (double)x[c] + d / (double)n;                                             \
+            m2[c] -= d * d / (double)n;                                                         \
+        }                                                                                       \
+    }                                                                                           \
+    /* y = x * alpha + shift per channel, then max(y, 0) when relu. */                          \
+    static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
+                                const T* CNET_R alpha, const T* CNET_R shift, int relu) {       \
+        for (ptrdiff_t r = 0; r < n; r++) {                                                     \
+            const T* CNET_R xr = x + r * C;                                                     \
+            T* CNET_R yr = y + r * C;                                                           \
+            if (relu) {                                                                         \
+                for (ptrdiff_t c = 0; c < C; c++) {                                             \
+                    T v = xr[c] * alpha[c] + shift[c];                                          \
+                    yr[c] = v > (T)0 ? v : (T)0;                                                \
+                }                                                                               \
+            } else {                                                                            \
+                for (ptrdiff_t c = 0; c < C; c++)                                               \
+                    yr[c] = xr[c] * alpha[c] + shift[c];                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    /* sum(g) and sum(g * (x - mean)) per channel, g = dy masked by the fused ReLU;             \
+       mean in T (the caller corrects for its rounding); blocked like bn_moments.               \
+       The mask is recomputed from x with the forward's expression, so it matches               \
+       the forward bit for bit without keeping the output alive. */                             \
+    static void bn_grad_sums_##SFX(const T* CNET_R x, const T* CNET_R dy, ptrdiff_t n,          \
+                                   ptrdiff_t C, const T* CNET_R mean, const T* CNET_R alpha,    \
+                                   const T* CNET_R shift, int relu, double* CNET_R sdy,         \
+                                   double* CNET_R sdyx, T* CNET_R scratch) {                    \
+        for (ptrdiff_t c = 0; c < C; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }                      \
+        if (C % BN_W == 0 && C <= BN_REG_C) {                                                   \
+            for (ptrdiff_t c0 = 0; c0 < C; c0 += BN_W) {                                        \
+                VT mu[BN_W / L], al[BN_W / L], sh[BN_W / L];                                    \
+                for (int i = 0; i < BN_W / L; i++) {                                            \
+                    mu[i] = bn_ld_##SFX(mean + c0 + i * L);                                     \
+                    al[i] = bn_ld_##SFX(alpha + c0 + i * L);                                    \
+                    sh[i] = bn_ld_##SFX(shift + c0 + i * L);                                    \
+                }                                                                               \
+                for (ptrdiff_t r0 = 0; r0 < n; r0 += BN_BLOCK) {                                \
+                    ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                       \
+                    VT b1[BN_W / L] = {0}, b2[BN_W / L] = {0};                                  \
+                    T t1[BN_W], t2[BN_W];                                                       \
+                    for (ptrdiff_t r = r0; r < r1; r++) {                                       \
+                        for (int i = 0; i < BN_W / L; i++) {                                    \
+                            VT xv = bn_ld_##SFX(x + r * C + c0 + i * L);                        \
+                            VT g = bn_ld_##SFX(dy + r * C + c0 + i * L);                        \
+                            if (relu) g = (VT)((IVT)g & (IVT)(xv * al[i] + sh[i] > (T)0));      \
+                            b1[i] += g;                                                         \
+                            b2[i] += g * (xv - mu[i]);                                          \
+                        }                                                                       \
+                    }                                                                           \
+                    memcpy(t1, b1, sizeof t1);                                                  \
+                    memcpy(t2, b2, sizeof t2);                                                  \
+                    for (int w = 0; w < BN_W; w++) { sdy[c0 + w] += t1[w]; sdyx[c0 + w] += t2[w]; }\
+                }                                                                               \
+            }                                                                                   \
+        } else {                                                                                \
+            T* CNET_R b1 = scratch;                                                             \
+            T* CNET_R b2 = scratch + C;                                                         \
+            for (ptrdiff_t r0 = 0; r0 < n; r0 += BN_BLOCK) {                                    \
+                ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                           \
+                for (ptrdiff_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                     \
+                for (ptrdiff_t r = r0; r < r1; r++) {                                           \
+                    const T* CNET_R xr = x + r * C;                                             \
+                    const T* CNET_R gr = dy + r * C;                                            \
+                    if (relu) {                                                                 \
+                        for (ptrdiff_t c = 0; c < C; c++) {                                     \
+                            T v = xr[c] * alpha[c] + shift[c];                                  \
+                            T g = bn_mask_##SFX(gr[c], v > (T)0);                               \
+                            b1[c] += g;                                                         \
+                            b2[c] += g * (xr[c] - mean[c]);                                     \
+                        }                                                                       \
+                    } else {                                                                    \
+                        for (ptrdiff_t c = 0; c < C; c++) {                                     \
+                            b1[c] += gr[c];                                                     \
+                            b2[c] += gr[c] * (xr[c] - mean[c]);                                 \
+                        }                                                                       \
+                    }                                                                           \
+                }                                                                               \
+                for (ptrdiff_t c = 0; c < C; c++) { sdy[c] += b1[c]; sdyx[c] += b2[c]; }        \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    /* dx = a*g + k*(x - mean) + b per channel, g = dy masked by the fused ReLU. */             \
+    static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx, ptrdiff_t n,   \
+                            ptrdiff_t C, const T* CNET_R mean, const T* CNET_R a,               \
+                            const T* CNET_R k, const T* CNET_R b, const T* CNET_R alpha,        \
+                            const T* CNET_R shift, int relu) {                                  \
+        for (ptrdiff_t r = 0; r < n; r++) {                                                     \
+            const T* CNET_R xr = x + r * C;                                                     \
+            const T* CNET_R gr = dy + r * C;                                                    \
+            T* CNET_R dr = dx + r * C;                                                          \
+            if (relu) {                                                                         \
+                for (ptrdiff_t c = 0; c < C; c++) {                                             \
+                    T v = xr[c] * alpha[c] + shift[c];                                          \
+                    T g = bn_mask_##SFX(gr[c], v > (T)0);                                       \
+                    dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
+                }                                                                               \
+            } else {                                                                            \
+                for (ptrdiff_t c = 0; c < C; c++)                                               \
+                    dr[c] = a[c] * gr[c] + k[c] * (xr[c] - mean[c]) + b[c];                     \
+            }                                                                                   \
+        }                                                                                       \
     }
-    CNET_BN_CHUNK_KERNELS(float, int32_t, f)
-    CNET_BN_CHUNK_KERNELS(double, int64_t, d)
+    CNET_BN_CHUNK_KERNELS(float, int32_t, bn_vf, bn_vif, 4, f)
+    CNET_BN_CHUNK_KERNELS(double, int64_t, bn_vd, bn_vid, 2, d)
     """
-    void bn_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2) nogil
-    void bn_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2) nogil
+    void bn_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
+                      float* scratch) nogil
+    void bn_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
+                      double* scratch) nogil
     void bn_affine_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* alpha,
                      const float* shift, int relu) nogil
     void bn_affine_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* alpha,
                      const double* shift, int relu) nogil
     void bn_grad_sums_f(const float* x, const float* dy, Py_ssize_t n, Py_ssize_t C,
-                        const double* mean, const float* alpha, const float* shift, int relu,
-                        double* sdy, double* sdyx) nogil
+                        const float* mean, const float* alpha, const float* shift, int relu,
+                        double* sdy, double* sdyx, float* scratch) nogil
     void bn_grad_sums_d(const double* x, const double* dy, Py_ssize_t n, Py_ssize_t C,
                         const double* mean, const double* alpha, const double* shift, int relu,
-                        double* sdy, double* sdyx) nogil
+                        double* sdy, double* sdyx, double* scratch) nogil
     void bn_dx_f(const float* x, const float* dy, float* dx, Py_ssize_t n, Py_ssize_t C,
                  const float* mean, const float* a, const float* k, const float* b,
                  const float* alpha, const float* shift, int relu) nogil
@@ -195,11 +272,11 @@ cdef extern from *:
 
 
 cdef inline void _chunk_moments(const floating* x, Py_ssize_t n, Py_ssize_t C,
-                                double* mean, double* m2) noexcept nogil:
+                                double* mean, double* m2, floating* scratch) noexcept nogil:
     if floating is float:
-        bn_moments_f(x, n, C, mean, m2)
+        bn_moments_f(x, n, C, mean, m2, scratch)
     else:
-        bn_moments_d(x, n, C, mean, m2)
+        bn_moments_d(x, n, C, mean, m2, scratch)
 
 
 cdef inline void _chunk_affine(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t C,
@@ -212,13 +289,13 @@ cdef inline void _chunk_affine(const floating* x, floating* y, Py_ssize_t n, Py_
 
 
 cdef inline void _chunk_grad_sums(const floating* x, const floating* dy, Py_ssize_t n,
-                                  Py_ssize_t C, const double* mean, const floating* alpha,
+                                  Py_ssize_t C, const floating* mean, const floating* alpha,
                                   const floating* shift, bint relu, double* sdy,
-                                  double* sdyx) noexcept nogil:
+                                  double* sdyx, floating* scratch) noexcept nogil:
     if floating is float:
-        bn_grad_sums_f(x, dy, n, C, mean, alpha, shift, relu, sdy, sdyx)
+        bn_grad_sums_f(x, dy, n, C, mean, alpha, shift, relu, sdy, sdyx, scratch)
     else:
-        bn_grad_sums_d(x, dy, n, C, mean, alpha, shift, relu, sdy, sdyx)
+        bn_grad_sums_d(x, dy, n, C, mean, alpha, shift, relu, sdy, sdyx, scratch)
 
 
 cdef inline void _chunk_dx(const floating* x, const floating* dy, floating* dx, Py_ssize_t n,
@@ -302,7 +379,9 @@ def forward_train(floating[:, ::1] x, floating[:, ::1] y, weight, bias, double e
     cdef int nt = effective_threads(M * C, n_threads)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
-    cdef double* slots = _alloc_slots(2 * nchunks * Cp)
+    # Per chunk: first moment, second moment, 2*C scratch values in the dtype.
+    cdef Py_ssize_t S = 4 * Cp
+    cdef double* slots = _alloc_slots(nchunks * S)
     cdef Py_ssize_t j, r0, c
     cdef double na, nb, delta, var, mu, inv, al
     try:
@@ -310,15 +389,16 @@ def forward_train(floating[:, ::1] x, floating[:, ::1] y, weight, bias, double e
             for j in prange(nchunks, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_moments(xp + r0 * C, (M - r0) if M - r0 < rows else rows, C,
-                               slots + 2 * j * Cp, slots + (2 * j + 1) * Cp)
+                               slots + j * S, slots + j * S + Cp,
+                               <floating*>(slots + j * S + 2 * Cp))
             # Merge chunk moments serially, in chunk order (Chan et al.).
             for j in range(1, nchunks):
                 na = <double>(j * rows)
                 nb = <double>((M - j * rows) if M - j * rows < rows else rows)
                 for c in range(C):
-                    delta = slots[2 * j * Cp + c] - slots[c]
+                    delta = slots[j * S + c] - slots[c]
                     slots[c] = slots[c] + delta * (nb / (na + nb))
-                    slots[Cp + c] = (slots[Cp + c] + slots[(2 * j + 1) * Cp + c]
+                    slots[Cp + c] = (slots[Cp + c] + slots[j * S + Cp + c]
                                      + delta * delta * (na * nb / (na + nb)))
             for c in range(C):
                 mu = slots[c]
@@ -417,25 +497,31 @@ def backward(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] dx, weigh
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
     cdef floating* dxp = &dx[0, 0]
-    # slots: per-chunk sums, then 4 per-channel coefficient rows in the dtype.
-    cdef double* slots = _alloc_slots(2 * nchunks * Cp + 4 * Cp)
-    cdef floating* coef = <floating*>(slots + 2 * nchunks * Cp)
+    # slots: per chunk sum(g), sum(g * (x - mean)) and 2*C scratch values in the
+    # dtype; then 4 per-channel coefficient rows (mean first: the sums use it).
+    cdef Py_ssize_t S = 4 * Cp
+    cdef double* slots = _alloc_slots(nchunks * S + 4 * Cp)
+    cdef floating* coef = <floating*>(slots + nchunks * S)
     cdef Py_ssize_t j, r0, c
     cdef double sdy, sdyx, inv, a, k
     try:
         with nogil:
+            for c in range(C):
+                coef[c] = <floating>save_mean[c]
             for j in prange(nchunks, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_grad_sums(xp + r0 * C, dyp + r0 * C, (M - r0) if M - r0 < rows else rows,
-                                 C, &save_mean[0], &alpha[0], &shift[0], relu,
-                                 slots + 2 * j * Cp, slots + (2 * j + 1) * Cp)
+                                 C, coef, &alpha[0], &shift[0], relu,
+                                 slots + j * S, slots + j * S + Cp,
+                                 <floating*>(slots + j * S + 2 * Cp))
             for j in range(1, nchunks):
                 for c in range(C):
-                    slots[c] += slots[2 * j * Cp + c]
-                    slots[Cp + c] += slots[(2 * j + 1) * Cp + c]
+                    slots[c] += slots[j * S + c]
+                    slots[Cp + c] += slots[j * S + Cp + c]
             for c in range(C):
                 sdy = slots[c]
-                sdyx = slots[Cp + c]
+                # sum g*(x - mean) from the sums about the rounded mean: exact identity.
+                sdyx = slots[Cp + c] + (<double>coef[c] - save_mean[c]) * sdy
                 inv = save_invstd[c]
                 a = inv * w[c] if w != NULL else inv
                 k = -a * inv * inv * sdyx / M
@@ -443,7 +529,6 @@ def backward(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] dx, weigh
                     gw[c] = <floating>(gw[c] + sdyx * inv)
                 if gb != NULL:
                     gb[c] = <floating>(gb[c] + sdy)
-                coef[c] = <floating>save_mean[c]
                 coef[Cp + c] = <floating>a
                 coef[2 * Cp + c] = <floating>k
                 coef[3 * Cp + c] = <floating>(-a * sdy / M)
