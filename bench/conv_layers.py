@@ -4,7 +4,8 @@
 
 For each layer: the median over repeats of one training step (forward, then
 backward with the input gradient) for cnet (NHWC/HWIO) and for torch in NCHW
-and channels_last (the better of the two is the reference).  The ratio is
+and channels_last (the better of the two is the reference), timed in
+alternation so that load from other processes hits all three alike.  The ratio is
 cnet time / best torch time (lower is better, < 1 means cnet is faster).
 --profile splits cnet's time by kernel (summed over worker threads).
 """
@@ -31,18 +32,22 @@ LAYERS = {
 }
 
 
-def median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns, repeats, warmup=2):
+    """Median time of each callable, timed in alternation round by round, so
+    that load from other processes on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_cnet(spec, repeats):
+def cnet_step(spec):
     n, h, w, cin, cout, k, s, p, g = spec
     m = nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g, bias=False)
     x = np.random.default_rng(0).standard_normal((n, h, w, cin)).astype(np.float32)
@@ -51,28 +56,28 @@ def bench_cnet(spec, repeats):
     def step():
         m(x)
         m.backward(dy)
-    return median_time(step, repeats), m, x, dy
+    return step, m, x, dy
 
 
-def bench_torch(spec, repeats, threads):
+def torch_steps(spec, threads):
     import torch
     torch.set_num_threads(threads)
     n, h, w, cin, cout, k, s, p, g = spec
-    best = {}
-    for fmt in ("nchw", "channels_last"):
-        mf = torch.contiguous_format if fmt == "nchw" else torch.channels_last
+    steps = {}
+    for fmt in ("torch nchw", "torch cl"):
+        mf = torch.contiguous_format if fmt == "torch nchw" else torch.channels_last
         conv = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g, bias=False)
         conv = conv.to(memory_format=mf)
         x = torch.randn(n, cin, h, w).contiguous(memory_format=mf).requires_grad_()
         with torch.no_grad():
             dy = torch.randn_like(conv(x)).contiguous(memory_format=mf)
 
-        def step():
+        def step(conv=conv, x=x, dy=dy):
             x.grad = None
             conv.weight.grad = None
             conv(x).backward(dy)
-        best[fmt] = median_time(step, repeats)
-    return best
+        steps[fmt] = step
+    return steps
 
 
 class _Timed:
@@ -136,14 +141,17 @@ def main(argv=None):
     for name, spec in LAYERS.items():
         if args.only and args.only not in name:
             continue
-        t_cnet, m, x, dy = bench_cnet(spec, args.repeats)
+        step, m, x, dy = cnet_step(spec)
+        fns = {"cnet": step}
         if have_torch:
-            tt = bench_torch(spec, args.repeats, args.threads)
-            best = min(tt.values())
-            print(f"{name:36s} {t_cnet * 1e3:8.2f} {tt['nchw'] * 1e3:10.2f} "
-                  f"{tt['channels_last'] * 1e3:9.2f} {t_cnet / best:6.2f}")
+            fns.update(torch_steps(spec, args.threads))
+        t = interleaved_medians(fns, args.repeats)
+        if have_torch:
+            best = min(t["torch nchw"], t["torch cl"])
+            print(f"{name:36s} {t['cnet'] * 1e3:8.2f} {t['torch nchw'] * 1e3:10.2f} "
+                  f"{t['torch cl'] * 1e3:9.2f} {t['cnet'] / best:6.2f}")
         else:
-            print(f"{name:36s} {t_cnet * 1e3:8.2f}")
+            print(f"{name:36s} {t['cnet'] * 1e3:8.2f}")
         if args.profile:
             total, parts = profile_cnet(m, x, dy, max(3, args.repeats // 3))
             for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):

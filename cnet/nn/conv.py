@@ -1,25 +1,35 @@
-"""Conv2d and Linear: im2col + BLAS GEMM over NHWC activations and HWIO kernels.
+"""Conv2d and Linear over NHWC activations and HWIO kernels.
 
-How a convolution runs (see cnet_ext/_conv.pyx for the column layout):
+How a convolution runs (kernels in cnet_ext/_conv.pyx):
 
+- Few output channels (<= 32, in whole SIMD vectors, groups 1): a
+  register-blocked direct kernel computes the output, the weight gradient and,
+  at stride 1, the input gradient (a convolution of dy with the flipped kernel),
+  with no im2col at all.  Skinny GEMMs are where BLAS is weakest.
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
-- Otherwise the batch is processed in chunks of images: im2col of a chunk into
-  a cached column buffer small enough to stay in cache, then one GEMM straight
-  into the NHWC output.  Chunking also bounds memory (a full ResNet-20 stage-1
-  column matrix would be 75 MB per layer) and lets backward recompute the
-  columns from the saved input instead of keeping them.
+- Otherwise im2col of a chunk of images into a column buffer small enough to
+  stay in cache, then one GEMM straight into the NHWC output; backward
+  recomputes the chunk's columns from the saved input (a ResNet-20 stage-1
+  column matrix would be 75 MB per layer) and scatters the column gradient back
+  with a race-free gather (col2im).
 - Groups are one batched GEMM over a (G, M, K) x (G, K, C_out/G) stack: numpy's
   matmul hands every group to BLAS with strided views of the column buffer,
   the HWIO weight and the NHWC output, so nothing is copied or transposed.
 
-Workspaces (column buffers, the weight-gradient scratch) are allocated once
-per input shape and dtype and reused; outputs and input gradients are fresh
-arrays.  Training mode keeps a reference to the input for backward; eval mode
-keeps nothing.
+Threads: chunks of whole images are the unit of work.  Each worker thread runs
+a whole chunk (im2col, GEMMs with a one-thread BLAS, col2im) so a layer has one
+hand-off instead of several per chunk; see _run_tasks.  Chunking depends only
+on shapes, and weight gradients are summed per fixed stripe of chunks and then
+in stripe order, so results are bitwise the same for any thread count.
+
+Workspaces (column buffers, gradient slots) are allocated once per input shape
+and dtype and reused; outputs and input gradients are fresh arrays.  Training
+mode keeps a reference to the input for backward; eval mode keeps nothing.
 """
 import itertools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -45,14 +55,19 @@ _STRIPE_BYTES = 32 << 20
 _DIRECT_MAX_CHANNELS = 32
 
 _pool = None
+_pool_key = None
 
 
 def _executor(n_workers):
-    global _pool
-    if _pool is None or _pool._max_workers != n_workers:
-        if _pool is not None:
+    """The worker threads (one fewer than the thread count: the caller works too).
+    Rebuilt after a fork, whose child has the pool object but not its threads."""
+    global _pool, _pool_key
+    key = (n_workers, os.getpid())
+    if _pool_key != key:
+        if _pool is not None and _pool_key[1] == key[1]:
             _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="cnet-conv")
+        _pool_key = key
     return _pool
 
 
