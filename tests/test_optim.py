@@ -263,6 +263,10 @@ def test_add_param_group_and_errors():
         optim.SGD([Parameter(np.ones(2)), Parameter(np.ones(2, np.float32))], lr=0.1)
     with pytest.raises(ValueError, match="empty"):
         optim.SGD([], lr=0.1)
+    c = Parameter(np.ones(3))
+    c.grad = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="float32 grad"):
+        optim.SGD([c], lr=0.1)
 
 
 class TinyNet(Module):

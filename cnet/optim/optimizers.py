@@ -51,6 +51,10 @@ class _GroupState:
     """The memory layout and flat optimizer state of one parameter group."""
 
     def __init__(self, params, flatten):
+        for p in params:
+            if p.grad.dtype != p.data.dtype:
+                raise ValueError(f"optimizer: a parameter of shape {p.data.shape} has "
+                                 f"{p.data.dtype} data but a {p.grad.dtype} grad")
         dtypes = {p.data.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"optimizer: a parameter group mixes dtypes "
