@@ -2,13 +2,14 @@
 """Max, average and global average pooling over NHWC activations.
 
 Layout: x is (N, H, W, C) C-contiguous, so every spatial position is a unit-stride
-run of C channels; all inner loops run over channels and vectorise.
+run of C channels.  The row kernels (C, in _pool_impl.h) sweep window taps over
+a whole output row, so every inner loop runs over channels and vectorises.
 
 Forward kernels parallelise over output rows (n, oh): each output element is
 written by exactly one thread.  Backward kernels are written as *gathers*
 over input rows (n, ih): every input element sums the gradients of the
-windows that cover it, so there are no scatter races, no zeroing pass, and the
-summation order (windows in output order) is the same for any thread count.
+windows that cover it, so there are no scatter races and no atomics, and the
+summation order is fixed, hence the same for any thread count.
 
 Max pooling records the argmax as the flat spatial index ``ih * W + iw`` of
 the input image (PyTorch's ``return_indices`` convention), as int32.  The
@@ -40,73 +41,57 @@ def pool_output_size(Py_ssize_t size, Py_ssize_t kernel, Py_ssize_t stride,
     return out
 
 
-cdef inline Py_ssize_t _lo_window(Py_ssize_t i, Py_ssize_t pad, Py_ssize_t span,
-                                  Py_ssize_t stride) noexcept nogil:
-    """First output index whose window [o*s - pad, o*s - pad + span) covers input i."""
-    cdef Py_ssize_t a = i + pad - span + 1
-    if a <= 0:
-        return 0
-    return (a + stride - 1) // stride
+# The row kernels are C (multi-versioned for AVX2 / AVX-512): see _pool_impl.h.
+cdef extern from *:
+    """
+    #define T float
+    #define SFX f32
+    #include "_pool_impl.h"
+    #undef T
+    #undef SFX
+    #define T double
+    #define SFX f64
+    #include "_pool_impl.h"
+    #undef T
+    #undef SFX
+    """
+    void cnet_max_row_f32(const float*, float*, int*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t) noexcept nogil
+    void cnet_max_row_f64(const double*, double*, int*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t) noexcept nogil
+    void cnet_max_bwd_row_f32(const float*, const int*, float*, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t) noexcept nogil
+    void cnet_max_bwd_row_f64(const double*, const int*, double*, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t) noexcept nogil
+    void cnet_avg_row_f32(const float*, float*, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, int, Py_ssize_t) noexcept nogil
+    void cnet_avg_row_f64(const double*, double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                          Py_ssize_t, Py_ssize_t, Py_ssize_t, int, Py_ssize_t) noexcept nogil
+    void cnet_avg_bwd_row_f32(const float*, float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, int,
+                              Py_ssize_t) noexcept nogil
+    void cnet_avg_bwd_row_f64(const double*, double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, int,
+                              Py_ssize_t) noexcept nogil
+    void cnet_gap_image_f32(const float*, float*, Py_ssize_t, Py_ssize_t) noexcept nogil
+    void cnet_gap_image_f64(const double*, double*, Py_ssize_t, Py_ssize_t) noexcept nogil
+    void cnet_gap_bwd_rows_f32(const float*, float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               Py_ssize_t) noexcept nogil
+    void cnet_gap_bwd_rows_f64(const double*, double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               Py_ssize_t) noexcept nogil
 
 
 # -- max pooling --------------------------------------------------------------
-
-cdef void _max_row(const floating* x, floating* y, int* idx,
-                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW, Py_ssize_t oh,
-                   Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                   Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
-    """One output row (n, oh); x points at image n, y and idx at the row."""
-    cdef Py_ssize_t ow, i, j, c, ih, iw, h0, w0
-    cdef bint first
-    cdef int pos, im
-    cdef floating v, m
-    cdef const floating* xp
-    cdef floating* yp
-    cdef int* ip
-    h0 = oh * sh - ph
-    for ow in range(OW):
-        w0 = ow * sw - pw
-        yp = y + ow * C
-        ip = idx + ow * C
-        first = True
-        for i in range(kh):
-            ih = h0 + i * dh
-            if <size_t>ih >= <size_t>H:  # one compare tests 0 <= ih < H (Caffe's trick)
-                continue
-            for j in range(kw):
-                iw = w0 + j * dw
-                if <size_t>iw >= <size_t>W:
-                    continue
-                xp = x + (ih * W + iw) * C
-                pos = <int>(ih * W + iw)
-                if first:
-                    first = False
-                    for c in range(C):
-                        yp[c] = xp[c]
-                    if idx != NULL:
-                        for c in range(C):
-                            ip[c] = pos
-                elif idx != NULL:
-                    for c in range(C):
-                        # unconditional loads + selects: vectorises, no branches
-                        v = xp[c]
-                        m = yp[c]
-                        im = ip[c]
-                        yp[c] = v if (v > m or v != v) else m
-                        ip[c] = pos if (v > m or v != v) else im
-                else:
-                    for c in range(C):
-                        v = xp[c]
-                        m = yp[c]
-                        yp[c] = v if (v > m or v != v) else m
-        # a window entirely in padding cannot occur after the padding <= kernel/2
-        # check, but leave no uninitialised memory behind if it does
-        if first:
-            for c in range(C):
-                yp[c] = 0
-                if idx != NULL:
-                    ip[c] = -1
-
 
 cdef void _max_pool_fwd(const floating* x, floating* y, int* idx,
                         Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -115,51 +100,18 @@ cdef void _max_pool_fwd(const floating* x, floating* y, int* idx,
                         Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
                         int n_threads) noexcept nogil:
     cdef Py_ssize_t r, n, oh
+    cdef int* ir
     cdef int nt = effective_threads(N * OH * OW * C * kh * kw, n_threads)
     for r in prange(N * OH, nogil=True, schedule="static", num_threads=nt):
         n = r // OH
         oh = r - n * OH
-        _max_row(x + n * H * W * C, y + r * OW * C,
-                 (idx + r * OW * C) if idx != NULL else NULL,
-                 H, W, C, OW, oh, kh, kw, sh, sw, ph, pw, dh, dw)
-
-
-cdef void _max_bwd_row(const floating* g, const int* idx, floating* gx,
-                       Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW,
-                       Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                       Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                       Py_ssize_t dw) noexcept nogil:
-    """Gradient of input row (n, ih): g, idx point at image n, gx at the row.
-
-    The window ranges are those whose span covers the input position; the
-    recorded argmax decides (dilated windows that skip it never recorded it).
-    """
-    cdef Py_ssize_t iw, oh, ow, c, oh0, oh1, ow0, ow1
-    cdef int pos
-    cdef floating v
-    cdef floating* gp
-    cdef const floating* go
-    cdef const int* io
-    oh0 = _lo_window(ih, ph, (kh - 1) * dh + 1, sh)
-    oh1 = (ih + ph) // sh
-    if oh1 > OH - 1:
-        oh1 = OH - 1
-    for iw in range(W):
-        gp = gx + iw * C
-        pos = <int>(ih * W + iw)
-        for c in range(C):
-            gp[c] = 0
-        ow0 = _lo_window(iw, pw, (kw - 1) * dw + 1, sw)
-        ow1 = (iw + pw) // sw
-        if ow1 > OW - 1:
-            ow1 = OW - 1
-        for oh in range(oh0, oh1 + 1):
-            for ow in range(ow0, ow1 + 1):
-                go = g + (oh * OW + ow) * C
-                io = idx + (oh * OW + ow) * C
-                for c in range(C):
-                    v = go[c]  # unconditional load so the select vectorises
-                    gp[c] = gp[c] + (v if io[c] == pos else 0)
+        ir = (idx + r * OW * C) if idx != NULL else NULL
+        if floating is float:
+            cnet_max_row_f32(x + n * H * W * C, y + r * OW * C, ir, H, W, C, OW, oh,
+                             kh, kw, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_max_row_f64(x + n * H * W * C, y + r * OW * C, ir, H, W, C, OW, oh,
+                             kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 cdef void _max_pool_bwd(const floating* g, const int* idx, floating* gx,
@@ -173,81 +125,15 @@ cdef void _max_pool_bwd(const floating* g, const int* idx, floating* gx,
     for r in prange(N * H, nogil=True, schedule="static", num_threads=nt):
         n = r // H
         ih = r - n * H
-        _max_bwd_row(g + n * OH * OW * C, idx + n * OH * OW * C, gx + r * W * C,
-                     W, C, OH, OW, ih, kh, kw, sh, sw, ph, pw, dh, dw)
+        if floating is float:
+            cnet_max_bwd_row_f32(g + n * OH * OW * C, idx + n * OH * OW * C, gx + r * W * C,
+                                 W, C, OH, OW, ih, kh, kw, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_max_bwd_row_f64(g + n * OH * OW * C, idx + n * OH * OW * C, gx + r * W * C,
+                                 W, C, OH, OW, ih, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 # -- average pooling ----------------------------------------------------------
-
-cdef inline Py_ssize_t _avg_divisor(Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t H,
-                                    Py_ssize_t W, Py_ssize_t kh, Py_ssize_t kw,
-                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                                    Py_ssize_t pw, bint count_include_pad,
-                                    Py_ssize_t divisor_override) noexcept nogil:
-    """PyTorch's divide_factor: the window clipped to the padded input when
-    padding counts, else to the input itself; 0 for an empty window."""
-    cdef Py_ssize_t h0 = oh * sh - ph, w0 = ow * sw - pw
-    cdef Py_ssize_t h1 = h0 + kh, w1 = w0 + kw
-    if h1 > H + ph:
-        h1 = H + ph
-    if w1 > W + pw:
-        w1 = W + pw
-    cdef Py_ssize_t pool_size = (h1 - h0) * (w1 - w0)
-    if h0 < 0:
-        h0 = 0
-    if w0 < 0:
-        w0 = 0
-    if h1 > H:
-        h1 = H
-    if w1 > W:
-        w1 = W
-    if h0 >= h1 or w0 >= w1:
-        return 0
-    if divisor_override > 0:
-        return divisor_override
-    if count_include_pad:
-        return pool_size
-    return (h1 - h0) * (w1 - w0)
-
-
-cdef void _avg_row(const floating* x, floating* y, Py_ssize_t H, Py_ssize_t W,
-                   Py_ssize_t C, Py_ssize_t OW, Py_ssize_t oh, Py_ssize_t kh,
-                   Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                   Py_ssize_t pw, bint count_include_pad,
-                   Py_ssize_t divisor_override) noexcept nogil:
-    cdef Py_ssize_t ow, ih, iw, c, h0, h1, w0, w1, div
-    cdef floating d
-    cdef const floating* xp
-    cdef floating* yp
-    h0 = oh * sh - ph
-    h1 = h0 + kh
-    if h0 < 0:
-        h0 = 0
-    if h1 > H:
-        h1 = H
-    for ow in range(OW):
-        yp = y + ow * C
-        for c in range(C):
-            yp[c] = 0
-        div = _avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw, count_include_pad,
-                           divisor_override)
-        if div == 0:
-            continue
-        w0 = ow * sw - pw
-        w1 = w0 + kw
-        if w0 < 0:
-            w0 = 0
-        if w1 > W:
-            w1 = W
-        for ih in range(h0, h1):
-            for iw in range(w0, w1):
-                xp = x + (ih * W + iw) * C
-                for c in range(C):
-                    yp[c] = yp[c] + xp[c]
-        d = <floating>div
-        for c in range(C):
-            yp[c] = yp[c] / d
-
 
 cdef void _avg_pool_fwd(const floating* x, floating* y,
                         Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -260,41 +146,12 @@ cdef void _avg_pool_fwd(const floating* x, floating* y,
     for r in prange(N * OH, nogil=True, schedule="static", num_threads=nt):
         n = r // OH
         oh = r - n * OH
-        _avg_row(x + n * H * W * C, y + r * OW * C, H, W, C, OW, oh, kh, kw, sh, sw,
-                 ph, pw, count_include_pad, divisor_override)
-
-
-cdef void _avg_bwd_row(const floating* g, floating* gx, Py_ssize_t H, Py_ssize_t W,
-                       Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ih,
-                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                       Py_ssize_t ph, Py_ssize_t pw, bint count_include_pad,
-                       Py_ssize_t divisor_override) noexcept nogil:
-    cdef Py_ssize_t iw, oh, ow, c, oh0, oh1, ow0, ow1, div
-    cdef floating d
-    cdef floating* gp
-    cdef const floating* go
-    oh0 = _lo_window(ih, ph, kh, sh)
-    oh1 = (ih + ph) // sh
-    if oh1 > OH - 1:
-        oh1 = OH - 1
-    for iw in range(W):
-        gp = gx + iw * C
-        for c in range(C):
-            gp[c] = 0
-        ow0 = _lo_window(iw, pw, kw, sw)
-        ow1 = (iw + pw) // sw
-        if ow1 > OW - 1:
-            ow1 = OW - 1
-        for oh in range(oh0, oh1 + 1):
-            for ow in range(ow0, ow1 + 1):
-                div = _avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw,
-                                   count_include_pad, divisor_override)
-                if div == 0:
-                    continue
-                d = <floating>div
-                go = g + (oh * OW + ow) * C
-                for c in range(C):
-                    gp[c] = gp[c] + go[c] / d
+        if floating is float:
+            cnet_avg_row_f32(x + n * H * W * C, y + r * OW * C, H, W, C, OW, oh, kh, kw,
+                             sh, sw, ph, pw, count_include_pad, divisor_override)
+        else:
+            cnet_avg_row_f64(x + n * H * W * C, y + r * OW * C, H, W, C, OW, oh, kh, kw,
+                             sh, sw, ph, pw, count_include_pad, divisor_override)
 
 
 cdef void _avg_pool_bwd(const floating* g, floating* gx,
@@ -308,44 +165,36 @@ cdef void _avg_pool_bwd(const floating* g, floating* gx,
     for r in prange(N * H, nogil=True, schedule="static", num_threads=nt):
         n = r // H
         ih = r - n * H
-        _avg_bwd_row(g + n * OH * OW * C, gx + r * W * C, H, W, C, OH, OW, ih, kh, kw,
-                     sh, sw, ph, pw, count_include_pad, divisor_override)
+        if floating is float:
+            cnet_avg_bwd_row_f32(g + n * OH * OW * C, gx + r * W * C, H, W, C, OH, OW, ih,
+                                 kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override)
+        else:
+            cnet_avg_bwd_row_f64(g + n * OH * OW * C, gx + r * W * C, H, W, C, OH, OW, ih,
+                                 kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override)
 
 
 # -- global average pooling ---------------------------------------------------
 
 cdef void _gap_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t HW,
                    Py_ssize_t C, int n_threads) noexcept nogil:
-    cdef Py_ssize_t n, p, c
-    cdef floating* yp
-    cdef const floating* xp
-    cdef floating d = <floating>HW
+    cdef Py_ssize_t n
     cdef int nt = effective_threads(N * HW * C, n_threads)
     for n in prange(N, nogil=True, schedule="static", num_threads=nt):
-        yp = y + n * C
-        for c in range(C):
-            yp[c] = 0
-        for p in range(HW):
-            xp = x + (n * HW + p) * C
-            for c in range(C):
-                yp[c] = yp[c] + xp[c]
-        for c in range(C):
-            yp[c] = yp[c] / d
+        if floating is float:
+            cnet_gap_image_f32(x + n * HW * C, y + n * C, HW, C)
+        else:
+            cnet_gap_image_f64(x + n * HW * C, y + n * C, HW, C)
 
 
 cdef void _gap_bwd(const floating* g, floating* gx, Py_ssize_t N, Py_ssize_t HW,
                    Py_ssize_t C, int n_threads) noexcept nogil:
-    cdef Py_ssize_t r, n, c
-    cdef floating* gp
-    cdef const floating* go
-    cdef floating d = <floating>HW
+    cdef Py_ssize_t n
     cdef int nt = effective_threads(N * HW * C, n_threads)
-    for r in prange(N * HW, nogil=True, schedule="static", num_threads=nt):
-        n = r // HW
-        gp = gx + r * C
-        go = g + n * C
-        for c in range(C):
-            gp[c] = go[c] / d
+    for n in prange(N, nogil=True, schedule="static", num_threads=nt):
+        if floating is float:
+            cnet_gap_bwd_rows_f32(g, gx, n * HW, (n + 1) * HW, HW, C)
+        else:
+            cnet_gap_bwd_rows_f64(g, gx, n * HW, (n + 1) * HW, HW, C)
 
 
 # -- Python-facing wrappers ---------------------------------------------------

@@ -1,0 +1,266 @@
+/* Pooling row kernels over NHWC, written once and instantiated per element type.
+ *
+ * _pool.pyx includes this file twice, with T and SFX defined for float and
+ * double, and drives the rows with OpenMP (see there).  Every inner loop runs
+ * over the C channels of one spatial position (unit stride); with 16-64
+ * channels the loop overhead per position matters as much as the lanes, so
+ * GCC builds baseline, AVX2 and AVX-512 clones and picks one at load time (a
+ * wheel still runs on any x86-64).  Selects load both operands
+ * unconditionally so they compile to blends, never to branches.
+ */
+
+#ifndef CNET_POOL_COMMON
+#define CNET_POOL_COMMON
+#include <math.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#define CNET_POOL_MV __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define CNET_POOL_MV
+#endif
+#define CNET_POOL_CAT_(a, b) a##b
+#define CNET_POOL_CAT(a, b) CNET_POOL_CAT_(a, b)
+
+/* First output index whose window [o*s - pad, o*s - pad + span) covers input i. */
+static inline Py_ssize_t cnet_lo_window(Py_ssize_t i, Py_ssize_t pad, Py_ssize_t span,
+                                        Py_ssize_t stride)
+{
+    Py_ssize_t a = i + pad - span + 1;
+    return a <= 0 ? 0 : (a + stride - 1) / stride;
+}
+
+/* Last output index (clipped to out - 1) whose window starts at or before input i. */
+static inline Py_ssize_t cnet_hi_window(Py_ssize_t i, Py_ssize_t pad, Py_ssize_t stride,
+                                        Py_ssize_t out)
+{
+    Py_ssize_t o = (i + pad) / stride;
+    return o > out - 1 ? out - 1 : o;
+}
+
+/* PyTorch's avg-pool divide_factor: the window clipped to the padded input when
+ * padding counts, else to the input itself; 0 for an empty window. */
+static inline Py_ssize_t cnet_avg_divisor(Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t H, Py_ssize_t W,
+                                          Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                                          Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                          int count_include_pad, Py_ssize_t divisor_override)
+{
+    Py_ssize_t h0 = oh * sh - ph, w0 = ow * sw - pw;
+    Py_ssize_t h1 = h0 + kh, w1 = w0 + kw;
+    if (h1 > H + ph) h1 = H + ph;
+    if (w1 > W + pw) w1 = W + pw;
+    Py_ssize_t pool_size = (h1 - h0) * (w1 - w0);
+    if (h0 < 0) h0 = 0;
+    if (w0 < 0) w0 = 0;
+    if (h1 > H) h1 = H;
+    if (w1 > W) w1 = W;
+    if (h0 >= h1 || w0 >= w1) return 0;
+    if (divisor_override > 0) return divisor_override;
+    return count_include_pad ? pool_size : (h1 - h0) * (w1 - w0);
+}
+
+/* Output columns ow in [*lo, *hi) whose tap at offset `off` (iw = ow * s + off)
+ * lies inside [0, n). */
+static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, Py_ssize_t out,
+                                    Py_ssize_t *lo, Py_ssize_t *hi)
+{
+    Py_ssize_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+    Py_ssize_t b = n - 1 - off < 0 ? 0 : (n - 1 - off) / s + 1;
+    *lo = a;
+    *hi = b < out ? b : out;
+}
+#endif
+
+#define CNET_POOL_FN(name) CNET_POOL_CAT(name, SFX)
+
+/* Max pooling, output row (n, oh): x points at image n, y and idx (or NULL) at
+ * the row.  Tap-major order: the row's OW * C accumulators (a few KB, in L1)
+ * start at -inf, then each of the kh * kw taps sweeps all windows with a
+ * unit-stride channel loop.  Sweeping taps rather than windows keeps the
+ * loops long and free of per-window bookkeeping, which dominates when C is as
+ * small as 16.  PyTorch's rule: take `v > m || isnan(v)` in window order, so
+ * NaNs propagate and ties keep the first position; idx starts at the first
+ * valid position (ih * W + iw), as torch's does, and is -1 for a window with
+ * no tap inside the input. */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_max_row_)(
+    const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+    Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+    Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
+{
+    const Py_ssize_t h0 = oh * sh - ph;
+    Py_ssize_t i0 = 0, i1 = 0, lo, hi;
+    cnet_tap_columns(h0, dh, H, kh, &i0, &i1);  /* taps i with 0 <= h0 + i * dh < H */
+    for (Py_ssize_t k = 0; k < OW * C; k++) y[k] = -(T)INFINITY;
+    if (idx) {
+        for (Py_ssize_t ow = 0; ow < OW; ow++) {
+            Py_ssize_t j0, j1, w0 = ow * sw - pw;
+            cnet_tap_columns(w0, dw, W, kw, &j0, &j1);
+            const int pos0 = (i0 < i1 && j0 < j1) ? (int)((h0 + i0 * dh) * W + w0 + j0 * dw) : -1;
+            int *ip = idx + ow * C;
+            for (Py_ssize_t c = 0; c < C; c++) ip[c] = pos0;
+        }
+    }
+    for (Py_ssize_t i = i0; i < i1; i++) {
+        const Py_ssize_t ih = h0 + i * dh;
+        for (Py_ssize_t j = 0; j < kw; j++) {
+            const Py_ssize_t off = j * dw - pw;
+            cnet_tap_columns(off, sw, W, OW, &lo, &hi);
+            for (Py_ssize_t ow = lo; ow < hi; ow++) {
+                const Py_ssize_t iw = ow * sw + off;
+                const T *xp = x + (ih * W + iw) * C;
+                T *yp = y + ow * C;
+                if (idx) {
+                    int *ip = idx + ow * C;
+                    const int pos = (int)(ih * W + iw);
+#pragma omp simd
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        const T v = xp[c], m = yp[c];
+                        const int im = ip[c];
+                        const int take = (v > m) | (v != v);
+                        yp[c] = take ? v : m;
+                        ip[c] = take ? pos : im;
+                    }
+                } else {
+#pragma omp simd
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        const T v = xp[c], m = yp[c];
+                        yp[c] = ((v > m) | (v != v)) ? v : m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Max pooling backward as a gather, input row (n, ih): g and idx point at image
+ * n, gx at the row.  For each output row oh whose window has a tap on ih, each
+ * column tap j sweeps the windows and adds g where the recorded argmax is the
+ * tapped position.  Each input element is written by one thread only (no races,
+ * no atomics); it sums its windows in a fixed order (oh, then j, then ow). */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_max_bwd_row_)(
+    const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+    Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
+{
+    const Py_ssize_t oh0 = cnet_lo_window(ih, ph, (kh - 1) * dh + 1, sh);
+    const Py_ssize_t oh1 = cnet_hi_window(ih, ph, sh, OH);
+    Py_ssize_t lo, hi;
+    for (Py_ssize_t k = 0; k < W * C; k++) gx[k] = (T)0;
+    for (Py_ssize_t oh = oh0; oh <= oh1; oh++) {
+        if ((ih + ph - oh * sh) % dh) continue;  /* a dilated window skips this row */
+        const T *grow = g + oh * OW * C;
+        const int *irow = idx + oh * OW * C;
+        for (Py_ssize_t j = 0; j < kw; j++) {
+            const Py_ssize_t off = j * dw - pw;
+            cnet_tap_columns(off, sw, W, OW, &lo, &hi);
+            for (Py_ssize_t ow = lo; ow < hi; ow++) {
+                const Py_ssize_t iw = ow * sw + off;
+                const int pos = (int)(ih * W + iw);
+                const T *go = grow + ow * C;
+                const int *io = irow + ow * C;
+                T *gp = gx + iw * C;
+#pragma omp simd
+                for (Py_ssize_t c = 0; c < C; c++) {
+                    const T v = go[c];
+                    gp[c] += io[c] == pos ? v : (T)0;
+                }
+            }
+        }
+    }
+}
+
+/* Average pooling, output row (n, oh), tap-major as max pooling: zero the row,
+ * add each tap (window order, so each window sums in the same order as a
+ * window-by-window loop), then divide by PyTorch's divisor. */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_avg_row_)(
+    const T *x, T *y, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+    Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+    Py_ssize_t ph, Py_ssize_t pw, int count_include_pad, Py_ssize_t divisor_override)
+{
+    const Py_ssize_t h0 = oh * sh - ph;
+    Py_ssize_t i0, i1, lo, hi;
+    cnet_tap_columns(h0, 1, H, kh, &i0, &i1);
+    for (Py_ssize_t k = 0; k < OW * C; k++) y[k] = (T)0;
+    for (Py_ssize_t i = i0; i < i1; i++) {
+        const T *xrow = x + (h0 + i) * W * C;
+        for (Py_ssize_t j = 0; j < kw; j++) {
+            const Py_ssize_t off = j - pw;
+            cnet_tap_columns(off, sw, W, OW, &lo, &hi);
+            for (Py_ssize_t ow = lo; ow < hi; ow++) {
+                const T *xp = xrow + (ow * sw + off) * C;
+                T *yp = y + ow * C;
+#pragma omp simd
+                for (Py_ssize_t c = 0; c < C; c++) yp[c] += xp[c];
+            }
+        }
+    }
+    for (Py_ssize_t ow = 0; ow < OW; ow++) {
+        const Py_ssize_t div = cnet_avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw,
+                                                count_include_pad, divisor_override);
+        if (div == 0) continue;  /* an empty window stays 0, as torch's */
+        const T d = (T)div;  /* divide, as torch does (not a multiply by 1/d) */
+        T *yp = y + ow * C;
+#pragma omp simd
+        for (Py_ssize_t c = 0; c < C; c++) yp[c] = yp[c] / d;
+    }
+}
+
+/* Average pooling backward as a gather, input row (n, ih): each input element
+ * sums g / divisor over the windows that cover it (fixed order: oh, then tap j). */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_avg_bwd_row_)(
+    const T *g, T *gx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+    Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int count_include_pad,
+    Py_ssize_t divisor_override)
+{
+    const Py_ssize_t oh0 = cnet_lo_window(ih, ph, kh, sh);
+    const Py_ssize_t oh1 = cnet_hi_window(ih, ph, sh, OH);
+    Py_ssize_t lo, hi;
+    for (Py_ssize_t k = 0; k < W * C; k++) gx[k] = (T)0;
+    for (Py_ssize_t oh = oh0; oh <= oh1; oh++) {
+        const T *grow = g + oh * OW * C;
+        for (Py_ssize_t j = 0; j < kw; j++) {
+            const Py_ssize_t off = j - pw;
+            cnet_tap_columns(off, sw, W, OW, &lo, &hi);
+            for (Py_ssize_t ow = lo; ow < hi; ow++) {
+                const Py_ssize_t div = cnet_avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw,
+                                                        count_include_pad, divisor_override);
+                if (div == 0) continue;
+                const T d = (T)div;
+                const T *go = grow + ow * C;
+                T *gp = gx + (ow * sw + off) * C;
+#pragma omp simd
+                for (Py_ssize_t c = 0; c < C; c++) gp[c] += go[c] / d;
+            }
+        }
+    }
+}
+
+/* Global average pooling of one image: y[c] = sum_p x[p, c] / HW. */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_gap_image_)(const T *x, T *y, Py_ssize_t HW, Py_ssize_t C)
+{
+#pragma omp simd
+    for (Py_ssize_t c = 0; c < C; c++) y[c] = (T)0;
+    for (Py_ssize_t p = 0; p < HW; p++) {
+        const T *xp = x + p * C;
+#pragma omp simd
+        for (Py_ssize_t c = 0; c < C; c++) y[c] += xp[c];
+    }
+    const T d = (T)HW;
+#pragma omp simd
+    for (Py_ssize_t c = 0; c < C; c++) y[c] = y[c] / d;
+}
+
+/* Global average pooling backward for rows [r0, r1) of the (N*HW, C) input
+ * gradient: gx[r, c] = g[r / HW, c] / HW. */
+CNET_POOL_MV static void CNET_POOL_FN(cnet_gap_bwd_rows_)(const T *g, T *gx, Py_ssize_t r0,
+                                                 Py_ssize_t r1, Py_ssize_t HW, Py_ssize_t C)
+{
+    const T d = (T)HW;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const T *go = g + (r / HW) * C;
+        T *gp = gx + r * C;
+#pragma omp simd
+        for (Py_ssize_t c = 0; c < C; c++) gp[c] = go[c] / d;
+    }
+}
+
+#undef CNET_POOL_FN
