@@ -1,0 +1,145 @@
+"""The machine's measured sgemm ceiling: np.matmul float32 GFLOP/s.
+
+    python bench/gemm_ceiling.py [--threads 1,2] [--repeats 7] [--json out.json]
+
+Square 1024 and 2048 products, and the skinny shapes that convolutions hand to
+BLAS (im2col GEMMs of the benchmarked models: a whole layer and a one-image
+chunk as cnet's Conv2d runs them, the weight-gradient product with its long
+inner dimension, a grouped layer's per-group product), at each thread count,
+with numpy's BLAS pool limited by threadpoolctl.  "2x1" is two Python threads
+each running its own products with a one-thread BLAS: how cnet's Conv2d uses
+two cores (chunk-parallel workers), so that column is the ceiling of that design.
+
+GFLOP/s = 2*M*K*N / median time.  throughput.py calls ``ceiling()`` between
+models so every model's GFLOP/s is compared with a ceiling measured in the same
+run, under the same load.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, format_machine, median, table  # noqa: E402
+
+# label -> (M, K, N, batch of independent products)
+SHAPES = {
+    "square 1024": (1024, 1024, 1024, 1),
+    "square 2048": (2048, 2048, 2048, 1),
+    "resnet20 3x3 16->16, 1 image (1024x144x16)": (1024, 144, 16, 1),
+    "resnet20 3x3 16->16, batch 128 (131072x144x16)": (131072, 144, 16, 1),
+    "resnet20 3x3 64->64, batch 128 (8192x576x64)": (8192, 576, 64, 1),
+    "resnet20 wgrad 16->16 (144x131072x16)": (144, 131072, 16, 1),
+    "vgg11 3x3 256->256 @8x8, batch 64 (4096x2304x256)": (4096, 2304, 256, 1),
+    "vgg11 3x3 64->128 @16x16, 1 image (256x576x128)": (256, 576, 128, 1),
+    "resnext 1x1 256->128, batch 64 (65536x256x128)": (65536, 256, 128, 1),
+    "resnext 3x3 g8 128 (8 x 65536x144x16)": (65536, 144, 16, 8),
+    "lenet fc1 (256x400x120)": (256, 400, 120, 1),
+}
+
+_controller = None
+
+
+def _blas_limit(n):
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+        _controller = ThreadpoolController()
+    _controller.limit(limits=n, user_api="blas")
+
+
+def _operands(m, k, n, g, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((g, m, k), dtype=np.float32)
+    b = rng.standard_normal((g, k, n), dtype=np.float32)
+    return a, b, np.empty((g, m, n), np.float32)
+
+
+def sgemm_gflops(m, k, n, threads, repeats=7, groups=1, min_seconds=0.05):
+    """Median GFLOP/s of ``np.matmul`` of a (groups, m, k) by (groups, k, n) float32
+    stack with BLAS on ``threads`` threads.  One timed sample repeats the product
+    until it lasts ``min_seconds`` (tiny shapes)."""
+    a, b, c = _operands(m, k, n, groups)
+    flops = 2.0 * m * k * n * groups
+    _blas_limit(threads)
+    np.matmul(a, b, out=c)                         # warm-up (BLAS buffers, pages)
+    t0 = time.perf_counter()
+    np.matmul(a, b, out=c)
+    inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            np.matmul(a, b, out=c)
+        samples.append(flops * inner / (time.perf_counter() - t0) / 1e9)
+    return median(samples)
+
+
+def sgemm_gflops_workers(m, k, n, workers, repeats=7, groups=1, min_seconds=0.05):
+    """Aggregate GFLOP/s of ``workers`` Python threads each running its own
+    product with a one-thread BLAS (cnet's chunk-parallel convolution)."""
+    ops = [_operands(m, k, n, groups, seed) for seed in range(workers)]
+    flops = 2.0 * m * k * n * groups
+    _blas_limit(1)
+    for a, b, c in ops:
+        np.matmul(a, b, out=c)
+    t0 = time.perf_counter()
+    np.matmul(*ops[0][:2], out=ops[0][2])
+    inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
+
+    def run(i):
+        a, b, c = ops[i]
+        for _ in range(inner):
+            np.matmul(a, b, out=c)
+
+    samples = []
+    with ThreadPoolExecutor(workers) as ex:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(ex.map(run, range(workers)))
+            samples.append(flops * inner * workers / (time.perf_counter() - t0) / 1e9)
+    return median(samples)
+
+
+def ceiling(threads, repeats=5):
+    """The reference ceiling at ``threads``: square 2048 sgemm GFLOP/s."""
+    m, k, n, g = SHAPES["square 2048"]
+    return sgemm_gflops(m, k, n, threads, repeats, g)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--shapes", default="", help="substring filter on shape labels")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    info = machine_info()
+    print(format_machine(info))
+    results = {}
+    for label, (m, k, n, g) in SHAPES.items():
+        if args.shapes and args.shapes not in label:
+            continue
+        r = {f"{t}": sgemm_gflops(m, k, n, t, args.repeats, g) for t in threads}
+        if max(threads) > 1:
+            r[f"{max(threads)}x1"] = sgemm_gflops_workers(m, k, n, max(threads), args.repeats, g)
+        results[label] = r
+        print(f"  {label:52s} " + "  ".join(f"{c}: {v:7.1f}" for c, v in r.items()), flush=True)
+    cols = list(next(iter(results.values())).keys()) if results else []
+    print()
+    print(table(["shape (M x K x N)"] + [f"GFLOP/s {c} thr" for c in cols],
+                [[label] + [f"{r[c]:.1f}" for c in cols] for label, r in results.items()]))
+    info["loadavg_end"] = os.getloadavg()
+    print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in info['loadavg_end'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "gflops": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Training and inference throughput of cnet models, against PyTorch in the same run.
+
+    python bench/throughput.py [--models resnet20,lenet5] [--threads 1,2]
+                               [--repeats 9] [--quick] [--no-torch] [--json out.json]
+
+For every model (bench/common.py MODELS), thread count and mode (train: forward,
+cross-entropy loss, backward, SGD momentum step; infer: eval-mode forward), the
+suite runs one worker process per framework: cnet, and with torch installed
+the identical network in torch (bench/_torch_models.py: same layer shapes,
+float32, torch.set_num_threads equal to cnet's) in NCHW and in channels_last.
+
+How it measures:
+- Each worker builds its model and batch once, runs warm-up steps, then the
+  parent interleaves the frameworks in rounds (cnet, torch NCHW, torch CL, then
+  the next round in rotated order), so load changes on this shared machine hit
+  all of them; the time of a configuration is the median over its timed
+  iterations (each iteration timed on its own; --repeats per framework, fewer
+  for slow models: at most --budget seconds of timed iterations each).
+- The ratio is cnet speed / torch speed against torch's FASTER layout, so > 1
+  means cnet is faster.
+- GFLOP/s from cnet.summary's forward FLOPs (training counts 3x forward:
+  forward, input gradient, weight gradient).  "%sgemm" divides it by the square
+  2048 sgemm GFLOP/s at the same thread count, measured by this run between
+  models (bench/gemm_ceiling.py).
+- Peak memory: each worker is its own process; after its imports it resets the
+  kernel's peak-RSS mark (Linux clear_refs) and reads its RSS; the reported
+  figure is the peak RSS (VmHWM) after all its iterations minus that baseline:
+  model, gradients, optimizer state, the batch, activations and workspaces,
+  counted the same way for both frameworks.
+- Worker processes, not threads: cnet sets OMP_WAIT_POLICY=PASSIVE at import
+  (its design choice) and that would also slow torch's OpenMP runtime, so a
+  torch worker never imports cnet and gets the environment without it.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+from common import MODELS, Worker, machine_info, format_machine, median, spread, table  # noqa: E402
+
+FRAMEWORKS = ("cnet", "torch_nchw", "torch_cl")
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+# -- worker side ------------------------------------------------------------------------
+
+def _cnet_worker(cfg):
+    import numpy as np
+    import cnet
+    from cnet import nn, optim
+    from _torch_models import spec_from_cnet
+
+    cnet.set_num_threads(cfg["threads"])
+    cnet.manual_seed(0)
+    base = common.reset_peak_rss()
+    model, shape, batch, classes = common.build_cnet_model(cfg["model"], cfg.get("batch"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch,) + shape, dtype=np.float32)
+    y = rng.integers(0, classes, batch)
+    if cfg["mode"] == "train":
+        model.train()
+        loss_fn = nn.CrossEntropyLoss()
+        opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+        def step():
+            logits = model(x)
+            loss_fn(logits, y)
+            opt.zero_grad()
+            model.backward(loss_fn.backward())
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            model(x)
+    state = {"model": model, "shape": shape, "batch": batch}
+    ready = {"spec": spec_from_cnet(model), "batch": batch, "input": list(shape),
+             "classes": classes}
+    return step, base, ready, state
+
+
+def _cnet_finish(state):
+    import cnet
+    s = cnet.summary(state["model"], state["shape"], verbose=False)
+    return {"flops_per_sample": s["flops"], "params": s["total_params"]}
+
+
+def _torch_worker(cfg):
+    import torch
+    import torch.nn.functional as F
+    from _torch_models import build_torch
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    base = common.reset_peak_rss()
+    model = build_torch(cfg["spec"])
+    h, w, c = cfg["input"]
+    batch = cfg["batch"]
+    x = torch.randn(batch, c, h, w)
+    y = torch.randint(0, cfg["classes"], (batch,))
+    if cfg["framework"] == "torch_cl":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg["mode"] == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                              weight_decay=WEIGHT_DECAY)
+
+        def step():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    return step, base, {}, {}
+
+
+def worker_main(cfg):
+    import time as _time
+    if cfg["framework"] == "cnet":
+        step, base, ready, state = _cnet_worker(cfg)
+    else:
+        step, base, ready, state = _torch_worker(cfg)
+
+    def handle(cmd):
+        if "run" in cmd:
+            times = []
+            for _ in range(cmd["run"]):
+                t0 = _time.perf_counter()
+                step()
+                times.append(_time.perf_counter() - t0)
+            return {"times": times}
+        if cmd.get("quit"):
+            reply = {"peak_kb": common.peak_rss_kb() - base, "base_kb": base}
+            if cfg["framework"] == "cnet":
+                reply.update(_cnet_finish(state))
+            return reply
+        if cmd.get("hello"):
+            return ready
+        raise ValueError(f"unknown command {cmd}")
+
+    common.serve(handle)
+
+
+# -- parent side ------------------------------------------------------------------------
+
+def run_config(model, threads, mode, frameworks, args, log):
+    """Interleaved measurement of one (model, threads, mode) for all frameworks."""
+    script = os.path.abspath(__file__)
+    base_cfg = {"model": model, "threads": threads, "mode": mode, "batch": args.batch}
+    workers = {}
+    try:
+        workers["cnet"] = Worker(script, dict(base_cfg, framework="cnet"))
+        ready = workers["cnet"].call(hello=True)
+        for fw in frameworks[1:]:
+            cfg = dict(base_cfg, framework=fw, spec=ready["spec"], input=ready["input"],
+                       batch=ready["batch"], classes=ready["classes"])
+            workers[fw] = Worker(script, cfg, env=common.torch_env())
+        for fw in frameworks[1:]:
+            workers[fw].call(hello=True)
+        # Warm-up: the first iteration allocates workspaces; one more unless slow.
+        first = {}
+        for fw in frameworks:
+            t = workers[fw].call(run=1)["times"][0]
+            first[fw] = t
+            if t < args.slow:
+                workers[fw].call(run=1)
+        # Repeats: as asked, but at most `budget` seconds of timed steps each.
+        slowest = max(first.values())
+        repeats = max(args.min_repeats, min(args.repeats, int(args.budget / max(slowest, 1e-9))))
+        rounds = min(args.rounds, repeats)
+        per_round = math.ceil(repeats / rounds)
+        times = {fw: [] for fw in frameworks}
+        load = [os.getloadavg()[0]]
+        for r in range(rounds):
+            order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
+            for fw in order:
+                times[fw] += workers[fw].call(run=per_round)["times"]
+            load.append(os.getloadavg()[0])
+        result = {"model": model, "threads": threads, "mode": mode, "repeats": len(times["cnet"]),
+                  "loadavg": [min(load), max(load)], "frameworks": {}}
+        for fw in frameworks:
+            fin = workers[fw].call(quit=True)
+            result["frameworks"][fw] = {"times": times[fw], "median_s": median(times[fw]),
+                                        "spread": spread(times[fw]), "peak_mb": fin["peak_kb"] / 1024}
+            if fw == "cnet":
+                result["flops_per_sample"] = fin["flops_per_sample"]
+                result["params"] = fin["params"]
+        result["batch"] = ready["batch"]
+        return result
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def derive(r, ceilings):
+    """Images/s, GFLOP/s, %sgemm, ratios for one result (in place)."""
+    batch = r["batch"]
+    flops = r["flops_per_sample"] * batch * (3 if r["mode"] == "train" else 1)
+    for fw, d in r["frameworks"].items():
+        t = d["median_s"]
+        d["images_per_s"] = batch / t
+        d["gflops"] = flops / t / 1e9
+    ceil = ceilings.get(r["threads"])
+    c = r["frameworks"]["cnet"]
+    c["pct_sgemm"] = 100 * c["gflops"] / ceil if ceil else None
+    torch_fw = [fw for fw in r["frameworks"] if fw != "cnet"]
+    if torch_fw:
+        best = min(torch_fw, key=lambda fw: r["frameworks"][fw]["median_s"])
+        tb = r["frameworks"][best]
+        r["torch_best"] = best
+        r["speed_ratio"] = tb["median_s"] / c["median_s"]
+        r["mem_ratio"] = c["peak_mb"] / tb["peak_mb"] if tb["peak_mb"] > 0 else None
+        r["frameworks"][best]["pct_sgemm"] = 100 * tb["gflops"] / ceil if ceil else None
+    return r
+
+
+def _f(v, fmt):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def report(results, ceilings, have_torch):
+    lines = []
+    header = ["model", "thr", "mode", "cnet ms", "cnet img/s", "cnet GFLOP/s", "%sgemm",
+              "cnet MB", "iqr"]
+    if have_torch:
+        header += ["torch NCHW ms", "torch CL ms", "torch img/s", "torch %sgemm", "torch MB",
+                   "speed vs torch", "mem vs torch"]
+    header += ["n", "load"]
+    rows = []
+    for r in results:
+        c = r["frameworks"]["cnet"]
+        row = [r["model"], r["threads"], r["mode"], _f(c["median_s"] * 1e3, ".1f"),
+               _f(c["images_per_s"], ".0f"), _f(c["gflops"], ".1f"), _f(c["pct_sgemm"], ".0f"),
+               _f(c["peak_mb"], ".0f"), _f(c["spread"], ".0%")]
+        if have_torch:
+            fws = r["frameworks"]
+            tb = fws[r["torch_best"]]
+            row += [_f(fws["torch_nchw"]["median_s"] * 1e3, ".1f"),
+                    _f(fws["torch_cl"]["median_s"] * 1e3, ".1f"),
+                    _f(tb["images_per_s"], ".0f"), _f(tb.get("pct_sgemm"), ".0f"),
+                    _f(tb["peak_mb"], ".0f"), _f(r["speed_ratio"], ".2f") + "x",
+                    _f(r["mem_ratio"], ".2f") + "x"]
+        row += [r["repeats"], f"{r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f}"]
+        rows.append(row)
+    lines.append(table(header, rows))
+    # 1 -> 2 (or min -> max) thread scaling
+    by = {(r["model"], r["mode"], r["threads"]): r for r in results}
+    thr = sorted({r["threads"] for r in results})
+    if len(thr) > 1:
+        lo, hi = thr[0], thr[-1]
+        srows = []
+        for (model, mode, t), r in by.items():
+            if t != hi or (model, mode, lo) not in by:
+                continue
+            r1 = by[(model, mode, lo)]
+            row = [model, mode, _f(r1["frameworks"]["cnet"]["median_s"] / r["frameworks"]["cnet"]["median_s"], ".2f") + "x"]
+            if have_torch:
+                t1 = min(r1["frameworks"][fw]["median_s"] for fw in r1["frameworks"] if fw != "cnet")
+                t2 = min(r["frameworks"][fw]["median_s"] for fw in r["frameworks"] if fw != "cnet")
+                row.append(_f(t1 / t2, ".2f") + "x")
+            srows.append(row)
+        lines.append("")
+        lines.append(table(["model", "mode", f"cnet {lo}->{hi} thr speed-up"]
+                           + ([f"torch (best layout) {lo}->{hi}"] if have_torch else []), srows))
+    lines.append("")
+    lines.append("sgemm ceiling (square 2048, GFLOP/s, median of the probes of this run): "
+                 + ", ".join(f"{t} thr {v:.1f}" for t, v in sorted(ceilings.items())))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated, from: {', '.join(MODELS)}")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--modes", default="train,infer")
+    ap.add_argument("--repeats", type=int, default=9, help="timed iterations per framework")
+    ap.add_argument("--min-repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
+    ap.add_argument("--budget", type=float, default=40.0,
+                    help="at most this many seconds of timed iterations per framework and config")
+    ap.add_argument("--slow", type=float, default=2.0,
+                    help="a step slower than this gets one warm-up iteration instead of two")
+    ap.add_argument("--batch", type=int, default=None, help="override every model's batch")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, 1 round, 10 s budget")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
+    ap.add_argument("--json", default=None, help="write all results (raw times too) here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(json.loads(args.worker))
+    if args.quick:
+        args.repeats, args.rounds, args.budget, args.min_repeats = 3, 1, 10.0, 1
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    have_torch = common.torch_available() and not args.no_torch
+    frameworks = FRAMEWORKS if have_torch else FRAMEWORKS[:1]
+
+    info = machine_info()
+    print(format_machine(info))
+    print(f"command: python bench/throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(flush=True)
+    probes = {t: [] for t in threads}
+    results = []
+    t_start = time.time()
+    for model in models:
+        if not args.no_ceiling:
+            import gemm_ceiling
+            for t in threads:
+                probes[t].append(gemm_ceiling.ceiling(t, repeats=3))
+        for t in threads:
+            for mode in modes:
+                r = run_config(model, t, mode, frameworks, args, print)
+                results.append(r)
+                fws = r["frameworks"]
+                msg = "  ".join(f"{fw} {d['median_s'] * 1e3:.1f} ms ({d['peak_mb']:.0f} MB)"
+                                for fw, d in fws.items())
+                print(f"[{time.time() - t_start:6.0f}s] {model} threads={t} {mode}: {msg}  "
+                      f"n={r['repeats']} load={r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f}",
+                      flush=True)
+    if not args.no_ceiling:
+        import gemm_ceiling
+        for t in threads:
+            probes[t].append(gemm_ceiling.ceiling(t, repeats=3))
+    ceilings = {t: median(v) for t, v in probes.items() if v}
+    for r in results:
+        derive(r, ceilings)
+    print()
+    print(report(results, ceilings, have_torch))
+    info["loadavg_end"] = os.getloadavg()
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in info['loadavg_end'])}; "
+          f"total {time.time() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "ceilings": ceilings,
+                       "ceiling_probes": probes, "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
