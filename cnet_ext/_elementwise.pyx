@@ -14,7 +14,7 @@ instead of storing it.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.stdint cimport uint64_t, uint32_t
+from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
@@ -124,13 +124,15 @@ cdef void _run(_Op op, const floating* a, const floating* b, floating* out, Py_s
                 _dropout(a, out, s, e, key, threshold, scale)
 
 
-def _flat(name, arr, like=None):
+def _flat(name, arr, like=None, bint output=False):
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(arr).__name__}")
     if arr.dtype != np.float32 and arr.dtype != np.float64:
         raise ValueError(f"{name}: expected float32 or float64, got {arr.dtype}")
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name}: array of shape {arr.shape} is not C-contiguous")
+    if output and not arr.flags.writeable:
+        raise ValueError(f"{name}: output array of shape {arr.shape} is read-only")
     if like is not None and (arr.shape != like.shape or arr.dtype != like.dtype):
         raise ValueError(f"{name}: expected shape {like.shape} {like.dtype}, got "
                          f"{arr.shape} {arr.dtype}")
@@ -149,7 +151,7 @@ def _dispatch(int op, floating[::1] a, floating[::1] b, floating[::1] out,
 def relu_forward(x, out, int n_threads):
     """out = max(x, 0); out may be x (in place)."""
     xf = _flat("x", x)
-    of = _flat("out", out, x)
+    of = _flat("out", out, x, True)
     _dispatch(OP_RELU, xf, xf, of, 0, 0, 0.0, n_threads)
 
 
@@ -158,7 +160,7 @@ def relu_backward(g, y, out, int n_threads):
     the caller owns g."""
     gf = _flat("g", g)
     yf = _flat("y", y, g)
-    of = _flat("out", out, g)
+    of = _flat("out", out, g, True)
     _dispatch(OP_RELU_MASK, gf, yf, of, 0, 0, 0.0, n_threads)
 
 
@@ -166,7 +168,7 @@ def add(a, b, out, bint relu, int n_threads):
     """out = a + b, then max(., 0) if relu; out may alias a or b."""
     af = _flat("a", a)
     bf = _flat("b", b, a)
-    of = _flat("out", out, a)
+    of = _flat("out", out, a, True)
     _dispatch(OP_ADD_RELU if relu else OP_ADD, af, bf, of, 0, 0, 0.0, n_threads)
 
 
@@ -179,7 +181,7 @@ def dropout(x, out, seed, double p, int n_threads):
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     xf = _flat("x", x)
-    of = _flat("out", out, x)
+    of = _flat("out", out, x, True)
     cdef uint64_t key = cnet_mix64(<uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
     cdef uint64_t threshold = <uint64_t>min(round(p * 4294967296.0), 4294967296)
     dt = x.dtype.type

@@ -203,7 +203,7 @@ def _check(name, arr, shape, dtype):
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(arr).__name__}")
     if arr.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {arr.dtype}")
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
     if not arr.flags.c_contiguous:

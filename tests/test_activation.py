@@ -222,3 +222,21 @@ def test_dropout_bad_probability():
         nn.Dropout(1.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
         nn.Dropout(-0.1)
+
+
+def test_kernel_wrappers_validate():
+    """Bounds checks are off in the kernels: the wrappers are the only guard."""
+    from cnet_ext import _elementwise
+    a = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match=r"b: expected shape \(4, 5\) float32"):
+        _elementwise.add(a, np.zeros((4, 6), np.float32), np.empty_like(a), False, 1)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        _elementwise.relu_forward(a, np.zeros((4, 5)), 1)
+    ro = np.zeros_like(a)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _elementwise.dropout(a, ro, 1, 0.5, 1)
+    with pytest.raises(ValueError, match=r"parts have 5 channels in all.*\(4, 6\)"):
+        _elementwise.concat_last([a], np.zeros((4, 6), np.float32), 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _elementwise.split_last(a, [np.zeros((5, 4), np.float32).T], 1)

@@ -298,3 +298,21 @@ def test_bad_hyper_parameters():
         nn.MaxPool2d(0)
     with pytest.raises(ValueError, match="pair"):
         nn.AvgPool2d((2, 2, 2))
+
+
+def test_kernel_wrappers_validate():
+    """Bounds checks are off in the kernels: the wrappers are the only guard."""
+    from cnet_ext import _pool
+    x = np.zeros((2, 4, 4, 3), np.float32)
+    geo = ((2, 2), (2, 2), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match=r"y: expected shape \(2, 2, 2, 3\)"):
+        _pool.max_pool2d_forward(x, np.zeros((2, 2, 2, 4), np.float32), None, *geo, 1)
+    with pytest.raises(ValueError, match="y: expected dtype float32"):
+        _pool.max_pool2d_forward(x, np.zeros((2, 2, 2, 3)), None, *geo, 1)
+    with pytest.raises(ValueError, match="idx: expected dtype int32"):
+        _pool.max_pool2d_forward(x, np.zeros((2, 2, 2, 3), np.float32),
+                                 np.zeros((2, 2, 2, 3), np.int64), *geo, 1)
+    with pytest.raises(ValueError, match="too large"):
+        _pool.avg_pool2d_forward(x, np.zeros((2, 3, 2, 3), np.float32), *geo[:3], True, None, 1)
+    with pytest.raises(ValueError, match=r"g: expected shape \(2, 3\)"):
+        _pool.global_avg_pool2d_backward(np.zeros((2, 4), np.float32), x, 1)
