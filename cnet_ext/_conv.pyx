@@ -32,6 +32,48 @@ from cnet_ext._openmp cimport effective_threads
 # ---------------------------------------------------------------------------
 # im2col
 
+cdef extern from *:
+    """
+    #include <string.h>
+    /* Grouped layouts move C_in/groups values per group and tap; a constant
+       size lets the compiler emit one vector move instead of a loop. */
+    #define CNET_SCATTER_CASE(B) case B: for (Py_ssize_t g = 0; g < G; g++) \
+        memcpy(d + g * ds, s + g * B, B); break;
+    static inline void cnet_scatter_groups(char* d, const char* s, Py_ssize_t G, size_t b,
+                                           Py_ssize_t ds) {
+        switch (b) {
+            CNET_SCATTER_CASE(4) CNET_SCATTER_CASE(8) CNET_SCATTER_CASE(16)
+            CNET_SCATTER_CASE(32) CNET_SCATTER_CASE(64)
+            default: for (Py_ssize_t g = 0; g < G; g++) memcpy(d + g * ds, s + g * b, b);
+        }
+    }
+    static inline void cnet_zero_groups(char* d, Py_ssize_t G, size_t b, Py_ssize_t ds) {
+        for (Py_ssize_t g = 0; g < G; g++) memset(d + g * ds, 0, b);
+    }
+    #define CNET_GADD_CASE(N) case N: for (Py_ssize_t g = 0; g < G; g++) \
+        for (int c = 0; c < N; c++) o[g * N + c] += s[g * K + c]; break;
+    #define CNET_GATHER_ADD(NAME, T)                                                      \
+    static inline void NAME(T* restrict o, const T* restrict s, Py_ssize_t G,          \
+                            Py_ssize_t Cg, Py_ssize_t K) {                                \
+        switch (Cg) {                                                                     \
+            CNET_GADD_CASE(1) CNET_GADD_CASE(2) CNET_GADD_CASE(4) CNET_GADD_CASE(8)        \
+            CNET_GADD_CASE(16) CNET_GADD_CASE(32) CNET_GADD_CASE(64)                      \
+            default: for (Py_ssize_t g = 0; g < G; g++)                                   \
+                for (Py_ssize_t c = 0; c < Cg; c++) o[g * Cg + c] += s[g * K + c];        \
+        }                                                                                 \
+    }
+    CNET_GATHER_ADD(cnet_gather_add_f32, float)
+    CNET_GATHER_ADD(cnet_gather_add_f64, double)
+    """
+    void cnet_scatter_groups(char* d, const char* s, Py_ssize_t G, size_t b,
+                             Py_ssize_t ds) noexcept nogil
+    void cnet_zero_groups(char* d, Py_ssize_t G, size_t b, Py_ssize_t ds) noexcept nogil
+    void cnet_gather_add_f32(float* o, const float* s, Py_ssize_t G, Py_ssize_t Cg,
+                             Py_ssize_t K) noexcept nogil
+    void cnet_gather_add_f64(double* o, const double* s, Py_ssize_t G, Py_ssize_t Cg,
+                             Py_ssize_t K) noexcept nogil
+
+
 cdef inline void _im2col_row(const floating* x, floating* dst, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
                              Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
@@ -39,35 +81,49 @@ cdef inline void _im2col_row(const floating* x, floating* dst, Py_ssize_t n, Py_
                              Py_ssize_t G) noexcept nogil:
     """Column rows of the OW output pixels of output row (n, oh)."""
     cdef Py_ssize_t Cg = C // G
-    cdef Py_ssize_t ow, g, kh, kw, ih, iw, iw0, c
+    cdef Py_ssize_t K = KH * KW * Cg
+    cdef Py_ssize_t ow, kh, kw, ih, iw, iw0, c
     cdef const floating* src
+    cdef floating* d
     cdef const floating* img = x + n * H * W * C
     cdef size_t run = KW * Cg * sizeof(floating)
-    for ow in range(OW):
-        iw0 = ow * sw - pw
-        for g in range(G):
+    cdef size_t seg = Cg * sizeof(floating)
+    cdef Py_ssize_t stride_bytes = K * sizeof(floating)
+    if G == 1:
+        for ow in range(OW):
+            iw0 = ow * sw - pw
             for kh in range(KH):
                 ih = oh * sh - ph + kh * dh
                 # One unsigned compare tests 0 <= ih < H (caffe's trick).
                 if <size_t>ih >= <size_t>H:
                     memset(dst, 0, run)
-                    dst += KW * Cg
-                    continue
-                if G == 1 and dw == 1 and iw0 >= 0 and iw0 + KW <= W:
+                elif dw == 1 and iw0 >= 0 and iw0 + KW <= W:
                     # The whole kernel row is one contiguous run of KW*C inputs.
                     memcpy(dst, img + (ih * W + iw0) * C, run)
-                    dst += KW * Cg
-                    continue
-                for kw in range(KW):
-                    iw = iw0 + kw * dw
-                    if <size_t>iw < <size_t>W:
-                        src = img + (ih * W + iw) * C + g * Cg
-                        for c in range(Cg):
-                            dst[c] = src[c]
-                    else:
-                        for c in range(Cg):
-                            dst[c] = 0
-                    dst += Cg
+                else:
+                    for kw in range(KW):
+                        iw = iw0 + kw * dw
+                        if <size_t>iw < <size_t>W:
+                            memcpy(dst + kw * C, img + (ih * W + iw) * C, seg)
+                        else:
+                            memset(dst + kw * C, 0, seg)
+                dst += KW * C
+        return
+    # Groups: the input pixel's C values are one read; group g's Cg of them go to
+    # segment g of the row (stride K), so each tap is tested once for all groups.
+    for ow in range(OW):
+        iw0 = ow * sw - pw
+        for kh in range(KH):
+            ih = oh * sh - ph + kh * dh
+            for kw in range(KW):
+                iw = iw0 + kw * dw
+                d = dst + (kh * KW + kw) * Cg
+                if <size_t>ih < <size_t>H and <size_t>iw < <size_t>W:
+                    cnet_scatter_groups(<char*>d, <const char*>(img + (ih * W + iw) * C), G,
+                                        seg, stride_bytes)
+                else:
+                    cnet_zero_groups(<char*>d, G, seg, stride_bytes)
+        dst += G * K
 
 
 cdef void _im2col(const floating* x, floating* col, Py_ssize_t n0, Py_ssize_t n1,
@@ -122,13 +178,10 @@ cdef inline void _col2im_row(const floating* col, floating* dx, Py_ssize_t n0, P
                     continue
                 src = pix + ow * row_len + (kh * KW + kw) * Cg
                 o = out + iw * C
-                if G == 1:
-                    for c in range(C):
-                        o[c] += src[c]
+                if floating is float:
+                    cnet_gather_add_f32(o, src, G, Cg, K)
                 else:
-                    for g in range(G):
-                        for c in range(Cg):
-                            o[g * Cg + c] += src[g * K + c]
+                    cnet_gather_add_f64(o, src, G, Cg, K)
 
 
 cdef void _col2im(const floating* col, floating* dx, Py_ssize_t n0, Py_ssize_t n1,
