@@ -137,3 +137,34 @@ def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="reduction"):
         nn.CrossEntropyLoss(reduction="none")
     assert repr(nn.CrossEntropyLoss(label_smoothing=0.1)) == "CrossEntropyLoss(label_smoothing=0.1)"
+
+
+@pytest.mark.parametrize("C", [1, 4, 1003])
+def test_class_counts_and_vector_tails(rng, C):
+    z = (rng.standard_normal((9, C)) * 10).astype(np.float32)
+    y = rng.integers(0, C, 9)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    np.testing.assert_allclose(loss_fn(z, y), ref_loss(z, y, 0.05), rtol=2e-6)
+    probs = loss_fn._cache[0]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_exp_accuracy_over_the_whole_range():
+    # Row [0, x]: p1 = e^x / (1 + e^x) exercises the vectorised exp on [-87, 0].
+    x = np.linspace(-87.0, 0.0, 50001).astype(np.float32)
+    z = np.stack([np.zeros_like(x), x], 1)
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(z, np.zeros(len(x), np.int64))
+    e = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(loss_fn._cache[0][:, 1], e / (1 + e), rtol=3e-7, atol=0)
+
+
+def test_nonfinite_logits_like_torch():
+    loss_fn = nn.CrossEntropyLoss()
+    z = np.array([[0.0, -np.inf, 2.0], [0.0, np.nan, 1.0]], np.float32)
+    assert np.isnan(loss_fn(z, np.array([0, 0])))
+    probs = loss_fn._cache[0]
+    np.testing.assert_allclose(probs[0], [1 / (1 + np.e ** 2), 0.0, np.e ** 2 / (1 + np.e ** 2)],
+                               rtol=1e-6)
+    assert np.isnan(probs[1]).all()
+    assert loss_fn(z[:1], np.array([1])) == np.inf   # -inf logit on the true class
