@@ -259,12 +259,8 @@ def make_transform(cfg, augment):
 # ---------------------------------------------------------------- models
 
 def model_kwargs(name, cfg):
-    from .models import get_model, list_models  # noqa: F401
-    from .models import _registry
-    if name not in list_models():
-        raise CLIError(EXIT_USAGE, f"unknown model {name!r}; choose from "
-                       f"{', '.join(list_models())}")
-    params = inspect.signature(_registry._MODELS[name]).parameters
+    from . import models
+    params = inspect.signature(getattr(models, name)).parameters
     kwargs = {"num_classes": cfg["num_classes"], "in_channels": cfg["input_shape"][2]}
     if "input_size" in params:
         kwargs["input_size"] = cfg["input_shape"][0]
@@ -288,12 +284,8 @@ def build_optimizer(args, model):
     wd = args.weight_decay
     params = optim.param_groups_no_decay(model, wd) if wd else model.parameters()
     if name == "sgd":
-        if args.nesterov and not args.momentum:
-            raise CLIError(EXIT_USAGE, "--nesterov needs --momentum > 0")
         return optim.SGD(params, lr=lr, momentum=args.momentum, nesterov=bool(args.nesterov),
                          weight_decay=wd)
-    if args.nesterov:
-        raise CLIError(EXIT_USAGE, f"--nesterov applies to --optimizer sgd, not {name}")
     if name == "rmsprop":
         return optim.RMSprop(params, lr=lr, momentum=args.momentum, weight_decay=wd)
     cls = dict(adam=optim.Adam, adamw=optim.AdamW, nadam=optim.NAdam,
@@ -306,17 +298,11 @@ def build_scheduler(args, optimizer, steps_per_epoch):
     from .optim import lr_scheduler as S
     name, epochs = args.schedule, args.epochs
     total = epochs * steps_per_epoch
-    warm = int(round(args.warmup_epochs * steps_per_epoch))
-    if warm >= total and args.warmup_epochs:
-        raise CLIError(EXIT_USAGE, f"--warmup-epochs {args.warmup_epochs:g} must be shorter "
-                       f"than --epochs {epochs}")
+    warm = min(int(round(args.warmup_epochs * steps_per_epoch)), total - 1)
     if name == "onecycle":
         pct = warm / total if warm else 0.3
         return S.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=pct), "step"
     if name == "plateau":
-        if warm:
-            raise CLIError(EXIT_USAGE, "--warmup-epochs does not combine with --schedule "
-                           "plateau")
         return S.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=2), "epoch"
     rest = total - warm
     if name == "none":
@@ -374,6 +360,20 @@ def _resolve_train_args(args):
         ds = args.dataset if not args.dataset.startswith("npz:") else \
             os.path.splitext(os.path.basename(args.dataset[4:]))[0]
         args.out = os.path.join("runs", f"{args.model}-{ds}")
+    from .models import list_models
+    if args.model not in list_models():
+        raise CLIError(EXIT_USAGE, f"unknown model {args.model!r}; choose from "
+                       f"{', '.join(list_models())}")
+    if args.nesterov and args.optimizer != "sgd":
+        raise CLIError(EXIT_USAGE, f"--nesterov applies to --optimizer sgd, not "
+                       f"{args.optimizer}")
+    if args.nesterov and not args.momentum:
+        raise CLIError(EXIT_USAGE, "--nesterov needs --momentum > 0")
+    if args.schedule == "plateau" and args.warmup_epochs:
+        raise CLIError(EXIT_USAGE, "--warmup-epochs does not combine with --schedule plateau")
+    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        raise CLIError(EXIT_USAGE, f"--warmup-epochs {args.warmup_epochs:g} must be shorter "
+                       f"than --epochs {args.epochs}")
     if args.patience < 0:
         raise CLIError(EXIT_USAGE, f"--patience must be >= 0, got {args.patience}")
     if args.label_smoothing > 1:
