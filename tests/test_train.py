@@ -230,6 +230,11 @@ def test_callback_hooks_fire_in_order(data):
     Trainer(model, opt, callbacks=[cb], verbose=0).fit(tl, 2)
     nb = len(tl)
     assert events == ["begin", "e1"] + ["b"] * nb + ["/e1", "e2"] + ["b"] * nb + ["/e2", "end"]
+    model, opt, _, tl, _ = make_run(data)
+    trainer = Trainer(model, opt, callbacks=[EarlyStopping("val_loss")], verbose=0)
+    with pytest.raises(ValueError, match="needs a val_loader"):
+        trainer.fit(tl, 1)
+    assert trainer.step == 0                 # refused before any training
     with pytest.raises(TypeError, match="not a Callback"):
         Trainer(model, opt, callbacks=[object()])
 

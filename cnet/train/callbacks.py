@@ -67,6 +67,12 @@ class _Monitor(Callback):
         self.best = None
         self.best_epoch = None
 
+    def on_train_begin(self, trainer):
+        # Fail now rather than after a whole epoch of training.
+        if self.monitor.startswith("val_") and getattr(trainer, "val_loader", True) is None:
+            raise ValueError(f"{type(self).__name__}: monitoring {self.monitor!r} needs a "
+                             f"val_loader in fit()")
+
     def _value(self, logs):
         if self.monitor not in logs:
             raise KeyError(f"{type(self).__name__}: metric {self.monitor!r} is not in the "

@@ -341,8 +341,8 @@ class Trainer:
             # (a loader draws its seed lazily on first use), so that a resumed run,
             # which restores the seeds instead, sees the same stream afterwards.
             for loader in (train_loader, val_loader):
-                if loader is not None and getattr(loader, "_seed", 0) is None:
-                    loader.seed  # noqa: B018
+                if loader is not None and hasattr(loader, "seed"):
+                    loader.seed  # noqa: B018  (the property draws it if unset)
         if self.out_dir is not None:
             os.makedirs(self.out_dir, exist_ok=True)
         self.stop_training = False
