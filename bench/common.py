@@ -229,7 +229,11 @@ def torch_env():
 
 
 def torch_available():
-    return _package_version("torch") is not None
+    import importlib.util
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # -- tables ----------------------------------------------------------------------------

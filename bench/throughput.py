@@ -246,8 +246,8 @@ def report(results, ceilings, have_torch):
         if have_torch:
             fws = r["frameworks"]
             tb = fws[r["torch_best"]]
-            row += [_f(fws["torch_nchw"]["median_s"] * 1e3, ".1f"),
-                    _f(fws["torch_cl"]["median_s"] * 1e3, ".1f"),
+            row += [_f(fws["torch_nchw"]["median_s"] * 1e3 if "torch_nchw" in fws else None, ".1f"),
+                    _f(fws["torch_cl"]["median_s"] * 1e3 if "torch_cl" in fws else None, ".1f"),
                     _f(tb["images_per_s"], ".0f"), _f(tb.get("pct_sgemm"), ".0f"),
                     _f(tb["peak_mb"], ".0f"), _f(r["speed_ratio"], ".2f") + "x",
                     _f(r["mem_ratio"], ".2f") + "x"]
@@ -295,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="override every model's batch")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 1 round, 10 s budget")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-layouts", default="nchw,cl",
+                    help="torch layouts to run: nchw, cl (channels_last) or both")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
     ap.add_argument("--json", default=None, help="write all results (raw times too) here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -310,7 +312,9 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     have_torch = common.torch_available() and not args.no_torch
-    frameworks = FRAMEWORKS if have_torch else FRAMEWORKS[:1]
+    layouts = {"nchw": "torch_nchw", "cl": "torch_cl", "channels_last": "torch_cl"}
+    frameworks = ("cnet",) + (tuple(layouts[t] for t in args.torch_layouts.split(",") if t)
+                              if have_torch else ())
 
     info = machine_info()
     print(format_machine(info))

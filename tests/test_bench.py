@@ -1,0 +1,154 @@
+"""Smoke tests of the benchmark suite (bench/): its code paths at a minuscule size.
+
+The torch parts are skipped cleanly when torch is not installed.  Speed itself
+is never asserted here (bench/ measures it); these tests check that the suite
+runs, that its numbers are consistent (FLOPs from cnet.summary, ratios, memory),
+and that the torch twins compute exactly what the cnet models compute.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import cnet
+from cnet import models
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import common  # noqa: E402
+import gemm_ceiling  # noqa: E402
+import profile_layers  # noqa: E402
+import throughput  # noqa: E402
+from _torch_models import spec_from_cnet  # noqa: E402
+
+HAVE_TORCH = common.torch_available()
+TINY = ["--models", "lenet5", "--threads", "1", "--batch", "4", "--repeats", "2",
+        "--rounds", "2", "--min-repeats", "1", "--no-ceiling"]
+
+
+def _to_nchw(x):
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: models.lenet5(), (32, 32, 1)),
+    (lambda: models.resnet20(), (16, 16, 3)),            # option-A shortcuts
+    (lambda: models.resnext_cifar(11, 2, 4), (8, 8, 3)),  # grouped conv, projection shortcuts
+])
+def test_torch_twin_computes_the_same(build, shape):
+    torch = pytest.importorskip("torch")
+    from _torch_models import build_torch, copy_weights
+    m = build()
+    spec = json.loads(json.dumps(spec_from_cnet(m)))        # must survive JSON (process hop)
+    t = build_torch(spec)
+    copy_weights(m, t)
+    assert sum(p.numel() for p in t.parameters()) == sum(p.size for p in m.parameters())
+    m.eval()
+    t.eval()
+    x = np.random.default_rng(0).standard_normal((3,) + shape).astype(np.float32)
+    ref = m(x)
+    with torch.no_grad():
+        out = t(torch.from_numpy(_to_nchw(x))).numpy()
+        t_cl = t.to(memory_format=torch.channels_last)
+        out_cl = t_cl(torch.from_numpy(_to_nchw(x)).contiguous(
+            memory_format=torch.channels_last)).numpy()
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=1e-4)
+    np.testing.assert_allclose(out_cl, ref, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_spec_rejects_unknown_layers():
+    class Odd(cnet.nn.Module):
+        def forward(self, x):
+            return x
+    with pytest.raises(ValueError, match="no torch twin for Odd"):
+        spec_from_cnet(cnet.nn.Sequential(Odd()))
+
+
+def test_resnext_8x16d_is_what_the_suite_says():
+    m, shape, batch, _ = common.build_cnet_model("resnext29_8x16d")
+    convs = [c for c in m.modules() if isinstance(c, cnet.nn.Conv2d) and c.groups > 1]
+    assert (shape, batch) == ((32, 32, 3), 64)
+    assert {c.groups for c in convs} == {8}
+    assert sorted({c.in_channels for c in convs}) == [128, 256, 512]   # 8 groups x 16, x2, x4
+
+
+def test_throughput_suite_runs(tmp_path):
+    out = tmp_path / "t.json"
+    # one torch layout keeps the test short (every framework is a process to start)
+    args = TINY + ["--modes", "train" if HAVE_TORCH else "train,infer", "--json", str(out),
+                   "--torch-layouts", "cl"]
+    if not HAVE_TORCH:
+        args.append("--no-torch")
+    results = throughput.main(args)
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == len(results) >= 1
+    flops = cnet.summary(models.lenet5(), (32, 32, 1), verbose=False)["flops"]
+    for r in results:
+        assert r["batch"] == 4 and r["flops_per_sample"] == flops
+        c = r["frameworks"]["cnet"]
+        assert len(c["times"]) == r["repeats"] == 2 and all(t > 0 for t in c["times"])
+        assert c["median_s"] > 0 and c["peak_mb"] >= 0
+        mult = 3 if r["mode"] == "train" else 1
+        assert c["gflops"] == pytest.approx(flops * 4 * mult / c["median_s"] / 1e9)
+        if HAVE_TORCH:
+            assert set(r["frameworks"]) == {"cnet", "torch_cl"}
+            t = r["frameworks"]["torch_cl"]
+            assert r["torch_best"] == "torch_cl" and t["peak_mb"] >= 0
+            assert r["speed_ratio"] == pytest.approx(t["median_s"] / c["median_s"])
+    text = throughput.report(results, {}, HAVE_TORCH)
+    assert "lenet5" in text and ("speed vs torch" in text) == HAVE_TORCH
+
+
+def test_infer_without_torch_runs():
+    results = throughput.main(TINY + ["--modes", "infer", "--no-torch", "--repeats", "1",
+                                      "--rounds", "1"])
+    assert list(results[0]["frameworks"]) == ["cnet"] and results[0]["mode"] == "infer"
+
+
+def test_profile_layers_accounts_the_step():
+    before = cnet.get_num_threads()
+    res = profile_layers.profile_cnet("lenet5", 1, iters=2, batch=4)
+    assert cnet.get_num_threads() == before
+    keys = {(r["name"], r["phase"]) for r in res["rows"]}
+    assert {("conv1", "fwd"), ("conv1", "bwd"), ("fc3", "bwd"), ("loss", "fwd"),
+            ("optimizer step", "opt")} <= keys
+    conv1 = next(r for r in res["rows"] if r["name"] == "conv1" and r["phase"] == "fwd")
+    assert conv1["gflops"] > 0 and conv1["out_shape"] == [28, 28, 6]
+    # no wrapper is left behind on the model's modules
+    assert all(r["ms"] >= 0 for r in res["rows"])
+    assert sum(res["categories"].values()) == pytest.approx(
+        sum(r["ms"] for r in res["rows"]) + max(0.0, res["unaccounted_ms"]))
+    assert "conv1" in profile_layers.report(res, 5)
+
+
+def test_profile_torch_categories():
+    pytest.importorskip("torch")
+    m, shape, batch, classes = common.build_cnet_model("lenet5", 4)
+    cfg = {"spec": spec_from_cnet(m), "input": list(shape), "batch": batch, "classes": classes,
+           "threads": 1, "mode": "train", "iters": 2, "layout": "channels_last", "warmup": 1}
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        res = profile_layers.profile_torch(cfg)
+    finally:
+        torch.set_num_threads(before)
+    cats = res["categories"]
+    assert cats.get("conv fwd", 0) > 0 and cats.get("conv bwd", 0) > 0
+    assert cats.get("optimizer + zero_grad", 0) > 0
+    assert sum(cats.values()) >= res["step_ms"] * 0.999
+
+
+def test_gemm_probe_and_helpers():
+    assert gemm_ceiling.sgemm_gflops(64, 32, 16, 1, repeats=2, min_seconds=1e-3) > 0
+    assert gemm_ceiling.sgemm_gflops(32, 16, 8, 1, repeats=1, groups=3, min_seconds=1e-3) > 0
+    assert gemm_ceiling.sgemm_gflops_workers(64, 32, 16, 2, repeats=1, min_seconds=1e-3) > 0
+    assert common.spread([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert common.reset_peak_rss() > 0 and common.peak_rss_kb() > 0
+    t = common.table(["a", "b"], [["x", 1], ["yy", 22]])
+    assert t.splitlines()[0].startswith("| a ") and "22 |" in t
+    env = common.torch_env()
+    assert env.get("OMP_WAIT_POLICY") == common._USER_OMP_WAIT_POLICY
