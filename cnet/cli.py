@@ -138,6 +138,8 @@ def build_parser():
                    help="evaluate on the first N test images only")
     t.add_argument("--quiet", action="store_true", default=None,
                    help="print nothing but errors")
+    t.add_argument("-v", "--verbose", action="store_true", default=None,
+                   help="progress lines even when the output is not a terminal (logs)")
 
     e = sub.add_parser("eval", help="evaluate a saved checkpoint",
                        description="Evaluate a checkpoint written by 'cnet train' (or by a "
@@ -390,7 +392,7 @@ _SAVED_ARGS = ("model", "dataset", "data_root", "epochs", "batch_size", "optimiz
 
 def cmd_train(args):
     ckpt = _resolve_train_args(args)
-    verbose = 0 if args.quiet else 1
+    verbose = 0 if args.quiet else (2 if args.verbose else 1)
     import cnet
     from . import nn
     from .data import DataLoader

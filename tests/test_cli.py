@@ -191,3 +191,17 @@ def test_real_mnist_short_run(tmp_path):
     assert r.returncode == 0, r.stderr
     hist = json.load(open(out / "history.json"))["history"]
     assert hist[0]["val_acc"] >= 0.95, hist
+
+
+def test_plain_train_defaults_are_the_main_job():
+    """`cnet train` alone: LeNet-5 on the bundled MNIST with the README's recipe."""
+    from cnet.cli import _resolve_train_args, build_parser
+    args = build_parser().parse_args(["train"])
+    _resolve_train_args(args)
+    assert (args.model, args.dataset, args.batch_size, args.optimizer, args.schedule,
+            args.epochs, args.augment) == ("lenet5", "mnist", 128, "adam", "onecycle", 6,
+                                           False)
+    assert args.lr == 3e-3 and args.out == os.path.join("runs", "lenet5-mnist")
+    args = build_parser().parse_args(["train", "--optimizer", "sgd", "--dataset", "cifar10"])
+    _resolve_train_args(args)
+    assert (args.lr, args.momentum, args.weight_decay, args.augment) == (0.1, 0.9, 5e-4, True)

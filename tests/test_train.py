@@ -304,6 +304,13 @@ def test_progress_bar_builtin_and_quiet():
     bar.update(1, 32)
     bar.close()
     assert quiet.getvalue() == ""
+    log = io.StringIO()                # not a terminal, verbose=2: a line per 10%
+    bar = ProgressBar(20, desc="epoch 3", file=log, verbose=2)
+    for _ in range(20):
+        bar.update(1, 32)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("epoch 3 20/20") and "\r" not in log.getvalue()
     silent = _TTY()
     bar = ProgressBar(10, file=silent, verbose=0)
     bar.update(1, 32)

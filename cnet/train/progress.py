@@ -3,7 +3,9 @@
 tqdm draws it when installed; otherwise a small built-in bar redraws one line
 with ``\\r`` at most a few times a second.  Nothing is drawn when ``verbose``
 is 0 or the stream is not a terminal (a log file gets the per-epoch summary
-lines the Trainer prints, not thousands of carriage returns).
+lines the Trainer prints, not thousands of carriage returns); with
+``verbose >= 2`` a non-terminal stream gets one line per tenth of the pass
+instead (for long runs under nohup).
 """
 import sys
 import time
@@ -40,9 +42,12 @@ class ProgressBar:
         self.total = int(total)
         self.desc = desc
         self.file = sys.stderr if file is None else file
+        tty = _isatty(self.file)
         if enabled is None:
-            enabled = bool(verbose) and _isatty(self.file)
+            enabled = bool(verbose) and (tty or verbose >= 2)
         self.enabled = bool(enabled)
+        self.lines = self.enabled and not tty   # one line per 10% instead of redrawing
+        self._next_line = 1
         self.count = 0
         self.images = 0
         self.start = time.perf_counter()
@@ -51,7 +56,7 @@ class ProgressBar:
         self._postfix = {}
         self._tqdm = None
         self._width = 0
-        if self.enabled and backend in ("auto", "tqdm"):
+        if self.enabled and not self.lines and backend in ("auto", "tqdm"):
             try:
                 from tqdm.auto import tqdm
             except ImportError:
@@ -77,6 +82,11 @@ class ProgressBar:
             self._tqdm.update(n_batches)
             return
         now = time.perf_counter()
+        if self.lines:
+            if self.total and self.count * 10 >= self._next_line * self.total:
+                self._next_line = self.count * 10 // self.total + 1
+                self._draw(now, end="\n")
+            return
         if now - self._last_draw >= self.min_interval or self.count >= self.total:
             self._last_draw = now
             self._draw(now)
@@ -88,7 +98,7 @@ class ProgressBar:
         items["img/s"] = f"{self.images_per_s:.0f}"
         return items
 
-    def _draw(self, now):
+    def _draw(self, now, end=None):
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.count) / rate if rate > 0 else float("nan")
@@ -99,13 +109,16 @@ class ProgressBar:
         post = " ".join(f"{k}={v}" for k, v in self._postfix_items().items())
         line = (f"{self.desc} {self.count}/{self.total} [{bar}] {post} "
                 f"{format_time(elapsed)}<{format_time(eta)}")
-        pad = max(0, self._width - len(line))
-        self._width = len(line)
-        self.file.write("\r" + line + " " * pad)
+        if end is not None:
+            self.file.write(line + end)
+        else:
+            pad = max(0, self._width - len(line))
+            self._width = len(line)
+            self.file.write("\r" + line + " " * pad)
         self.file.flush()
 
     def close(self):
-        if not self.enabled:
+        if not self.enabled or self.lines:
             return
         if self._tqdm is not None:
             self._tqdm.close()

@@ -107,7 +107,7 @@ def evaluate(model, data, loss_fn=None, batch_size=256, topk=5, verbose=0, desc=
             logits = model(x)
             loss = loss_fn(logits, y)
             acc.update(loss, logits, y)
-            bar.update(1, len(y), loss=acc.loss, acc=acc.acc)
+            bar.update(1, len(y), loss=acc.loss, acc=f"{100 * acc.acc:.2f}%")
     elapsed = time.perf_counter() - start
     out = acc.result()
     out.update(n=acc.count, time=elapsed,
@@ -312,7 +312,7 @@ class Trainer:
                 self.step += 1
                 if sched is not None:
                     sched.step()
-                bar.update(1, len(y), loss=acc.loss, acc=acc.acc)
+                bar.update(1, len(y), loss=acc.loss, acc=f"{100 * acc.acc:.2f}%")
                 if self.callbacks:
                     self._callbacks("on_batch_end", self.step, {"loss": loss})
         elapsed = time.perf_counter() - start
