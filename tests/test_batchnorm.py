@@ -59,7 +59,10 @@ def make_bn(cls, C, rng, dtype=np.float32, **kw):
 
 # -- forward / backward against numpy --------------------------------------------
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (8, 16, 16, 12), (3, 1, 1, 33), (10, 16, 16, 8)])
+# C = 8, 32: register-column kernels; 5, 12, 33, 64: whole-row kernels; 10x16x16x8
+# spans two uneven row chunks.
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (8, 16, 16, 12), (3, 1, 1, 33), (10, 16, 16, 8),
+                                   (4, 6, 6, 32), (2, 5, 5, 64)])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_train_forward_backward_matches_numpy(rng, shape, affine, dtype):
@@ -106,6 +109,24 @@ def test_float32_statistics_survive_a_large_mean(rng):
     x2 = x.reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(bn.running_mean, x2.mean(0), rtol=1e-7)
     np.testing.assert_allclose(bn.running_var, x2.var(0, ddof=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("C", [4, 16, 64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_float32_backward_survives_a_large_mean(rng, C, relu):
+    x = (1000.0 + 1e-2 * rng.standard_normal((32, 16, 16, C))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = nn.BatchNorm2d(C)
+    if relu:
+        bn.fuse_relu()
+    y = bn(x)
+    dx = bn.backward(dy)
+    g = np.where(y > 0, dy, 0) if relu else dy  # the mask the kernel used
+    rdx, rdg, rdb = ref_backward(x, g, None, 1e-5)
+    scale = np.abs(rdx).max()
+    np.testing.assert_allclose(dx, rdx, rtol=0, atol=5e-5 * scale)
+    np.testing.assert_allclose(bn.weight.grad, rdg, rtol=1e-5, atol=1e-5 * np.abs(rdg).max())
+    np.testing.assert_allclose(bn.bias.grad, rdb, rtol=1e-5, atol=1e-3)
 
 
 def test_eval_forward_uses_running_stats(rng):
