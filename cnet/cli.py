@@ -423,7 +423,7 @@ def cmd_train(args):
     if args.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=args.patience))
     metadata = {"data": cfg, "args": {k: getattr(args, k, None) for k in _SAVED_ARGS},
-                "command": "cnet " + " ".join(sys.argv[1:]) if sys.argv else "cnet train"}
+                "command": " ".join(["cnet"] + list(getattr(args, "argv", None) or ["train"]))}
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(args.label_smoothing),
                       scheduler=scheduler, schedule_interval=interval if scheduler else None,
                       callbacks=callbacks, out_dir=args.out, verbose=verbose,
@@ -515,6 +515,7 @@ def main(argv=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
