@@ -551,3 +551,38 @@ def test_kernel_rejects_bad_chunks():
         _optim.adam(p, p.copy(), np.zeros(10, np.float32), np.zeros(9, np.float32), None,
                     _optim.chunk_table([(0, 0, 0, 9)]), 0, 1, 0.9, 0.999, 1e-3, 1, 1e-8,
                     False, False, 1)
+
+
+def test_training_loop_with_real_layers_matches_torch():
+    """Linear/ReLU/CrossEntropy trained by cnet.optim.AdamW (flattened buffers, two groups)
+    and by torch.optim.AdamW from the same weights give the same weights."""
+    torch = pytest.importorskip("torch")
+    from cnet import nn
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    tmodel = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(),
+                                 torch.nn.Linear(16, 4)).double()
+    with torch.no_grad():
+        for (_, p), tp in zip(model.named_parameters(), tmodel.parameters()):
+            tp.copy_(torch.from_numpy(p.data.T.copy() if p.data.ndim == 2 else p.data.copy()))
+    opt = optim.AdamW(optim.param_groups_no_decay(model, 0.05), lr=0.01)
+    tdecay = [p for p in tmodel.parameters() if p.ndim == 2]
+    tno = [p for p in tmodel.parameters() if p.ndim == 1]
+    topt = torch.optim.AdamW([{"params": tdecay, "weight_decay": 0.05},
+                              {"params": tno, "weight_decay": 0.0}], lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        x = rng.standard_normal((8, 6))
+        y = rng.integers(0, 4, 8)
+        loss_fn(model(x), y)
+        opt.zero_grad()
+        model.backward(loss_fn.backward())
+        opt.step()
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)),
+                                          torch.from_numpy(y)).backward()
+        topt.step()
+    for p, tp in zip(model.parameters(), tmodel.parameters()):
+        want = tp.detach().numpy()
+        np.testing.assert_allclose(p.data, want.T if want.ndim == 2 else want, rtol=1e-9,
+                                   atol=1e-12)
