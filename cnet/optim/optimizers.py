@@ -25,7 +25,9 @@ Differences from torch, by design:
   inside the fused pass and reported in ``last_step_finite``; with
   ``skip_nonfinite=True`` a cheap read-only pass over the gradients runs first
   and a step with a non-finite gradient is skipped, leaving parameters and
-  state untouched.
+  state untouched.  When gradients are clipped anyway, ``clip_grad_norm_``'s
+  return value already says it (non-finite norm <=> a non-finite gradient), so
+  ``if math.isfinite(norm): opt.step()`` skips without the extra pass.
 """
 import math
 
