@@ -118,6 +118,23 @@ def test_registry():
     assert cnet.models.summary is cnet.summary
 
 
+def test_every_builder_takes_the_common_arguments():
+    import inspect
+    for name in models.list_models():
+        params = inspect.signature(getattr(models, name)).parameters
+        assert "num_classes" in params and "in_channels" in params, name
+
+
+def test_resnet_shortcut_options(rng):
+    # B: projections (1x1 conv + BN) at the two stage changes only; C: in every block.
+    assert models.resnet20(shortcut="B").num_parameters() == 269_722 + (16 * 32 + 64) + (32 * 64 + 128)
+    m = models.resnet_cifar(8, shortcut="C")
+    assert all(isinstance(b.shortcut, nn.Sequential) for b in m.modules() if isinstance(b, BasicBlock))
+    assert m(rng.standard_normal((2, 32, 32, 3)).astype(np.float32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="shortcut"):
+        models.resnet20(shortcut="D")
+
+
 def test_builder_options():
     m = models.vgg11(input_size=32)
     assert m.classifier.fc.weight.shape == (512, 10)           # 10 classes by default at 32
