@@ -73,6 +73,9 @@ def extensions():
             continue
         exts.append(Extension(
             f"cnet_ext.{name}", [path],
+            # A header edit must rebuild the modules that include it.
+            depends=sorted(glob.glob(os.path.join("cnet_ext", "*.h"))
+                           + glob.glob(os.path.join("cnet_ext", "*.pxd"))),
             include_dirs=[np.get_include(), "cnet_ext"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=["-O3", "-fno-math-errno", "-Wno-unused-function",
