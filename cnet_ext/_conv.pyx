@@ -463,6 +463,263 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
 
 
 # ---------------------------------------------------------------------------
+# Depthwise convolution (groups == C_in == C_out)
+#
+# As a batched GEMM each group is a (M, KH*KW) x (KH*KW, 1) product: all
+# overhead.  Here every loop runs along the contiguous channel axis of NHWC,
+# which the compiler vectorises (target_clones again picks AVX2/AVX-512).
+
+cdef extern from *:
+    """
+    #define CNET_DEPTHWISE(SUF, T)                                                         \
+    /* y row (n, oh): y[ow, c] = bias[c] + sum_taps x[ih, iw, c] * w[tap, c] */            \
+    CNET_CLONES static void cnet_dw_fwd_row_##SUF(                                         \
+        const T* restrict x, const T* restrict w, const T* restrict bias,                  \
+        T* restrict yrow, Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,         \
+        Py_ssize_t C, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,          \
+        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+    {                                                                                      \
+        const T* img = x + n * H * W * C;                                                  \
+        for (Py_ssize_t ow = 0; ow < OW; ow++) {                                           \
+            T* o = yrow + ow * C;                                                          \
+            for (Py_ssize_t c = 0; c < C; c++) o[c] = bias ? bias[c] : (T)0;               \
+            for (Py_ssize_t kh = 0; kh < KH; kh++) {                                       \
+                Py_ssize_t ih = oh * sh - ph + kh * dh;                                    \
+                if ((size_t)ih >= (size_t)H) continue;                                     \
+                for (Py_ssize_t kw = 0; kw < KW; kw++) {                                   \
+                    Py_ssize_t iw = ow * sw - pw + kw * dw;                                \
+                    if ((size_t)iw >= (size_t)W) continue;                                 \
+                    const T* xp = img + (ih * W + iw) * C;                                 \
+                    const T* wp = w + (kh * KW + kw) * C;                                  \
+                    for (Py_ssize_t c = 0; c < C; c++) o[c] += xp[c] * wp[c];              \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    /* dx row (n, ih), gathered in fixed (kh, kw) order: no races, no atomics. */          \
+    CNET_CLONES static void cnet_dw_dx_row_##SUF(                                          \
+        const T* restrict dy, const T* restrict w, T* restrict dxrow, Py_ssize_t n,        \
+        Py_ssize_t ih, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t C,           \
+        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,         \
+        Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
+    {                                                                                      \
+        memset(dxrow, 0, W * C * sizeof(T));                                               \
+        for (Py_ssize_t kh = 0; kh < KH; kh++) {                                           \
+            Py_ssize_t t = ih + ph - kh * dh;                                              \
+            if (t < 0 || t % sh) continue;                                                 \
+            Py_ssize_t oh = t / sh;                                                        \
+            if (oh >= OH) continue;                                                        \
+            const T* dyr = dy + (n * OH + oh) * OW * C;                                    \
+            for (Py_ssize_t kw = 0; kw < KW; kw++) {                                       \
+                const T* wp = w + (kh * KW + kw) * C;                                      \
+                for (Py_ssize_t ow = 0; ow < OW; ow++) {                                   \
+                    Py_ssize_t iw = ow * sw - pw + kw * dw;                                \
+                    if ((size_t)iw >= (size_t)W) continue;                                 \
+                    T* o = dxrow + iw * C;                                                 \
+                    const T* g = dyr + ow * C;                                             \
+                    for (Py_ssize_t c = 0; c < C; c++) o[c] += g[c] * wp[c];               \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    /* gw[tap, :] (+)= sum over images [n0, n1) and pixels of x * dy for one tap. */        \
+    CNET_CLONES static void cnet_dw_wgrad_tap_##SUF(                                       \
+        const T* restrict x, const T* restrict dy, T* restrict acc, T* restrict gw,        \
+        int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,        \
+        Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW,            \
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
+        Py_ssize_t dw)                                                                     \
+    {                                                                                      \
+        for (Py_ssize_t c = 0; c < C; c++) acc[c] = 0;                                     \
+        for (Py_ssize_t n = n0; n < n1; n++)                                               \
+            for (Py_ssize_t oh = 0; oh < OH; oh++) {                                       \
+                Py_ssize_t ih = oh * sh - ph + kh * dh;                                    \
+                if ((size_t)ih >= (size_t)H) continue;                                     \
+                for (Py_ssize_t ow = 0; ow < OW; ow++) {                                   \
+                    Py_ssize_t iw = ow * sw - pw + kw * dw;                                \
+                    if ((size_t)iw >= (size_t)W) continue;                                 \
+                    const T* xp = x + ((n * H + ih) * W + iw) * C;                         \
+                    const T* g = dy + ((n * OH + oh) * OW + ow) * C;                       \
+                    for (Py_ssize_t c = 0; c < C; c++) acc[c] += xp[c] * g[c];             \
+                }                                                                          \
+            }                                                                              \
+        for (Py_ssize_t c = 0; c < C; c++)                                                 \
+            gw[c] = accumulate ? gw[c] + acc[c] : acc[c];                                  \
+    }
+
+    CNET_DEPTHWISE(f32, float)
+    CNET_DEPTHWISE(f64, double)
+    """
+    void cnet_dw_fwd_row_f32(const float* x, const float* w, const float* bias, float* yrow,
+                             Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,
+                             Py_ssize_t C, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+    void cnet_dw_fwd_row_f64(const double* x, const double* w, const double* bias,
+                             double* yrow, Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H,
+                             Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW, Py_ssize_t KH,
+                             Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                             Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+    void cnet_dw_dx_row_f32(const float* dy, const float* w, float* dxrow, Py_ssize_t n,
+                            Py_ssize_t ih, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W,
+                            Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                            Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                            Py_ssize_t dw) noexcept nogil
+    void cnet_dw_dx_row_f64(const double* dy, const double* w, double* dxrow, Py_ssize_t n,
+                            Py_ssize_t ih, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W,
+                            Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                            Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                            Py_ssize_t dw) noexcept nogil
+    void cnet_dw_wgrad_tap_f32(const float* x, const float* dy, float* acc, float* gw,
+                               int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
+                               Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+    void cnet_dw_wgrad_tap_f64(const double* x, const double* dy, double* acc, double* gw,
+                               int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
+                               Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+
+
+cdef inline void _dw_fwd_row(const floating* x, const floating* w, const floating* bias,
+                             floating* y, Py_ssize_t n0, Py_ssize_t r, Py_ssize_t H,
+                             Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW,
+                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                             Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t n = n0 + r // OH, oh = r % OH
+    cdef floating* yrow = y + (n * OH + oh) * OW * C
+    if floating is float:
+        cnet_dw_fwd_row_f32(x, w, bias, yrow, n, oh, H, W, C, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_dw_fwd_row_f64(x, w, bias, yrow, n, oh, H, W, C, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+cdef inline void _dw_dx_row(const floating* dy, const floating* w, floating* dx, Py_ssize_t n0,
+                            Py_ssize_t r, Py_ssize_t H, Py_ssize_t OH, Py_ssize_t OW,
+                            Py_ssize_t W, Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW,
+                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                            Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t n = n0 + r // H, ih = r % H
+    cdef floating* dxrow = dx + (n * H + ih) * W * C
+    if floating is float:
+        cnet_dw_dx_row_f32(dy, w, dxrow, n, ih, OH, OW, W, C, KH, KW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_dw_dx_row_f64(dy, w, dxrow, n, ih, OH, OW, W, C, KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+cdef inline void _dw_wgrad_tap(const floating* x, const floating* dy, floating* acc,
+                               floating* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,
+                               Py_ssize_t tap, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t sh,
+                               Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil:
+    if floating is float:
+        cnet_dw_wgrad_tap_f32(x, dy, acc + tap * (C + 16), gw + tap * C, accumulate, n0, n1,
+                              tap // KW, tap % KW, H, W, C, OH, OW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_dw_wgrad_tap_f64(x, dy, acc + tap * (C + 16), gw + tap * C, accumulate, n0, n1,
+                              tap // KW, tap % KW, H, W, C, OH, OW, sh, sw, ph, pw, dh, dw)
+
+
+def _check_depthwise(str what, tuple xshape, tuple yshape, tuple wshape, Py_ssize_t n0,
+                     Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                     Py_ssize_t dh, Py_ssize_t dw):
+    N, H, W, C = xshape
+    KH, KW, one, Cw = wshape
+    if one != 1 or Cw != C or yshape[0] != N or yshape[3] != C:
+        raise ValueError(f"{what}: input {xshape}, output {yshape} and weight {wshape} do not "
+                         "fit a depthwise convolution (weight (KH, KW, 1, C))")
+    _check_geometry(xshape, ((n1 - n0) * yshape[1] * yshape[2], KH * KW * C), n0, n1,
+                    yshape[1], yshape[2], KH, KW, sh, sw, ph, pw, dh, dw, C, what)
+
+
+def depthwise_forward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
+                      floating[:, :, :, ::1] y, Py_ssize_t n0, Py_ssize_t n1,
+                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                      Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """y[n0:n1] = depthwise conv(x[n0:n1], w) (+ bias); w is HWIO (KH, KW, 1, C)."""
+    cdef Py_ssize_t H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], OH = y.shape[1], OW = y.shape[2]
+    cdef Py_ssize_t rows = (n1 - n0) * OH, r
+    cdef floating[::1] b
+    cdef const floating* bp = NULL
+    cdef int nt
+    _check_depthwise("depthwise_forward", (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), (y.shape[0], y.shape[1], y.shape[2], y.shape[3]),
+                     (w.shape[0], w.shape[1], w.shape[2], w.shape[3]), n0, n1, sh, sw, ph, pw, dh, dw)
+    if bias is not None:
+        b = bias
+        if b.shape[0] != C:
+            raise ValueError(f"depthwise_forward: bias of shape ({b.shape[0]},) for {C} channels")
+        bp = &b[0]
+    nt = effective_threads(rows * OW * KH * KW * C, n_threads)
+    with nogil:
+        if nt == 1:
+            for r in range(rows):
+                _dw_fwd_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            for r in prange(rows, num_threads=nt, schedule="static"):
+                _dw_fwd_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+def depthwise_input_grad(floating[:, :, :, ::1] dy, floating[:, :, :, ::1] w,
+                         floating[:, :, :, ::1] dx, Py_ssize_t n0, Py_ssize_t n1,
+                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                         Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """Overwrite dx[n0:n1] with the input gradient of a depthwise convolution."""
+    cdef Py_ssize_t H = dx.shape[1], W = dx.shape[2], C = dx.shape[3]
+    cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], OH = dy.shape[1], OW = dy.shape[2]
+    cdef Py_ssize_t rows = (n1 - n0) * H, r
+    cdef int nt
+    _check_depthwise("depthwise_input_grad", (dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]), (dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]),
+                     (w.shape[0], w.shape[1], w.shape[2], w.shape[3]), n0, n1, sh, sw, ph, pw, dh, dw)
+    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C, n_threads)
+    with nogil:
+        if nt == 1:
+            for r in range(rows):
+                _dw_dx_row(&dy[0, 0, 0, 0], &w[0, 0, 0, 0], &dx[0, 0, 0, 0], n0, r, H, OH, OW,
+                           W, C, KH, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            for r in prange(rows, num_threads=nt, schedule="static"):
+                _dw_dx_row(&dy[0, 0, 0, 0], &w[0, 0, 0, 0], &dx[0, 0, 0, 0], n0, r, H, OH, OW,
+                           W, C, KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+def depthwise_weight_grad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
+                          floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0,
+                          Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                          Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """Weight gradient (KH, KW, 1, C) of images [n0, n1): overwritten, or added to."""
+    cdef Py_ssize_t H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t KH = gw.shape[0], KW = gw.shape[1], OH = dy.shape[1], OW = dy.shape[2]
+    cdef Py_ssize_t tap
+    cdef int nt
+    cdef floating* acc
+    _check_depthwise("depthwise_weight_grad", (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), (dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]),
+                     (gw.shape[0], gw.shape[1], gw.shape[2], gw.shape[3]), n0, n1, sh, sw, ph, pw, dh, dw)
+    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C, n_threads)
+    # One accumulator row per tap: taps run in parallel and write disjoint rows of gw.
+    acc = <floating*>malloc(KH * KW * (C + 16) * sizeof(floating))
+    if acc == NULL:
+        raise MemoryError()
+    with nogil:
+        if nt == 1:
+            for tap in range(KH * KW):
+                _dw_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], acc, &gw[0, 0, 0, 0], accumulate,
+                              n0, n1, tap, H, W, C, OH, OW, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            for tap in prange(KH * KW, num_threads=nt, schedule="dynamic"):
+                _dw_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], acc, &gw[0, 0, 0, 0], accumulate,
+                              n0, n1, tap, H, W, C, OH, OW, KW, sh, sw, ph, pw, dh, dw)
+    free(acc)
+
+
+# ---------------------------------------------------------------------------
 # Python-facing wrappers
 
 def _check_geometry(tuple xshape, tuple colshape, Py_ssize_t n0, Py_ssize_t n1,

@@ -24,7 +24,9 @@ CONFIGS = {
     "3x3-stride3-dil2-pad1": (3, 5, 3, 3, 1, 2, 1, True, (2, 9, 8)),
     "3x3-groups2": (4, 6, 3, 1, 1, 1, 2, True, (2, 6, 6)),
     "depthwise": (4, 4, 3, 1, 1, 1, 4, True, (2, 6, 5)),
-    "depthwise-x2-stride2": (3, 6, 3, 2, 1, 1, 3, False, (2, 7, 7)),
+    "depthwise-x2-stride2": (3, 6, 3, 2, 1, 1, 3, False, (2, 7, 7)),   # multiplier 2: GEMM
+    "depthwise-5x5-stride2-dil2": (6, 6, 5, 2, 4, 2, 6, True, (2, 9, 10)),
+    "depthwise-1x1": (5, 5, 1, 1, 0, 1, 5, True, (2, 4, 3)),
     "nonsquare": (3, 4, (3, 1), (2, 1), (1, 0), 1, 1, True, (2, 7, 5)),
     "nonsquare-all": (4, 4, (1, 3), (1, 2), (0, 2), (1, 2), 2, True, (2, 5, 9)),
     # Channel counts in whole vectors: the direct kernel (forward, and the input
@@ -175,7 +177,7 @@ def test_pointwise_fast_path_equals_general_path(groups, rng):
     fast = nn.Conv2d(8, 6, 1, groups=groups)
     general = nn.Conv2d(8, 6, 1, groups=groups)
     general.load_state_dict(fast.state_dict())
-    general._is_pointwise = lambda: False      # force im2col + GEMM
+    general._paths = lambda dtype: ("im2col", "gemm", "col2im")   # force im2col + GEMM
     x = rng.standard_normal((3, 5, 4, 8)).astype(np.float32)
     y_fast, y_gen = fast(x), general(x)
     assert general._ws["col"] and not fast._ws["col"]   # only the general path ran im2col
@@ -195,7 +197,7 @@ def test_direct_kernel_matches_im2col_path(args, kwargs, rng, monkeypatch):
     y = direct(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = direct.backward(dy)
-    assert direct._direct_forward(x.dtype)
+    assert direct._paths(x.dtype)[:2] == ("direct", "direct")
     assert ("wflip" in direct._ws) == (direct.stride == (1, 1))
     monkeypatch.setattr(conv_mod, "_DIRECT_MAX_CHANNELS", 0)
     general = nn.Conv2d(*args, **kwargs)
@@ -204,6 +206,22 @@ def test_direct_kernel_matches_im2col_path(args, kwargs, rng, monkeypatch):
     np.testing.assert_allclose(general.backward(dy), dx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(general.weight.grad, direct.weight.grad, rtol=1e-5, atol=1e-4)
     assert "wflip" not in general._ws
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=2, dilation=2)])
+def test_depthwise_kernel_matches_grouped_gemm_path(kwargs, rng):
+    dwise = nn.Conv2d(24, 24, 3, groups=24, **kwargs)
+    general = nn.Conv2d(24, 24, 3, groups=24, **kwargs)
+    general.load_state_dict(dwise.state_dict())
+    general._paths = lambda dtype: ("im2col", "gemm", "col2im")
+    assert dwise._paths(np.float32) == ("depthwise",) * 3
+    x = rng.standard_normal((5, 9, 11, 24)).astype(np.float32)
+    y = dwise(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_allclose(general(x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.backward(dy), dwise.backward(dy), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.weight.grad, dwise.weight.grad, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(general.bias.grad, dwise.bias.grad, rtol=1e-5, atol=1e-4)
 
 
 def _run_fwd_bwd(m, x, dy, n):

@@ -224,24 +224,30 @@ class Conv2d(Module):
                              f"(dilated) kernel size ({eh}, {ew})")
         return n, (h + 2 * ph - eh) // sh + 1, (w + 2 * pw - ew) // sw + 1, self.out_channels
 
-    def _is_pointwise(self):
-        """1x1, stride 1, no padding: the input is its own column matrix."""
-        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+    def _paths(self, dtype):
+        """(forward, weight gradient, input gradient) algorithms for this layer and dtype.
 
-    def _direct_forward(self, dtype):
-        """Forward by the direct kernel: groups 1, few output channels in whole vectors."""
-        cout = self.out_channels
-        return (self.groups == 1 and not self._is_pointwise() and cout <= _DIRECT_MAX_CHANNELS
-                and cout % _conv.direct_lanes(dtype) == 0)
-
-    def _direct_input_grad(self, dtype):
-        """dx as a direct convolution of dy with the flipped, transposed kernel
-        (stride 1 only: it is then an ordinary convolution with padding d*(k-1)-p)."""
-        cin = self.in_channels
+        depthwise: groups == C_in == C_out, loops along the channel axis.
+        direct:    groups 1 and few output channels in whole SIMD vectors (the
+                   skinny GEMMs BLAS is weakest at); the input gradient too when
+                   the stride is 1 and C_in qualifies (it is then an ordinary
+                   convolution of dy with the flipped kernel, padding d*(k-1)-p).
+        pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
+        otherwise im2col / batched GEMM / col2im.
+        """
+        cin, cout, g = self.in_channels, self.out_channels, self.groups
         (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
-        return (self.groups == 1 and not self._is_pointwise() and self.stride == (1, 1)
-                and cin <= _DIRECT_MAX_CHANNELS and cin % _conv.direct_lanes(dtype) == 0
-                and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+        lanes = _conv.direct_lanes(np.dtype(dtype))
+        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        if g > 1 and g == cin == cout:
+            return "depthwise", "depthwise", "depthwise"
+        if g == 1 and not pointwise and cout <= _DIRECT_MAX_CHANNELS and cout % lanes == 0:
+            direct_dx = (self.stride == (1, 1) and cin <= _DIRECT_MAX_CHANNELS
+                         and cin % lanes == 0 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+            return "direct", "direct", "direct" if direct_dx else "col2im"
+        if pointwise:
+            return "pointwise", "gemm", "pointwise"
+        return "im2col", "gemm", "col2im"
 
     def _workspace(self, x, out_shape):
         """Buffers for this input shape, allocated once and reused.
@@ -258,12 +264,13 @@ class Conv2d(Module):
             n, oh, ow, _ = out_shape
             kh, kw = self.kernel_size
             k_total = kh * kw * self.in_channels
-            per_image = oh * ow * (self.in_channels if self._is_pointwise() else k_total)
+            per_image = oh * ow * k_total
             chunk = max(1, min(n, _COL_CHUNK_BYTES // max(1, per_image * x.itemsize)))
             n_chunks = -(-n // chunk)
             w_bytes = self.weight.data.nbytes
             stripes = max(1, min(n_chunks, _STRIPES, _STRIPE_BYTES // max(1, w_bytes)))
             self._ws = {"chunk": chunk, "n_chunks": n_chunks, "stripes": stripes,
+                        "col_shape": (chunk * oh * ow, k_total),
                         "col": [], "dcol": [], "dw": [], "slots": None}
             self._ws_key = key
         return self._ws
@@ -303,12 +310,10 @@ class Conv2d(Module):
         nt = num_threads()
         ws = self._workspace(x, out_shape)
         chunk, rows = ws["chunk"], oh * ow
-        pointwise = self._is_pointwise()
-        direct = self._direct_forward(x.dtype)
-        if not (pointwise or direct):
-            cols = self._worker_buffers(ws, "col", min(nt, ws["n_chunks"]),
-                                        (chunk * rows, x.shape[3] * self.kernel_size[0]
-                                         * self.kernel_size[1]), x.dtype)
+        path = self._paths(w.dtype)[0]
+        if path == "im2col":
+            cols = self._worker_buffers(ws, "col", min(nt, ws["n_chunks"]), ws["col_shape"],
+                                        x.dtype)
         wstack = self._weight_stack(w)
         bias = None if self.bias is None else self.bias.data
         geom = self._geometry()
@@ -318,10 +323,13 @@ class Conv2d(Module):
 
         def task(t, wid, kt):
             n0, n1 = t * chunk, min(n, (t + 1) * chunk)
-            if direct:
+            if path == "direct":
                 _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt)
                 return
-            if pointwise:
+            if path == "depthwise":
+                _conv.depthwise_forward(x, w, bias, y, n0, n1, *geom[2:8], kt)
+                return
+            if path == "pointwise":
                 c = x2[n0 * rows:n1 * rows]
             else:
                 c = cols[wid][:(n1 - n0) * rows]
@@ -345,31 +353,29 @@ class Conv2d(Module):
         nt = num_threads()
         ws = self._workspace(x, out_shape)
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
-        pointwise = self._is_pointwise()
+        _, dw_path, dx_path = self._paths(w.dtype)
         n_workers = min(nt, stripes)
+        geom = self._geometry()
+        kh, kw, _, _, ph, pw, dh, dw, _ = geom
         wstack = self._weight_stack(w)
         wstack_t = np.swapaxes(wstack, -1, -2)            # (G, Cout/G, K) view
-        gw = self._weight_stack(self.weight.grad)          # accumulate into .grad (a view)
+        # The kernels write HWIO gradients; the GEMMs write (G, K, Cout/G) stacks.
+        target = self._weight_stack(self.weight.grad) if dw_path == "gemm" else self.weight.grad
         if ws["slots"] is None:
-            ws["slots"] = np.empty((stripes,) + gw.shape, w.dtype)
+            ws["slots"] = np.empty((stripes,) + target.shape, w.dtype)
         slots = ws["slots"]
-        dws = self._worker_buffers(ws, "dw", n_workers, gw.shape, w.dtype)
-        geom = self._geometry()
-        direct_dw = self._direct_forward(w.dtype)      # same kernel family, same conditions
-        direct_dx = self._direct_input_grad(w.dtype)
-        if not pointwise:
-            col_shape = (chunk * rows, x.shape[3] * self.kernel_size[0] * self.kernel_size[1])
-            if not direct_dw:
-                cols = self._worker_buffers(ws, "col", n_workers, col_shape, x.dtype)
-            if direct_dx:
-                kh, kw, _, _, ph, pw, dh, dw, _ = geom
-                dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
-                wflip = ws.get("wflip")
-                if wflip is None:
-                    wflip = ws["wflip"] = np.empty((kh, kw, cout, self.in_channels), w.dtype)
-                np.copyto(wflip, w[::-1, ::-1].swapaxes(2, 3))
-            else:
-                dcols = self._worker_buffers(ws, "dcol", n_workers, col_shape, x.dtype)
+        if dw_path == "gemm":
+            dws = self._worker_buffers(ws, "dw", n_workers, target.shape, w.dtype)
+            if dx_path != "pointwise":
+                cols = self._worker_buffers(ws, "col", n_workers, ws["col_shape"], x.dtype)
+        if dx_path == "col2im":
+            dcols = self._worker_buffers(ws, "dcol", n_workers, ws["col_shape"], x.dtype)
+        elif dx_path == "direct":
+            dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+            wflip = ws.get("wflip")
+            if wflip is None:
+                wflip = ws["wflip"] = np.empty((kh, kw, cout, self.in_channels), w.dtype)
+            np.copyto(wflip, w[::-1, ::-1].swapaxes(2, 3))
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = np.empty_like(x)
@@ -382,11 +388,13 @@ class Conv2d(Module):
                 n0, n1 = t * chunk, min(n, (t + 1) * chunk)
                 r0, r1 = n0 * rows, n1 * rows
                 dys = self._group_view(dy2[r0:r1])
-                if direct_dw:
-                    _conv.conv_direct_wgrad(x, dy, acc.reshape(w.shape), t != first, n0, n1,
-                                            *geom[2:8], kt)
+                # weight gradient of this chunk into the stripe's slot
+                if dw_path == "direct":
+                    _conv.conv_direct_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
+                elif dw_path == "depthwise":
+                    _conv.depthwise_weight_grad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
                 else:
-                    if pointwise:
+                    if dx_path == "pointwise":
                         c = x2[r0:r1]
                     else:
                         # Recompute the columns from the saved input: cheaper than keeping them.
@@ -398,11 +406,13 @@ class Conv2d(Module):
                     else:
                         np.matmul(ct, dys, out=dws[wid])
                         np.add(acc, dws[wid], out=acc)
-                if pointwise:
+                # input gradient of this chunk
+                if dx_path == "direct":
+                    _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, *dx_pad, dh, dw, kt)
+                elif dx_path == "depthwise":
+                    _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
+                elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
-                elif direct_dx:
-                    _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, dx_pad[0], dx_pad[1],
-                                      dh, dw, kt)
                 else:
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
@@ -410,7 +420,7 @@ class Conv2d(Module):
 
         _run_tasks(stripe, stripes, nt)
         for s in range(stripes):            # fixed order: same bits for any thread count
-            np.add(gw, slots[s], out=gw)
+            np.add(target, slots[s], out=target)
         if self.bias is not None:
             _bias_grad(dy2, self.bias.grad)
         return dx
