@@ -337,9 +337,18 @@ cdef inline floating* _ptr(object arr, floating* like) except? NULL:
     return &view[0] if view.shape[0] > 0 else NULL
 
 
+cdef inline const floating* _cptr(object arr, const floating* like) except? NULL:
+    """Read-only data pointer of an optional (already validated) 1-D array."""
+    cdef const floating[::1] view
+    if arr is None:
+        return NULL
+    view = arr
+    return &view[0] if view.shape[0] > 0 else NULL
+
+
 # -- Python-facing kernels ----------------------------------------------------------
 
-def forward_train(floating[:, ::1] x, floating[:, ::1] y, weight, bias, double eps, bint relu,
+def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, double eps, bint relu,
                   double[::1] save_mean, double[::1] save_invstd,
                   floating[::1] alpha, floating[::1] shift,
                   running_mean, running_var, double momentum, int n_threads):
@@ -369,8 +378,8 @@ def forward_train(floating[:, ::1] x, floating[:, ::1] y, weight, bias, double e
                          f"got {M} rows of {C} channels")
     if C == 0:
         return
-    cdef floating* w = _ptr(weight, <floating*>NULL)
-    cdef floating* b = _ptr(bias, <floating*>NULL)
+    cdef const floating* w = _cptr(weight, <const floating*>NULL)
+    cdef const floating* b = _cptr(bias, <const floating*>NULL)
     cdef floating* rm = _ptr(running_mean, <floating*>NULL)
     cdef floating* rv = _ptr(running_var, <floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
@@ -423,7 +432,7 @@ def forward_train(floating[:, ::1] x, floating[:, ::1] y, weight, bias, double e
         free(slots)
 
 
-def forward_eval(floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_mean,
+def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_mean,
                  running_var, double eps, bint relu, floating[::1] alpha, floating[::1] shift,
                  int n_threads):
     """Eval forward with the running statistics (alpha/shift are scratch outputs)."""
@@ -439,10 +448,10 @@ def forward_eval(floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_m
         raise ValueError(f"batchnorm kernel: alpha/shift must have {C} values")
     if C == 0 or M == 0:
         return
-    cdef floating* w = _ptr(weight, <floating*>NULL)
-    cdef floating* b = _ptr(bias, <floating*>NULL)
-    cdef floating* rm = _ptr(running_mean, <floating*>NULL)
-    cdef floating* rv = _ptr(running_var, <floating*>NULL)
+    cdef const floating* w = _cptr(weight, <const floating*>NULL)
+    cdef const floating* b = _cptr(bias, <const floating*>NULL)
+    cdef const floating* rm = _cptr(running_mean, <const floating*>NULL)
+    cdef const floating* rv = _cptr(running_var, <const floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef int nt = effective_threads(M * C, n_threads)
@@ -463,9 +472,10 @@ def forward_eval(floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_m
                           C, &alpha[0], &shift[0], relu)
 
 
-def backward(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] dx, weight,
-             weight_grad, bias_grad, double[::1] save_mean, double[::1] save_invstd,
-             floating[::1] alpha, floating[::1] shift, bint relu, int n_threads):
+def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx, weight,
+             weight_grad, bias_grad, const double[::1] save_mean,
+             const double[::1] save_invstd, const floating[::1] alpha,
+             const floating[::1] shift, bint relu, int n_threads):
     """Training backward: dx (written), dgamma/dbeta (accumulated with +=).
 
     ``x`` is the forward input, ``save_*`` / ``alpha`` / ``shift`` what
@@ -487,7 +497,7 @@ def backward(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] dx, weigh
                          "values")
     if C == 0 or M == 0:
         return
-    cdef floating* w = _ptr(weight, <floating*>NULL)
+    cdef const floating* w = _cptr(weight, <const floating*>NULL)
     cdef floating* gw = _ptr(weight_grad, <floating*>NULL)
     cdef floating* gb = _ptr(bias_grad, <floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)

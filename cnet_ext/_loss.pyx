@@ -155,7 +155,7 @@ def _check(logits, probs, labels):
                          f"{logits.shape[0]} rows of logits")
 
 
-def forward(floating[:, ::1] logits, const Py_ssize_t[::1] labels, floating[:, ::1] probs,
+def forward(const floating[:, ::1] logits, const Py_ssize_t[::1] labels, floating[:, ::1] probs,
             double smoothing, int n_threads):
     """Sum over rows of the (label-smoothed) cross-entropy; softmax into ``probs``.
 
@@ -185,7 +185,7 @@ def forward(floating[:, ::1] logits, const Py_ssize_t[::1] labels, floating[:, :
     return total
 
 
-def backward(floating[:, ::1] probs, const Py_ssize_t[::1] labels, floating[:, ::1] grad,
+def backward(const floating[:, ::1] probs, const Py_ssize_t[::1] labels, floating[:, ::1] grad,
              double smoothing, double coef, int n_threads):
     """grad = coef * (probs - (1 - smoothing) * onehot(labels) - smoothing / C)."""
     cdef Py_ssize_t N = probs.shape[0], C = probs.shape[1]

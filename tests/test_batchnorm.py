@@ -88,6 +88,19 @@ def test_train_forward_backward_matches_numpy(rng, shape, affine, dtype):
     np.testing.assert_array_equal(dy, dy_copy)  # backward leaves grad_out alone
 
 
+def test_read_only_inputs_accepted(rng):
+    bn = make_bn(nn.BatchNorm2d, 8, rng)
+    x = rng.standard_normal((3, 4, 4, 8)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y_ref, dx_ref = bn(x), bn.backward(dy)
+    x.flags.writeable = False
+    dy.flags.writeable = False
+    np.testing.assert_array_equal(bn(x), y_ref)
+    np.testing.assert_array_equal(bn.backward(dy), dx_ref)
+    bn.eval()
+    bn(x)
+
+
 def test_grads_accumulate(rng):
     bn = make_bn(nn.BatchNorm2d, 4, rng)
     x = rng.standard_normal((3, 2, 2, 4)).astype(np.float32)

@@ -67,6 +67,17 @@ def test_large_logits_are_stable():
     assert np.isfinite(loss_fn.backward()).all()
 
 
+def test_read_only_logits_and_labels(rng):
+    z = rng.standard_normal((8, 4)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    loss_fn = nn.CrossEntropyLoss()
+    ref, gref = loss_fn(z, y), loss_fn.backward()
+    z.flags.writeable = False
+    y.flags.writeable = False
+    assert loss_fn(z, y) == ref
+    np.testing.assert_array_equal(loss_fn.backward(), gref)
+
+
 def test_label_dtypes_and_empty_batch(rng):
     z = rng.standard_normal((8, 4)).astype(np.float32)
     y = rng.integers(0, 4, 8)
