@@ -40,14 +40,18 @@ cdef extern from *:
     """
     #include <stdint.h>
     #define T float
+    #define U uint32_t
     #define SFX f32
     #include "_elementwise_impl.h"
     #undef T
+    #undef U
     #undef SFX
     #define T double
+    #define U uint64_t
     #define SFX f64
     #include "_elementwise_impl.h"
     #undef T
+    #undef U
     #undef SFX
     """
     uint64_t cnet_mix64(uint64_t) noexcept nogil
