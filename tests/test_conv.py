@@ -96,15 +96,19 @@ def test_gradients_finite_differences(name, rng):
     check_gradients(make(cfg), make_input(cfg, rng, np.float64), max_checks=60)
 
 
-def test_chunked_batch_matches_reference_and_gradients(rng, monkeypatch):
-    # A column buffer of one image forces one chunk per image.
+@pytest.mark.parametrize("cfg", [(3, 4, 3, 2, 1, 1, 1, True, (4, 6, 5)),      # im2col + GEMM
+                                 (8, 16, 3, 1, 1, 1, 1, True, (4, 6, 5)),     # direct kernels
+                                 (8, 8, 3, 2, 1, 1, 8, True, (4, 7, 6))])     # depthwise
+def test_chunked_batch_matches_reference_and_gradients(cfg, rng, monkeypatch):
+    # Budgets of one byte force one chunk per image (and several stripes in backward).
     monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1)
-    cfg = (3, 4, 3, 2, 1, 1, 1, True, (4, 6, 5))
+    monkeypatch.setattr(conv_mod, "_KERNEL_CHUNK_BYTES", 1)
     m = make(cfg).double()
     x = make_input(cfg, rng, np.float64)
     y = m(x)
-    assert m._ws["chunk"] == 1
-    ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation, 1)
+    assert m._ws["chunk"] == 1 and m._ws["stripes"] == 4
+    ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation,
+                         m.groups)
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
     check_gradients(m, x, max_checks=60)
 
@@ -355,6 +359,13 @@ def test_bad_inputs_name_layer_and_shapes(rng):
         m.backward(np.zeros((2, 6, 6, 7), np.float32))
     with pytest.raises(ValueError, match=name + r".*float32 gradient.*float64"):
         m.backward(y.astype(np.float64))
+
+
+def test_half_precision_parameters_refused(rng):
+    for m, x in [(nn.Conv2d(3, 4, 3).to(np.float16), np.zeros((1, 5, 5, 3), np.float16)),
+                 (nn.Linear(3, 4).to(np.float16), np.zeros((2, 3), np.float16))]:
+        with pytest.raises(ValueError, match=r"(Conv2d|Linear)\(.*float16.*float32 or float64"):
+            m(x)
 
 
 def test_kernel_wrappers_check_shapes():
