@@ -1,9 +1,13 @@
 """BatchNorm2d training forward+backward: cnet (NHWC) vs torch (channels_last and NCHW).
 
-    python bench/bench_batchnorm.py [--threads 2] [--relu]
+    python bench/bench_batchnorm.py [--threads 2] [--relu] [--reps 20] [--rounds 2] [--cpu-time]
 
-Prints median ms per forward+backward (best of two rounds) and the ratio
-cnet / torch for each torch layout (below 1 means cnet is faster).
+For each shape, cnet and torch in both layouts are timed in interleaved rounds
+in this one process (same thread count); a round's figure is the median of
+``--reps`` forward+backward runs and the best round counts.  ``--relu`` fuses
+ReLU into cnet's BN (as Sequential(BN, ReLU) does) against torch's BN then
+ReLU.  Ratio = cnet time / torch time (below 1: cnet faster).  On a shared
+machine ``--threads 1 --cpu-time`` is immune to time lost while descheduled.
 """
 import argparse
 import time
@@ -13,36 +17,41 @@ import numpy as np
 import cnet
 from cnet import nn
 
+CLOCK = time.perf_counter
 
-def median_ms(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+
+def median_ms(fn, reps):
+    fn()  # warm up (allocations, first touch)
+    ts = []
+    for _ in range(reps):
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
-def best_of_two(fn, iters):
-    return min(median_ms(fn, iters), median_ms(fn, iters))
+        ts.append(CLOCK() - t0)
+    return 1e3 * float(np.median(ts))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--relu", action="store_true", help="fused BN+ReLU (torch: BN then ReLU)")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall time")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
     import torch
     cnet.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    print(f"threads={args.threads} relu={args.relu} torch {torch.__version__}")
+    print(f"BatchNorm2d fwd+bwd float32, {args.threads} threads, relu={args.relu}, torch "
+          f"{torch.__version__}; ms: best of {args.rounds} interleaved rounds of the median "
+          f"of {args.reps}{' (CPU time)' if args.cpu_time else ''}")
     for shape in [(128, 32, 32, 16), (64, 8, 8, 256)]:
         C = shape[-1]
-        x = rng.standard_normal(shape).astype(np.float32)
-        dy = rng.standard_normal(shape).astype(np.float32)
+        x = rng.standard_normal(shape, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
         bn = nn.BatchNorm2d(C)
         if args.relu:
             bn.fuse_relu()
@@ -51,24 +60,29 @@ def main():
             bn.forward(x)
             bn.backward(dy)
 
-        t_cnet = best_of_two(run_cnet, args.iters)
-        row = [f"{str(shape):>18}  cnet {t_cnet:7.2f} ms"]
-        for layout, fmt in [("channels_last", torch.channels_last),
-                            ("NCHW", torch.contiguous_format)]:
+        contenders = {"cnet": run_cnet}
+        for layout, fmt in [("torch channels_last", torch.channels_last),
+                            ("torch NCHW", torch.contiguous_format)]:
             tb = torch.nn.BatchNorm2d(C)
             xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
             gt = torch.from_numpy(dy).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
             xt.requires_grad_(True)
 
-            def run_torch():
+            def run_torch(tb=tb, xt=xt, gt=gt):
                 y = tb(xt)
                 if args.relu:
                     y = torch.relu(y)
                 y.backward(gt)
                 xt.grad = None
 
-            t_torch = best_of_two(run_torch, args.iters)
-            row.append(f"torch {layout} {t_torch:7.2f} ms (ratio {t_cnet / t_torch:4.2f})")
+            contenders[layout] = run_torch
+        best = {k: float("inf") for k in contenders}
+        for _ in range(args.rounds):
+            for name, fn in contenders.items():
+                best[name] = min(best[name], median_ms(fn, args.reps))
+        row = [f"{str(shape):>18}  cnet {best['cnet']:6.2f}"]
+        for name in list(contenders)[1:]:
+            row.append(f"{name} {best[name]:6.2f} (ratio {best['cnet'] / best[name]:.2f})")
         print("  ".join(row))
 
 

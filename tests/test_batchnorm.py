@@ -306,6 +306,8 @@ def test_bad_inputs(rng):
         nn.BatchNorm2d(0)
     with pytest.raises(ValueError, match="momentum"):
         nn.BatchNorm2d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        nn.BatchNorm2d(3, eps=-1e-5)
     bn.eval()
     y = bn(np.zeros((1, 1, 1, 4), np.float32))  # eval accepts a single value per channel
     assert y.shape == (1, 1, 1, 4)

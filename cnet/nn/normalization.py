@@ -28,8 +28,8 @@ class _BatchNorm(Module):
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
                              f"got {momentum}")
-        if eps <= 0:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps}")
+        if not eps >= 0:
+            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
         self.num_features = num_features
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
