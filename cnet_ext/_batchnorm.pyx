@@ -23,7 +23,6 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free
-from libc.string cimport memset
 
 import numpy as np
 
