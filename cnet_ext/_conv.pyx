@@ -231,7 +231,7 @@ cdef extern from *:
     #endif
     #define CNET_PB 6
 
-    #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW)                                          \
+    #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV)                                      \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
@@ -243,11 +243,13 @@ cdef extern from *:
         const T* img = x + n * H * W * C;                                                  \
         for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += CNET_PB) {                               \
             Py_ssize_t nb = OW - ow0 < CNET_PB ? OW - ow0 : CNET_PB;                       \
-            for (Py_ssize_t co = 0; co < Cout; co += VW) {                                 \
-                VT acc[CNET_PB];                                                           \
-                VT b0 = {0};                                                               \
-                if (bias) b0 = *(const VTU*)(bias + co);                                   \
-                for (int p = 0; p < CNET_PB; p++) acc[p] = b0;                             \
+            for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
+                VT acc[NV][CNET_PB];                                                       \
+                for (int v = 0; v < NV; v++) {                                             \
+                    VT b0 = {0};                                                           \
+                    if (bias) b0 = *(const VTU*)(bias + co + v * VW);                      \
+                    for (int p = 0; p < CNET_PB; p++) acc[v][p] = b0;                      \
+                }                                                                          \
                 for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
                     if ((size_t)ih >= (size_t)H) continue;                                 \
@@ -261,20 +263,29 @@ cdef extern from *:
                         }                                                                  \
                         const T* wk = w + (kh * KW + kw) * C * Cout + co;                  \
                         for (Py_ssize_t ci = 0; ci < C; ci++) {                            \
-                            VT wv = *(const VTU*)(wk + ci * Cout);                         \
+                            VT wv[NV];                                                     \
+                            for (int v = 0; v < NV; v++)                                   \
+                                wv[v] = *(const VTU*)(wk + ci * Cout + v * VW);            \
                             _Pragma("GCC unroll 6")                                        \
-                            for (int p = 0; p < CNET_PB; p++) acc[p] += xp[p][ci] * wv;    \
+                            for (int p = 0; p < CNET_PB; p++) {                            \
+                                T xv = xp[p][ci];                                          \
+                                for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];      \
+                            }                                                              \
                         }                                                                  \
                     }                                                                      \
                 }                                                                          \
                 for (int p = 0; p < nb; p++)                                               \
-                    *(VTU*)(yrow + (ow0 + p) * Cout + co) = acc[p];                        \
+                    for (int v = 0; v < NV; v++)                                           \
+                        *(VTU*)(yrow + (ow0 + p) * Cout + co + v * VW) = acc[v][p];        \
             }                                                                              \
         }                                                                                  \
     }
 
-    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16)
-    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8)
+    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16, 1)
+    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8, 1)
+    /* Two vectors of outputs per block: 12 accumulators, for AVX-512's 32 registers. */
+    CNET_DIRECT_ROW(cnet_direct_row2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2)
+    CNET_DIRECT_ROW(cnet_direct_row2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2)
 
     /* Weight gradient of one kernel tap (kh, kw) over images [n0, n1):
        gw[ci, co] (+)= sum over output pixels of x[n, ih, iw, ci] * dy[n, oh, ow, co].
@@ -282,7 +293,7 @@ cdef extern from *:
        pixel one vector load of dy and 6 broadcast-FMAs.  Channel tails read a
        clamped (valid) channel and are not stored.  Fixed loop order: the sum
        is the same whatever thread runs it. */
-    #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW)                                        \
+    #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW, NV)                                    \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
@@ -300,9 +311,10 @@ cdef extern from *:
             Py_ssize_t nb = C - ci0 < CNET_PB ? C - ci0 : CNET_PB;                         \
             Py_ssize_t cidx[CNET_PB];                                                      \
             for (int j = 0; j < CNET_PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);       \
-            for (Py_ssize_t co = 0; co < Cout; co += VW) {                                 \
-                VT acc[CNET_PB];                                                           \
-                for (int j = 0; j < CNET_PB; j++) acc[j] = (VT){0};                        \
+            for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
+                VT acc[NV][CNET_PB];                                                       \
+                for (int v = 0; v < NV; v++)                                               \
+                    for (int j = 0; j < CNET_PB; j++) acc[v][j] = (VT){0};                 \
                 for (Py_ssize_t n = n0; n < n1; n++) {                                     \
                     for (Py_ssize_t oh = 0; oh < OH; oh++) {                               \
                         Py_ssize_t ih = oh * sh - ph + kh * dh;                            \
@@ -310,25 +322,49 @@ cdef extern from *:
                         const T* xr = x + (n * H + ih) * W * C;                            \
                         const T* dr = dy + ((n * OH + oh) * OW) * Cout + co;               \
                         for (Py_ssize_t ow = ow_lo; ow < ow_hi; ow++) {                    \
-                            VT dv = *(const VTU*)(dr + ow * Cout);                         \
+                            VT dv[NV];                                                     \
+                            for (int v = 0; v < NV; v++)                                   \
+                                dv[v] = *(const VTU*)(dr + ow * Cout + v * VW);            \
                             const T* xp = xr + (ow * sw + off) * C;                        \
                             _Pragma("GCC unroll 6")                                        \
-                            for (int j = 0; j < CNET_PB; j++) acc[j] += xp[cidx[j]] * dv;  \
+                            for (int j = 0; j < CNET_PB; j++) {                            \
+                                T xv = xp[cidx[j]];                                        \
+                                for (int v = 0; v < NV; v++) acc[v][j] += xv * dv[v];      \
+                            }                                                              \
                         }                                                                  \
                     }                                                                      \
                 }                                                                          \
-                for (Py_ssize_t j = 0; j < nb; j++) {                                      \
-                    VTU* g = (VTU*)(gw + (ci0 + j) * Cout + co);                           \
-                    if (accumulate) *g += acc[j]; else *g = acc[j];                        \
-                }                                                                          \
+                for (Py_ssize_t j = 0; j < nb; j++)                                        \
+                    for (int v = 0; v < NV; v++) {                                         \
+                        VTU* g = (VTU*)(gw + (ci0 + j) * Cout + co + v * VW);              \
+                        if (accumulate) *g += acc[v][j]; else *g = acc[v][j];              \
+                    }                                                                      \
             }                                                                              \
         }                                                                                  \
     }
 
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16, 1)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8, 1)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2)
+
+    /* The two-vector blocks only pay where 32 vector registers hold them. */
+    static int cnet_wide_vectors(void) {
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f");
+    #else
+        return 0;
+    #endif
+    }
     """
     void cnet_direct_row_f32(const float* x, const float* w, const float* bias,
+                             const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row2_f32(const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
@@ -340,7 +376,19 @@ cdef extern from *:
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row2_f64(const double* x, const double* w, const double* bias,
+                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f32(const float* x, const float* dy, float* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad2_f32(const float* x, const float* dy, float* gw, int accumulate,
                                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                                Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
@@ -352,6 +400,26 @@ cdef extern from *:
                                Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
                                Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                                Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad2_f64(const double* x, const double* dy, double* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+    int cnet_wide_vectors() noexcept nogil
+
+
+cdef bint _WIDE = cnet_wide_vectors()
+
+
+def _wide_vectors(enable=None):
+    """Whether the direct kernels use two-vector blocks (AVX-512 machines); benchmarks
+    may switch it off to compare (returns the previous setting)."""
+    global _WIDE
+    previous = bool(_WIDE)
+    if enable is not None:
+        _WIDE = bool(enable) and bool(cnet_wide_vectors())
+    return previous
 
 
 cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floating* gw,
@@ -359,14 +427,22 @@ cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floati
                                    Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                                    Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                   Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+                                   Py_ssize_t dh, Py_ssize_t dw, bint wide) noexcept nogil:
     cdef Py_ssize_t kh = tap // KW, kw = tap % KW
     if floating is float:
-        cnet_direct_wgrad_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W, C,
-                              OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        if wide:
+            cnet_direct_wgrad2_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
+                                   C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_direct_wgrad_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
+                                  C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
     else:
-        cnet_direct_wgrad_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W, C,
-                              OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        if wide:
+            cnet_direct_wgrad2_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
+                                   C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_direct_wgrad_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
+                                  C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
 
 
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
@@ -381,6 +457,7 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t tap
     cdef int nt
+    cdef bint wide = _WIDE and Cout % (2 * lanes) == 0
     if gw.shape[2] != C or dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
         raise ValueError(f"conv_direct_wgrad: input {(N, H, W, C)}, output gradient "
                          f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
@@ -394,11 +471,13 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
         if nt == 1:
             for tap in range(KH * KW):
                 _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw)
+                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
+                                  wide)
         else:
             for tap in prange(KH * KW, num_threads=nt, schedule="dynamic"):
                 _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw)
+                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
+                                  wide)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
@@ -406,16 +485,24 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                              Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+                             Py_ssize_t dh, Py_ssize_t dw, bint wide) noexcept nogil:
     cdef Py_ssize_t n = n0 + r // OH
     cdef Py_ssize_t oh = r % OH
     cdef floating* yrow = y + (n * OH + oh) * OW * Cout
     if floating is float:
-        cnet_direct_row_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                            KH, KW, sh, sw, ph, pw, dh, dw)
+        if wide:
+            cnet_direct_row2_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                 KH, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_direct_row_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                KH, KW, sh, sw, ph, pw, dh, dw)
     else:
-        cnet_direct_row_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                            KH, KW, sh, sw, ph, pw, dh, dw)
+        if wide:
+            cnet_direct_row2_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                 KH, KW, sh, sw, ph, pw, dh, dw)
+        else:
+            cnet_direct_row_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                KH, KW, sh, sw, ph, pw, dh, dw)
 
 
 def direct_lanes(dtype):
@@ -441,6 +528,7 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
     cdef const floating* bp = NULL
     cdef floating* zeros
     cdef int nt
+    cdef bint wide = _WIDE and Cout % (2 * lanes) == 0
     if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or Cout % lanes:
         raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
                          f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
@@ -461,11 +549,11 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
         if nt == 1:
             for r in range(rows):
                 _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw)
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wide)
         else:
             for r in prange(rows, num_threads=nt, schedule="static"):
                 _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw)
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wide)
     free(zeros)
 
 
