@@ -152,6 +152,8 @@ def test_repr_and_init_match_torch():
                      ((8, 8, (3, 5)), dict(stride=2, dilation=(1, 2), groups=4)),
                      ((4, 4, 1), {})]:
         assert repr(nn.Conv2d(*args, **kw)) == repr(torch.nn.Conv2d(*args, **kw))
+    for kw in [dict(padding="same"), dict(padding="valid"), dict(padding="same", dilation=2)]:
+        assert repr(nn.Conv2d(3, 4, 3, **kw)) == repr(torch.nn.Conv2d(3, 4, 3, **kw))
     assert repr(nn.Linear(3, 4)) == repr(torch.nn.Linear(3, 4))
     assert repr(nn.Linear(3, 4, bias=False)) == repr(torch.nn.Linear(3, 4, bias=False))
 
@@ -334,6 +336,19 @@ def test_bad_constructor_arguments():
         nn.Conv2d(3, 4, (3, 3, 3))
     with pytest.raises(ValueError, match="positive"):
         nn.Linear(0, 3)
+    with pytest.raises(ValueError, match="strided"):
+        nn.Conv2d(3, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="symmetric"):
+        nn.Conv2d(3, 4, 4, padding="same")
+    with pytest.raises(ValueError, match="invalid padding string"):
+        nn.Conv2d(3, 4, 3, padding="full")
+
+
+def test_padding_strings(rng):
+    x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+    same = nn.Conv2d(3, 4, 5, padding="same", dilation=(1, 2))
+    assert same.padding == (2, 4) and same(x).shape == (2, 7, 6, 4)
+    assert nn.Conv2d(3, 4, 3, padding="valid")(x).shape == (2, 5, 4, 4)
 
 
 def test_bad_inputs_name_layer_and_shapes(rng):

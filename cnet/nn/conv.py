@@ -54,8 +54,9 @@ _KERNEL_CHUNK_BYTES = 4 << 20
 # parallelism of the weight-gradient GEMMs), with all slots under _STRIPE_BYTES.
 _STRIPES = 8
 _STRIPE_BYTES = 32 << 20
-# The direct kernel (no im2col) beats im2col + BLAS up to this many output
-# channels (32 vs 64 at 3x3 on the AVX-512 dev box: bench/conv_layers.py).
+# The direct kernels (no im2col) beat im2col + BLAS up to this many output
+# channels (at 32, forward 99 vs 47 GFLOP/s and weight gradient 93 vs 46, one
+# thread, AVX-512 dev box); at 64 they only tie, so BLAS keeps wider layers.
 _DIRECT_MAX_CHANNELS = 32
 
 _pool = None
@@ -173,13 +174,11 @@ class Conv2d(Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise ValueError(f"Conv2d: padding={padding!r} is not supported "
-                                 "(use an int, a pair, or 'valid')")
-            padding = 0
-        self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
+        self._padding_str = None
+        if isinstance(padding, str):
+            padding = self._padding_from_string(padding)
+        self.padding = _pair(padding, "padding")
         if in_channels < 1 or out_channels < 1 or groups < 1:
             raise ValueError(f"Conv2d: in_channels={in_channels}, out_channels={out_channels} and "
                              f"groups={groups} must be positive")
@@ -198,6 +197,23 @@ class Conv2d(Module):
         self._ws = None
         self._ws_key = None
 
+    def _padding_from_string(self, padding):
+        """torch's 'valid' (none) and 'same' (stride 1; symmetric padding only)."""
+        if padding not in ("same", "valid"):
+            raise ValueError(f"Conv2d: invalid padding string {padding!r}, should be one of "
+                             "{'same', 'valid'}")
+        self._padding_str = padding
+        if padding == "valid":
+            return 0
+        if self.stride != (1, 1):
+            raise ValueError("Conv2d: padding='same' is not supported for strided convolutions")
+        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError(f"Conv2d: padding='same' needs symmetric padding, but kernel_size="
+                             f"{self.kernel_size} with dilation={self.dilation} pads {totals} "
+                             "in total (use an explicit padding)")
+        return totals[0] // 2, totals[1] // 2
+
     def reset_parameters(self):
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -206,7 +222,9 @@ class Conv2d(Module):
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}")
-        if self.padding != (0, 0):
+        if self._padding_str is not None:
+            s += f", padding={self._padding_str}"
+        elif self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
