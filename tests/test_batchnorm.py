@@ -300,6 +300,9 @@ def test_bad_inputs(rng):
     bn(x)
     with pytest.raises(ValueError, match=r"BatchNorm2d\(4.*gradient of shape \(2, 3, 2, 4\)"):
         bn.backward(np.zeros((2, 3, 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"gradient of shape \(3, 2, 3, 4\) does not match "
+                                         r"the forward input shape \(2, 3, 3, 4\)"):
+        bn.backward(np.zeros((3, 2, 3, 4), np.float32))  # same size, other shape
     with pytest.raises(ValueError, match=r"BatchNorm1d\(4.*2-D.*3-D.*\(2, 3, 3, 4\)"):
         nn.BatchNorm1d(4)(x)
     with pytest.raises(ValueError, match="num_features"):

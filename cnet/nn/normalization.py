@@ -107,7 +107,7 @@ class _BatchNorm(Module):
                 x2, y2, weight, bias, self.eps, self._relu, mean, invstd, alpha, shift,
                 self.running_mean if update else None, self.running_var if update else None,
                 factor, num_threads())
-            self._cache = x2 if self.training else None
+            self._cache = x if self.training else None
         else:
             _batchnorm.forward_eval(x2, y2, weight, bias, self.running_mean, self.running_var,
                                     self.eps, self._relu, alpha, shift, num_threads())
@@ -115,16 +115,16 @@ class _BatchNorm(Module):
         return y
 
     def backward(self, grad_out):
-        x2 = require_cache(self, self._cache)
+        x = require_cache(self, self._cache)
         C = self.num_features
-        check_input(self, grad_out, self._ranks, channels=C, dtype=x2.dtype, what="gradient")
-        if grad_out.size != x2.size:
+        check_input(self, grad_out, self._ranks, channels=C, dtype=x.dtype, what="gradient")
+        if grad_out.shape != x.shape:
             raise ValueError(f"{self._describe()}: gradient of shape {grad_out.shape} does not "
-                             f"match the forward input ({x2.shape[0]} rows of {C} channels)")
+                             f"match the forward input shape {x.shape}")
         mean, invstd, alpha, shift = self._work
         dx = np.empty_like(grad_out)
         _batchnorm.backward(
-            x2, grad_out.reshape(-1, C), dx.reshape(-1, C),
+            x.reshape(-1, C), grad_out.reshape(-1, C), dx.reshape(-1, C),
             self.weight.data if self.affine else None,
             self.weight.grad if self.affine else None,
             self.bias.grad if self.affine else None,
