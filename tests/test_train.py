@@ -94,11 +94,17 @@ def test_trainer_learns_and_writes_history(data, tmp_path, capsys):
         assert "matplotlib" in out and not (tmp_path / "history.png").exists()
 
 
-def test_fit_function_and_quiet(data, capsys):
+def test_fit_function_quiet_and_grad_clip(data, capsys):
     model, opt, _, tl, vl = make_run(data)
-    hist = fit(model, tl, epochs=1, optimizer=opt, val_loader=vl, verbose=0)
+    norms = []
+    from cnet.optim import clip_grad_norm_
+    watch = LambdaCallback(on_batch_end=lambda t, s, logs: norms.append(
+        clip_grad_norm_(list(t.model.parameters()), 1e9)))   # measures after clipping
+    hist = fit(model, tl, epochs=1, optimizer=opt, val_loader=vl, verbose=0,
+               grad_clip=0.01, callbacks=[watch])
     assert len(hist) == 1 and hist.trainer.epoch == 1
     assert capsys.readouterr().out == ""
+    assert len(norms) == len(tl) and max(norms) <= 0.01 * (1 + 1e-4)
 
 
 def test_resume_is_bit_exact(data, tmp_path):
