@@ -207,8 +207,9 @@ cdef void _col2im(const floating* col, floating* dx, Py_ssize_t n0, Py_ssize_t n
 #
 # Small channel counts make skinny GEMMs that BLAS runs far below its peak, and
 # im2col writes KH*KW copies of every input.  This kernel computes a block of
-# 6 output pixels x one vector of output channels in registers: per input
-# channel it loads one vector of weights and issues 6 broadcast-FMAs.  GCC
+# 6 output pixels x one vector of output channels in registers (8 x 2 vectors
+# with AVX-512's 32 registers): per input channel it loads the weight vectors
+# and issues one broadcast-FMA per pixel and vector.  GCC
 # vector extensions keep the source ISA-neutral; target_clones builds it for
 # baseline x86-64, AVX2 (v3) and AVX-512 (v4) and picks one at load time, so no
 # -march flag is needed.  Pixels outside the input read a buffer of zeros, so
@@ -229,9 +230,8 @@ cdef extern from *:
     #else
     #  define CNET_CLONES
     #endif
-    #define CNET_PB 6
 
-    #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV)                                      \
+    #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV, PB)                                  \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
@@ -241,22 +241,22 @@ cdef extern from *:
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
         const T* img = x + n * H * W * C;                                                  \
-        for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += CNET_PB) {                               \
-            Py_ssize_t nb = OW - ow0 < CNET_PB ? OW - ow0 : CNET_PB;                       \
+        for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += PB) {                               \
+            Py_ssize_t nb = OW - ow0 < PB ? OW - ow0 : PB;                       \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
-                VT acc[NV][CNET_PB];                                                       \
+                VT acc[NV][PB];                                                       \
                 for (int v = 0; v < NV; v++) {                                             \
                     VT b0 = {0};                                                           \
                     if (bias) b0 = *(const VTU*)(bias + co + v * VW);                      \
-                    for (int p = 0; p < CNET_PB; p++) acc[v][p] = b0;                      \
+                    for (int p = 0; p < PB; p++) acc[v][p] = b0;                      \
                 }                                                                          \
                 for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
                     if ((size_t)ih >= (size_t)H) continue;                                 \
                     const T* xrow = img + ih * W * C;                                      \
                     for (Py_ssize_t kw = 0; kw < KW; kw++) {                               \
-                        const T* xp[CNET_PB];                                              \
-                        for (int p = 0; p < CNET_PB; p++) {                                \
+                        const T* xp[PB];                                              \
+                        for (int p = 0; p < PB; p++) {                                \
                             Py_ssize_t iw = (ow0 + p) * sw - pw + kw * dw;                 \
                             xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * C     \
                                                                        : zeros;            \
@@ -266,8 +266,8 @@ cdef extern from *:
                             VT wv[NV];                                                     \
                             for (int v = 0; v < NV; v++)                                   \
                                 wv[v] = *(const VTU*)(wk + ci * Cout + v * VW);            \
-                            _Pragma("GCC unroll 6")                                        \
-                            for (int p = 0; p < CNET_PB; p++) {                            \
+                            _Pragma("GCC unroll 8")                                        \
+                            for (int p = 0; p < PB; p++) {                            \
                                 T xv = xp[p][ci];                                          \
                                 for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];      \
                             }                                                              \
@@ -281,19 +281,23 @@ cdef extern from *:
         }                                                                                  \
     }
 
-    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16, 1)
-    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8, 1)
-    /* Two vectors of outputs per block: 12 accumulators, for AVX-512's 32 registers. */
-    CNET_DIRECT_ROW(cnet_direct_row2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2)
-    CNET_DIRECT_ROW(cnet_direct_row2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2)
+    /* 6 pixels x one vector: fits the 16 registers of AVX2. */
+    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16, 1, 6)
+    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8, 1, 6)
+    /* AVX-512's 32 registers: 8 pixels (CIFAR's widths 32/16/8 divide evenly: no
+       wasted lanes) x one or two vectors of outputs (up to 16 accumulators). */
+    CNET_DIRECT_ROW(cnet_direct_row8_f32, float, cnet_v16f8, cnet_v16fu8, 16, 1, 8)
+    CNET_DIRECT_ROW(cnet_direct_row8_f64, double, cnet_v8d8, cnet_v8du8, 8, 1, 8)
+    CNET_DIRECT_ROW(cnet_direct_row2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2, 8)
+    CNET_DIRECT_ROW(cnet_direct_row2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2, 8)
 
     /* Weight gradient of one kernel tap (kh, kw) over images [n0, n1):
        gw[ci, co] (+)= sum over output pixels of x[n, ih, iw, ci] * dy[n, oh, ow, co].
-       Registers hold 6 input channels x one vector of output channels; per
-       pixel one vector load of dy and 6 broadcast-FMAs.  Channel tails read a
+       Registers hold PB input channels x NV vectors of output channels; per
+       pixel NV vector loads of dy and PB*NV broadcast-FMAs.  Channel tails read a
        clamped (valid) channel and are not stored.  Fixed loop order: the sum
        is the same whatever thread runs it. */
-    #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW, NV)                                    \
+    #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW, NV, PB)                                \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
@@ -307,14 +311,14 @@ cdef extern from *:
         Py_ssize_t ow_lo = off >= 0 ? 0 : (-off + sw - 1) / sw;                            \
         Py_ssize_t ow_hi = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;                   \
         if (ow_hi > OW) ow_hi = OW;                                                        \
-        for (Py_ssize_t ci0 = 0; ci0 < C; ci0 += CNET_PB) {                                \
-            Py_ssize_t nb = C - ci0 < CNET_PB ? C - ci0 : CNET_PB;                         \
-            Py_ssize_t cidx[CNET_PB];                                                      \
-            for (int j = 0; j < CNET_PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);       \
+        for (Py_ssize_t ci0 = 0; ci0 < C; ci0 += PB) {                                \
+            Py_ssize_t nb = C - ci0 < PB ? C - ci0 : PB;                         \
+            Py_ssize_t cidx[PB];                                                      \
+            for (int j = 0; j < PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);       \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
-                VT acc[NV][CNET_PB];                                                       \
+                VT acc[NV][PB];                                                       \
                 for (int v = 0; v < NV; v++)                                               \
-                    for (int j = 0; j < CNET_PB; j++) acc[v][j] = (VT){0};                 \
+                    for (int j = 0; j < PB; j++) acc[v][j] = (VT){0};                 \
                 for (Py_ssize_t n = n0; n < n1; n++) {                                     \
                     for (Py_ssize_t oh = 0; oh < OH; oh++) {                               \
                         Py_ssize_t ih = oh * sh - ph + kh * dh;                            \
@@ -326,8 +330,8 @@ cdef extern from *:
                             for (int v = 0; v < NV; v++)                                   \
                                 dv[v] = *(const VTU*)(dr + ow * Cout + v * VW);            \
                             const T* xp = xr + (ow * sw + off) * C;                        \
-                            _Pragma("GCC unroll 6")                                        \
-                            for (int j = 0; j < CNET_PB; j++) {                            \
+                            _Pragma("GCC unroll 8")                                        \
+                            for (int j = 0; j < PB; j++) {                            \
                                 T xv = xp[cidx[j]];                                        \
                                 for (int v = 0; v < NV; v++) acc[v][j] += xv * dv[v];      \
                             }                                                              \
@@ -343,10 +347,12 @@ cdef extern from *:
         }                                                                                  \
     }
 
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16, 1)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8, 1)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16, 1, 6)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8, 1, 6)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f32, float, cnet_w16f8, cnet_w16fu8, 16, 1, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f64, double, cnet_w8d8, cnet_w8du8, 8, 1, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2, 8)
 
     /* The two-vector blocks only pay where 32 vector registers hold them. */
     static int cnet_wide_vectors(void) {
@@ -364,6 +370,12 @@ cdef extern from *:
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row8_f32(const float* x, const float* w, const float* bias,
+                             const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
     void cnet_direct_row2_f32(const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
@@ -371,6 +383,12 @@ cdef extern from *:
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
     void cnet_direct_row_f64(const double* x, const double* w, const double* bias,
+                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row8_f64(const double* x, const double* w, const double* bias,
                              const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
@@ -388,6 +406,12 @@ cdef extern from *:
                                Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
                                Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                                Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad8_f32(const float* x, const float* dy, float* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad2_f32(const float* x, const float* dy, float* gw, int accumulate,
                                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
@@ -395,6 +419,12 @@ cdef extern from *:
                                Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                                Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f64(const double* x, const double* dy, double* gw, int accumulate,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad8_f64(const double* x, const double* dy, double* gw, int accumulate,
                                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
                                Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                                Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
@@ -412,6 +442,13 @@ cdef extern from *:
 cdef bint _WIDE = cnet_wide_vectors()
 
 
+cdef inline int _direct_variant(Py_ssize_t Cout, Py_ssize_t lanes) noexcept nogil:
+    """0: 6 pixels x 1 vector (16 registers); 1: 8 x 1 and 2: 8 x 2 (AVX-512)."""
+    if not _WIDE:
+        return 0
+    return 2 if Cout % (2 * lanes) == 0 else 1
+
+
 def _wide_vectors(enable=None):
     """Whether the direct kernels use two-vector blocks (AVX-512 machines); benchmarks
     may switch it off to compare (returns the previous setting)."""
@@ -427,22 +464,29 @@ cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floati
                                    Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                                    Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                   Py_ssize_t dh, Py_ssize_t dw, bint wide) noexcept nogil:
+                                   Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
     cdef Py_ssize_t kh = tap // KW, kw = tap % KW
+    gw = gw + tap * C * Cout
     if floating is float:
-        if wide:
-            cnet_direct_wgrad2_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
-                                   C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        if variant == 2:
+            cnet_direct_wgrad2_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                   sh, sw, ph, pw, dh, dw)
+        elif variant == 1:
+            cnet_direct_wgrad8_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                   sh, sw, ph, pw, dh, dw)
         else:
-            cnet_direct_wgrad_f32(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
-                                  C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+            cnet_direct_wgrad_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                  sh, sw, ph, pw, dh, dw)
     else:
-        if wide:
-            cnet_direct_wgrad2_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
-                                   C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+        if variant == 2:
+            cnet_direct_wgrad2_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                   sh, sw, ph, pw, dh, dw)
+        elif variant == 1:
+            cnet_direct_wgrad8_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                   sh, sw, ph, pw, dh, dw)
         else:
-            cnet_direct_wgrad_f64(x, dy, gw + tap * C * Cout, accumulate, n0, n1, kh, kw, H, W,
-                                  C, OH, OW, Cout, sh, sw, ph, pw, dh, dw)
+            cnet_direct_wgrad_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
+                                  sh, sw, ph, pw, dh, dw)
 
 
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
@@ -457,7 +501,7 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t tap
     cdef int nt
-    cdef bint wide = _WIDE and Cout % (2 * lanes) == 0
+    cdef int variant = _direct_variant(Cout, lanes)
     if gw.shape[2] != C or dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
         raise ValueError(f"conv_direct_wgrad: input {(N, H, W, C)}, output gradient "
                          f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
@@ -472,12 +516,12 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
             for tap in range(KH * KW):
                 _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
                                   n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
-                                  wide)
+                                  variant)
         else:
             for tap in prange(KH * KW, num_threads=nt, schedule="dynamic"):
                 _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
                                   n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
-                                  wide)
+                                  variant)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
@@ -485,20 +529,26 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                              Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                             Py_ssize_t dh, Py_ssize_t dw, bint wide) noexcept nogil:
+                             Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
     cdef Py_ssize_t n = n0 + r // OH
     cdef Py_ssize_t oh = r % OH
     cdef floating* yrow = y + (n * OH + oh) * OW * Cout
     if floating is float:
-        if wide:
+        if variant == 2:
             cnet_direct_row2_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                 KH, KW, sh, sw, ph, pw, dh, dw)
+        elif variant == 1:
+            cnet_direct_row8_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
                                  KH, KW, sh, sw, ph, pw, dh, dw)
         else:
             cnet_direct_row_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
                                 KH, KW, sh, sw, ph, pw, dh, dw)
     else:
-        if wide:
+        if variant == 2:
             cnet_direct_row2_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                                 KH, KW, sh, sw, ph, pw, dh, dw)
+        elif variant == 1:
+            cnet_direct_row8_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
                                  KH, KW, sh, sw, ph, pw, dh, dw)
         else:
             cnet_direct_row_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
@@ -528,7 +578,7 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
     cdef const floating* bp = NULL
     cdef floating* zeros
     cdef int nt
-    cdef bint wide = _WIDE and Cout % (2 * lanes) == 0
+    cdef int variant = _direct_variant(Cout, lanes)
     if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or Cout % lanes:
         raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
                          f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
@@ -549,11 +599,11 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
         if nt == 1:
             for r in range(rows):
                 _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wide)
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant)
         else:
             for r in prange(rows, num_threads=nt, schedule="static"):
                 _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wide)
+                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant)
     free(zeros)
 
 

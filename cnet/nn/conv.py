@@ -54,10 +54,12 @@ _KERNEL_CHUNK_BYTES = 4 << 20
 # parallelism of the weight-gradient GEMMs), with all slots under _STRIPE_BYTES.
 _STRIPES = 8
 _STRIPE_BYTES = 32 << 20
-# The direct kernels (no im2col) beat im2col + BLAS up to this many output
-# channels (at 32, forward 99 vs 47 GFLOP/s and weight gradient 93 vs 46, one
-# thread, AVX-512 dev box); at 64 they only tie, so BLAS keeps wider layers.
-_DIRECT_MAX_CHANNELS = 32
+# The direct kernels (no im2col) beat im2col + BLAS up to this many channels.
+# One thread on the AVX-512 dev box (8-pixel x 2-vector blocks), GFLOP/s direct
+# vs im2col+BLAS: 16 ch 105/30 forward, 115/31 weight gradient; 64 ch 117/69,
+# 112/66; 128 ch 78/57, 73/55; 256 ch a tie; 512 ch (7x7) BLAS wins.  With
+# AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
+_DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
 
 _pool = None
 _pool_key = None
