@@ -32,6 +32,7 @@ CONFIGS = {
     # Channel counts in whole vectors: the direct kernel (forward, and the input
     # gradient at stride 1) instead of im2col + GEMM.
     "direct-3x3": (16, 16, 3, 1, 1, 1, 1, True, (2, 6, 7)),
+    "direct-1x1": (16, 32, 1, 1, 0, 1, 1, True, (2, 5, 4)),
     "direct-stem-stride2": (3, 16, 3, 2, 1, 1, 1, True, (2, 9, 8)),
     "direct-5x5-dil2": (16, 32, 5, 1, 3, 2, 1, False, (2, 9, 8)),
     "direct-nonsquare": (8, 16, (3, 1), 1, (1, 0), 1, 1, True, (2, 5, 4)),
