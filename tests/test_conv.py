@@ -33,6 +33,7 @@ CONFIGS = {
     # gradient at stride 1) instead of im2col + GEMM.
     "direct-3x3": (16, 16, 3, 1, 1, 1, 1, True, (2, 6, 7)),
     "direct-1x1": (16, 32, 1, 1, 0, 1, 1, True, (2, 5, 4)),
+    "direct-odd-vector-count": (8, 24, 3, 1, 1, 1, 1, True, (2, 5, 6)),   # float64: 3 vectors
     "direct-stem-stride2": (3, 16, 3, 2, 1, 1, 1, True, (2, 9, 8)),
     "direct-5x5-dil2": (16, 32, 5, 1, 3, 2, 1, False, (2, 9, 8)),
     "direct-nonsquare": (8, 16, (3, 1), 1, (1, 0), 1, 1, True, (2, 5, 4)),
@@ -229,6 +230,25 @@ def test_depthwise_kernel_matches_grouped_gemm_path(kwargs, rng):
     np.testing.assert_allclose(general.backward(dy), dwise.backward(dy), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(general.weight.grad, dwise.weight.grad, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(general.bias.grad, dwise.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("name", ["direct-3x3", "direct-5x5-dil2", "direct-odd-vector-count",
+                                  "direct-stem-stride2"])
+def test_direct_kernel_block_variants(name, wide, rng):
+    # Machines without AVX-512 run 6-pixel x 1-vector blocks; AVX-512 ones 8 x 1 or 8 x 2.
+    from cnet_ext import _conv
+    previous = _conv._wide_vectors(wide)
+    try:
+        cfg = CONFIGS[name]
+        m = make(cfg).double()
+        x = make_input(cfg, rng, np.float64)
+        ref = reference_conv(x, m.weight.data, None if m.bias is None else m.bias.data,
+                             m.stride, m.padding, m.dilation, m.groups)
+        np.testing.assert_allclose(m(x), ref, rtol=1e-12, atol=1e-12)
+        check_gradients(m, x, max_checks=40)
+    finally:
+        _conv._wide_vectors(previous)
 
 
 def _run_fwd_bwd(m, x, dy, n):
