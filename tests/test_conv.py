@@ -27,6 +27,9 @@ CONFIGS = {
     "depthwise-x2-stride2": (3, 6, 3, 2, 1, 1, 3, False, (2, 7, 7)),   # multiplier 2: GEMM
     "depthwise-5x5-stride2-dil2": (6, 6, 5, 2, 4, 2, 6, True, (2, 9, 10)),
     "depthwise-1x1": (5, 5, 1, 1, 0, 1, 5, True, (2, 4, 3)),
+    # channels in whole vectors: the register-blocked depthwise forward
+    "depthwise-vector": (16, 16, 3, 1, 1, 1, 16, True, (2, 6, 11)),
+    "depthwise-vector-stride2-dil2": (32, 32, 3, 2, 2, 2, 32, False, (2, 9, 10)),
     "nonsquare": (3, 4, (3, 1), (2, 1), (1, 0), 1, 1, True, (2, 7, 5)),
     "nonsquare-all": (4, 4, (1, 3), (1, 2), (0, 2), (1, 2), 2, True, (2, 5, 9)),
     # Channel counts in whole vectors: the direct kernel (forward, and the input
