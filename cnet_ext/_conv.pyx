@@ -217,19 +217,7 @@ cdef void _col2im(const floating* col, floating* dx, Py_ssize_t n0, Py_ssize_t n
 
 cdef extern from *:
     """
-    #include <string.h>
-    /* Clones need GCC on x86-64 and ifunc (glibc); elsewhere one baseline build. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-    #  if __GNUC__ >= 12
-    #    define CNET_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", \
-                                                         "arch=x86-64-v4")))
-    #  else
-    #    define CNET_CLONES __attribute__((target_clones("default", "arch=haswell", \
-                                                         "arch=skylake-avx512")))
-    #  endif
-    #else
-    #  define CNET_CLONES
-    #endif
+    #include "_simd.h"
 
     #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV, PB)                                  \
     CNET_CLONES static void NAME(                                                          \

@@ -13,27 +13,10 @@
  * they compile to blends, never to data-dependent branches.
  */
 
-#ifndef CNET_SIMD
-/* `omp simd` (no loop-carried dependence: vectorise without alias checks); in a
- * build without OpenMP, GCC's ivdep says the same and avoids unknown-pragma noise. */
-#if defined(_OPENMP)
-#define CNET_SIMD _Pragma("omp simd")
-#elif defined(__GNUC__) && !defined(__clang__)
-#define CNET_SIMD _Pragma("GCC ivdep")
-#else
-#define CNET_SIMD
-#endif
-#endif
+#include "_simd.h"
 
-#ifndef CNET_EW_MV
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define CNET_EW_MV __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define CNET_EW_MV
-#endif
-#define CNET_EW_CAT_(a, b) a##b
-#define CNET_EW_CAT(a, b) CNET_EW_CAT_(a, b)
-#include <string.h>
+#ifndef CNET_EW_COMMON
+#define CNET_EW_COMMON
 
 /* splitmix64's finaliser: a bijection with full avalanche. */
 static inline uint64_t cnet_mix64(uint64_t z)
@@ -44,10 +27,8 @@ static inline uint64_t cnet_mix64(uint64_t z)
 }
 #endif
 
-#define CNET_EW_FN(name) CNET_EW_CAT(name, SFX)
-
 /* y = max(x, 0); NaN passes through (x < 0 is false), as torch.relu. */
-CNET_EW_MV static void CNET_EW_FN(cnet_relu_)(const T *x, T *y, Py_ssize_t n)
+CNET_CLONES static void CNET_FN(cnet_relu_)(const T *x, T *y, Py_ssize_t n)
 {
 CNET_SIMD
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -57,7 +38,7 @@ CNET_SIMD
 }
 
 /* out = y <= 0 ? 0 : g: torch's threshold_backward(g, y, 0). */
-CNET_EW_MV static void CNET_EW_FN(cnet_relu_mask_)(const T *g, const T *y, T *out, Py_ssize_t n)
+CNET_CLONES static void CNET_FN(cnet_relu_mask_)(const T *g, const T *y, T *out, Py_ssize_t n)
 {
 CNET_SIMD
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -67,7 +48,7 @@ CNET_SIMD
 }
 
 /* out = a + b, optionally followed by ReLU (the residual join). */
-CNET_EW_MV static void CNET_EW_FN(cnet_add_)(const T *a, const T *b, T *out, Py_ssize_t n, int relu)
+CNET_CLONES static void CNET_FN(cnet_add_)(const T *a, const T *b, T *out, Py_ssize_t n, int relu)
 {
     if (relu) {
 CNET_SIMD
@@ -92,7 +73,7 @@ CNET_SIMD
  * multiplied, so a dropped inf or NaN gives NaN exactly as torch's x * mask. */
 /* The multiplier as a bit mask (scale's bits or 0): branch-free in the scalar
  * baseline clone too, where GCC compiles a float select into a jump. */
-static inline T CNET_EW_FN(cnet_keep_mult_)(U scale_bits, uint64_t u, uint64_t threshold)
+static inline T CNET_FN(cnet_keep_mult_)(U scale_bits, uint64_t u, uint64_t threshold)
 {
     U bits = scale_bits & (U)(-(U)(u >= threshold));
     T m;
@@ -100,8 +81,8 @@ static inline T CNET_EW_FN(cnet_keep_mult_)(U scale_bits, uint64_t u, uint64_t t
     return m;
 }
 
-CNET_EW_MV static void CNET_EW_FN(cnet_dropout_)(const T *x, T *y, Py_ssize_t start, Py_ssize_t stop,
-                                         uint64_t key, uint64_t threshold, T scale)
+CNET_CLONES static void CNET_FN(cnet_dropout_)(const T *x, T *y, Py_ssize_t start, Py_ssize_t stop,
+                                       uint64_t key, uint64_t threshold, T scale)
 {
     const Py_ssize_t j0 = start / 2, j1 = stop / 2;  /* full pairs */
     U sb;
@@ -109,14 +90,13 @@ CNET_EW_MV static void CNET_EW_FN(cnet_dropout_)(const T *x, T *y, Py_ssize_t st
 CNET_SIMD
     for (Py_ssize_t j = j0; j < j1; j++) {
         const uint64_t h = cnet_mix64(key + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL);
-        y[2 * j] = x[2 * j] * CNET_EW_FN(cnet_keep_mult_)(sb, h >> 32, threshold);
-        y[2 * j + 1] = x[2 * j + 1] * CNET_EW_FN(cnet_keep_mult_)(sb, h & 0xFFFFFFFFULL, threshold);
+        y[2 * j] = x[2 * j] * CNET_FN(cnet_keep_mult_)(sb, h >> 32, threshold);
+        y[2 * j + 1] = x[2 * j + 1] * CNET_FN(cnet_keep_mult_)(sb, h & 0xFFFFFFFFULL, threshold);
     }
     if (2 * j1 < stop) {  /* odd tail: the high half of the last pair's hash */
         const Py_ssize_t i = 2 * j1;
         const uint64_t h = cnet_mix64(key + (uint64_t)(j1 + 1) * 0x9E3779B97F4A7C15ULL);
-        y[i] = x[i] * CNET_EW_FN(cnet_keep_mult_)(sb, h >> 32, threshold);
+        y[i] = x[i] * CNET_FN(cnet_keep_mult_)(sb, h >> 32, threshold);
     }
 }
 
-#undef CNET_EW_FN

@@ -14,32 +14,21 @@
  * 2^30), which vectorises at the float lane width and costs next to nothing.
  *
  * Loop-invariant flags (amsgrad, nesterov, ...) are tested inside the loop;
- * GCC's -O3 loop unswitching hoists them.
+ * GCC's -O3 loop unswitching hoists them.  The update loops are compute-bound
+ * at SSE2 width (two divides and a square root per element), hence the AVX2 /
+ * AVX-512 clones (CNET_CLONES, _simd.h).
  */
 
-#ifndef CNET_MV
-/* Function multi-versioning: the update loops are compute-bound at SSE2 width
- * (two divides and a square root per element), so GCC builds a baseline, an
- * AVX2 (x86-64-v3) and an AVX-512 (x86-64-v4) clone and picks one at load
- * time; a wheel built this way still runs on any x86-64. */
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define CNET_MV __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define CNET_MV
-#endif
-#endif
+#include "_simd.h"
 
-#define CNET_CAT_(a, b) a##b
-#define CNET_CAT(a, b) CNET_CAT_(a, b)
-#define CNET_FN(name) CNET_CAT(name, SFX)
 /* True for inf and NaN (a NaN fails every comparison). */
 #define CNET_NONFINITE(x) (!(FABS(x) <= TMAX))
 
 /* SGD (torch.optim.SGD): d = sign*g + wd*p; buf = first ? d : momentum*buf + (1-dampening)*d;
  * d = nesterov ? d + momentum*buf : buf; p -= lr*d.  use_buf = momentum != 0. */
-CNET_MV static Py_ssize_t CNET_FN(cnet_sgd_)(T *restrict p, const T *restrict g, T *restrict buf,
-                                     Py_ssize_t n, T sign, T lr, T wd, T momentum, T damp1,
-                                     int use_buf, int first, int nesterov)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_sgd_)(T *restrict p, const T *restrict g, T *restrict buf,
+                                         Py_ssize_t n, T sign, T lr, T wd, T momentum, T damp1,
+                                         int use_buf, int first, int nesterov)
 {
     int bad = 0;
     if (!use_buf) {
@@ -83,8 +72,8 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_sgd_)(T *restrict p, const T *restrict g,
 }
 
 /* Adagrad: d = sign*g + wd*p; sum += d*d; p -= clr * d / (sqrt(sum) + eps). */
-CNET_MV static Py_ssize_t CNET_FN(cnet_adagrad_)(T *restrict p, const T *restrict g, T *restrict sum,
-                                         Py_ssize_t n, T sign, T clr, T wd, T eps)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_adagrad_)(T *restrict p, const T *restrict g, T *restrict sum,
+                                             Py_ssize_t n, T sign, T clr, T wd, T eps)
 {
     int bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -141,10 +130,10 @@ static inline __attribute__((always_inline)) int CNET_FN(cnet_rmsprop_body_)(
     return bad;
 }
 
-CNET_MV static Py_ssize_t CNET_FN(cnet_rmsprop_)(T *restrict p, const T *restrict g, T *restrict sq,
-                                         T *restrict ga, T *restrict buf, Py_ssize_t n,
-                                         T sign, T lr, T alpha, T om_alpha, T eps, T wd,
-                                         T momentum, int centered, int use_buf)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_rmsprop_)(T *restrict p, const T *restrict g, T *restrict sq,
+                                             T *restrict ga, T *restrict buf, Py_ssize_t n,
+                                             T sign, T lr, T alpha, T om_alpha, T eps, T wd,
+                                             T momentum, int centered, int use_buf)
 {
     if (centered && use_buf)
         return CNET_FN(cnet_rmsprop_body_)(p, g, sq, ga, buf, n, sign, lr, alpha, om_alpha, eps, wd, momentum, 1, 1);
@@ -157,9 +146,9 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_rmsprop_)(T *restrict p, const T *restric
 
 /* Adadelta: sq = rho*sq + (1-rho)*d*d; delta = sqrt(acc+eps) / sqrt(sq+eps) * d;
  * acc = rho*acc + (1-rho)*delta*delta; p -= lr*delta. */
-CNET_MV static Py_ssize_t CNET_FN(cnet_adadelta_)(T *restrict p, const T *restrict g, T *restrict sq,
-                                          T *restrict acc, Py_ssize_t n, T sign, T lr, T rho,
-                                          T om_rho, T eps, T wd)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_adadelta_)(T *restrict p, const T *restrict g, T *restrict sq,
+                                              T *restrict acc, Py_ssize_t n, T sign, T lr, T rho,
+                                              T om_rho, T eps, T wd)
 {
     int bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -183,10 +172,10 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_adadelta_)(T *restrict p, const T *restri
  * 1 - lr*wd, else 1); m = lerp(m, d, 1-beta1); v = beta2*v + (1-beta2)*d*d;
  * amsgrad: vmax = max(vmax, v) and v := vmax; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps).
  * vmax may be NULL without amsgrad. */
-CNET_MV static Py_ssize_t CNET_FN(cnet_adam_)(T *restrict p, const T *restrict g, T *restrict m,
-                                      T *restrict v, T *restrict vmax, Py_ssize_t n, T sign,
-                                      T wd, T decay, T w1, T beta2, T om_beta2, T step_size,
-                                      T bc2_sqrt, T eps, int amsgrad)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_adam_)(T *restrict p, const T *restrict g, T *restrict m,
+                                          T *restrict v, T *restrict vmax, Py_ssize_t n, T sign,
+                                          T wd, T decay, T w1, T beta2, T om_beta2, T step_size,
+                                          T bc2_sqrt, T eps, int amsgrad)
 {
     int bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -216,10 +205,10 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_adam_)(T *restrict p, const T *restrict g
 
 /* NAdam: as Adam for d, decay, m, v; denom = sqrt(v / bc2) + eps;
  * p += c_grad * (d / denom); p += c_avg * (m / denom) (torch's two addcdiv_). */
-CNET_MV static Py_ssize_t CNET_FN(cnet_nadam_)(T *restrict p, const T *restrict g, T *restrict m,
-                                       T *restrict v, Py_ssize_t n, T sign, T wd, T decay,
-                                       T w1, T beta2, T om_beta2, T bc2, T eps, T c_grad,
-                                       T c_avg)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_nadam_)(T *restrict p, const T *restrict g, T *restrict m,
+                                           T *restrict v, Py_ssize_t n, T sign, T wd, T decay,
+                                           T w1, T beta2, T om_beta2, T bc2, T eps, T c_grad,
+                                           T c_avg)
 {
     int bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -243,7 +232,7 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_nadam_)(T *restrict p, const T *restrict 
 }
 
 /* Non-finite entries of x (the skip_nonfinite pre-pass: reads the gradient only). */
-CNET_MV static Py_ssize_t CNET_FN(cnet_count_nonfinite_)(const T *restrict x, Py_ssize_t n)
+CNET_CLONES static Py_ssize_t CNET_FN(cnet_count_nonfinite_)(const T *restrict x, Py_ssize_t n)
 {
     int bad = 0;
     for (Py_ssize_t i = 0; i < n; i++)
@@ -254,7 +243,7 @@ CNET_MV static Py_ssize_t CNET_FN(cnet_count_nonfinite_)(const T *restrict x, Py
 /* Sum of squares in double (fixed order for a given build: the caller splits
  * the array into fixed chunks, so the result does not depend on threads);
  * *bad receives the non-finite count. */
-CNET_MV static double CNET_FN(cnet_sumsq_)(const T *restrict x, Py_ssize_t n, Py_ssize_t *bad)
+CNET_CLONES static double CNET_FN(cnet_sumsq_)(const T *restrict x, Py_ssize_t n, Py_ssize_t *bad)
 {
     double s = 0.0;
     int b = 0;
@@ -269,7 +258,7 @@ CNET_MV static double CNET_FN(cnet_sumsq_)(const T *restrict x, Py_ssize_t n, Py
 }
 
 /* sum |x|^q (general q-norms) */
-CNET_MV static double CNET_FN(cnet_sumpow_)(const T *restrict x, Py_ssize_t n, double q, Py_ssize_t *bad)
+CNET_CLONES static double CNET_FN(cnet_sumpow_)(const T *restrict x, Py_ssize_t n, double q, Py_ssize_t *bad)
 {
     double s = 0.0;
     int b = 0;
@@ -282,7 +271,7 @@ CNET_MV static double CNET_FN(cnet_sumpow_)(const T *restrict x, Py_ssize_t n, d
 }
 
 /* max |x| (exact in any order) */
-CNET_MV static double CNET_FN(cnet_maxabs_)(const T *restrict x, Py_ssize_t n, Py_ssize_t *bad)
+CNET_CLONES static double CNET_FN(cnet_maxabs_)(const T *restrict x, Py_ssize_t n, Py_ssize_t *bad)
 {
     T mx = 0;
     int b = 0;
@@ -295,13 +284,13 @@ CNET_MV static double CNET_FN(cnet_maxabs_)(const T *restrict x, Py_ssize_t n, P
     return (double)mx;
 }
 
-CNET_MV static void CNET_FN(cnet_scale_)(T *restrict x, Py_ssize_t n, T c)
+CNET_CLONES static void CNET_FN(cnet_scale_)(T *restrict x, Py_ssize_t n, T c)
 {
     for (Py_ssize_t i = 0; i < n; i++)
         x[i] = x[i] * c;
 }
 
-CNET_MV static void CNET_FN(cnet_fill_)(T *restrict x, Py_ssize_t n, T c)
+CNET_CLONES static void CNET_FN(cnet_fill_)(T *restrict x, Py_ssize_t n, T c)
 {
     for (Py_ssize_t i = 0; i < n; i++)
         x[i] = c;

@@ -9,28 +9,11 @@
  * unconditionally so they compile to blends, never to branches.
  */
 
-#ifndef CNET_SIMD
-/* `omp simd` (no loop-carried dependence: vectorise without alias checks); in a
- * build without OpenMP, GCC's ivdep says the same and avoids unknown-pragma noise. */
-#if defined(_OPENMP)
-#define CNET_SIMD _Pragma("omp simd")
-#elif defined(__GNUC__) && !defined(__clang__)
-#define CNET_SIMD _Pragma("GCC ivdep")
-#else
-#define CNET_SIMD
-#endif
-#endif
+#include "_simd.h"
 
 #ifndef CNET_POOL_COMMON
 #define CNET_POOL_COMMON
 #include <math.h>
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define CNET_POOL_MV __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define CNET_POOL_MV
-#endif
-#define CNET_POOL_CAT_(a, b) a##b
-#define CNET_POOL_CAT(a, b) CNET_POOL_CAT_(a, b)
 
 /* First output index whose window [o*s - pad, o*s - pad + span) covers input i. */
 static inline Py_ssize_t cnet_lo_window(Py_ssize_t i, Py_ssize_t pad, Py_ssize_t span,
@@ -81,7 +64,6 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
 }
 #endif
 
-#define CNET_POOL_FN(name) CNET_POOL_CAT(name, SFX)
 
 /* Max pooling, output row (n, oh): x points at image n, y and idx (or NULL) at
  * the row.  Tap-major order: the row's OW * C accumulators (a few KB, in L1)
@@ -92,7 +74,7 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
  * NaNs propagate and ties keep the first position; idx starts at the first
  * valid position (ih * W + iw), as torch's does, and is -1 for a window with
  * no tap inside the input. */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_max_row_)(
+CNET_CLONES static void CNET_FN(cnet_max_row_)(
     const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
     Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
     Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
@@ -147,7 +129,7 @@ CNET_SIMD
  * column tap j sweeps the windows and adds g where the recorded argmax is the
  * tapped position.  Each input element is written by one thread only (no races,
  * no atomics); it sums its windows in a fixed order (oh, then j, then ow). */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_max_bwd_row_)(
+CNET_CLONES static void CNET_FN(cnet_max_bwd_row_)(
     const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
     Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
     Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
@@ -182,7 +164,7 @@ CNET_SIMD
 /* Average pooling, output row (n, oh), tap-major as max pooling: zero the row,
  * add each tap (window order, so each window sums in the same order as a
  * window-by-window loop), then divide by PyTorch's divisor. */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_avg_row_)(
+CNET_CLONES static void CNET_FN(cnet_avg_row_)(
     const T *x, T *y, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
     Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
     Py_ssize_t ph, Py_ssize_t pw, int count_include_pad, Py_ssize_t divisor_override)
@@ -217,7 +199,7 @@ CNET_SIMD
 
 /* Average pooling backward as a gather, input row (n, ih): each input element
  * sums g / divisor over the windows that cover it (fixed order: oh, then tap j). */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_avg_bwd_row_)(
+CNET_CLONES static void CNET_FN(cnet_avg_bwd_row_)(
     const T *g, T *gx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
     Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
     Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int count_include_pad,
@@ -247,7 +229,7 @@ CNET_SIMD
 }
 
 /* Global average pooling of one image: y[c] = sum_p x[p, c] / HW. */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_gap_image_)(const T *x, T *y, Py_ssize_t HW, Py_ssize_t C)
+CNET_CLONES static void CNET_FN(cnet_gap_image_)(const T *x, T *y, Py_ssize_t HW, Py_ssize_t C)
 {
 CNET_SIMD
     for (Py_ssize_t c = 0; c < C; c++) y[c] = (T)0;
@@ -263,8 +245,8 @@ CNET_SIMD
 
 /* Global average pooling backward for rows [r0, r1) of the (N*HW, C) input
  * gradient: gx[r, c] = g[r / HW, c] / HW. */
-CNET_POOL_MV static void CNET_POOL_FN(cnet_gap_bwd_rows_)(const T *g, T *gx, Py_ssize_t r0,
-                                                 Py_ssize_t r1, Py_ssize_t HW, Py_ssize_t C)
+CNET_CLONES static void CNET_FN(cnet_gap_bwd_rows_)(const T *g, T *gx, Py_ssize_t r0,
+                                            Py_ssize_t r1, Py_ssize_t HW, Py_ssize_t C)
 {
     const T d = (T)HW;
     for (Py_ssize_t r = r0; r < r1; r++) {
@@ -275,4 +257,3 @@ CNET_SIMD
     }
 }
 
-#undef CNET_POOL_FN

@@ -1,0 +1,50 @@
+/* Vectorisation macros shared by every kernel written in C (the *_impl.h
+ * templates and the verbatim C in the .pyx files).
+ *
+ * CNET_SIMD: `omp simd` (no loop-carried dependence: vectorise without alias
+ * checks); in a build without OpenMP, GCC's ivdep says the same and avoids
+ * unknown-pragma noise.
+ *
+ * CNET_CLONES: function multi-versioning.  A wheel must run on any x86-64, so
+ * instead of -march GCC builds a baseline, an AVX2 and an AVX-512 clone of the
+ * function and an ifunc resolver picks one at load time.  That needs GCC on
+ * x86-64 and ifunc, which glibc has and musl lacks.  The x86-64-v3/v4 levels
+ * are accepted by target_clones from GCC 12 on (GCC PR 101696); older GCC gets
+ * the CPU names instead, whose clones are chosen only on that exact CPU model
+ * (elsewhere the baseline runs: still correct).  Other compilers: one
+ * baseline build.
+ *
+ * CNET_FN(name): name##SFX, for the "template" headers that a .pyx includes
+ * once per element type with T and SFX defined (float/f32, double/f64).
+ */
+#ifndef CNET_SIMD_H
+#define CNET_SIMD_H
+
+#include <string.h>  /* glibc's features.h, which defines __GLIBC__ */
+
+#if defined(_OPENMP)
+#  define CNET_SIMD _Pragma("omp simd")
+#elif defined(__GNUC__) && !defined(__clang__)
+#  define CNET_SIMD _Pragma("GCC ivdep")
+#else
+#  define CNET_SIMD
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && defined(__GLIBC__)
+#  if __GNUC__ >= 12
+#    define CNET_CLONES \
+         __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#  else
+#    define CNET_CLONES \
+         __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+#  endif
+#else
+#  define CNET_CLONES
+#endif
+
+#define CNET_CAT_(a, b) a##b
+#define CNET_CAT(a, b) CNET_CAT_(a, b)
+#define CNET_FN(name) CNET_CAT(name, SFX)
+
+#endif /* CNET_SIMD_H */
