@@ -205,3 +205,26 @@ def test_plain_train_defaults_are_the_main_job():
     args = build_parser().parse_args(["train", "--optimizer", "sgd", "--dataset", "cifar10"])
     _resolve_train_args(args)
     assert (args.lr, args.momentum, args.weight_decay, args.augment) == (0.1, 0.9, 5e-4, True)
+
+
+def test_cifar10_format_directory(tmp_path, capsys):
+    """CIFAR-10 "python version" batches (tiny, generated): 3 channels, crop+flip
+    augmentation on by default, eval reads the dataset from the checkpoint."""
+    import pickle
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 30)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    out = tmp_path / "o"
+    assert main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--epochs",
+                 "1", "--quiet", "--out", str(out)]) == 0
+    meta = json.load(open(out / "history.json"))["metadata"]
+    assert meta["data"]["input_shape"] == [32, 32, 3] and meta["data"]["flip"]
+    assert meta["args"]["augment"] is True
+    assert main(["eval", "--checkpoint", str(out / "last.npz"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "cifar10" and result["n"] == 30

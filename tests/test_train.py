@@ -324,6 +324,34 @@ def test_progress_bar_builtin_and_quiet():
     assert silent.getvalue() == ""
 
 
+def test_progress_bar_uses_tqdm_when_installed(monkeypatch):
+    import types
+    calls = []
+
+    class FakeTqdm:
+        def __init__(self, total, **kw):
+            calls.append(("init", total))
+
+        def set_postfix(self, d, refresh=False):
+            calls.append(("postfix", dict(d)))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = FakeTqdm
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    bar = ProgressBar(3, file=_TTY())
+    bar.update(1, 16, loss=0.25)
+    bar.close()
+    assert calls[0] == ("init", 3) and calls[-1] == ("close",)
+    assert calls[1][0] == "postfix" and "img/s" in calls[1][1] and calls[2] == ("update", 1)
+
+
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     h = History([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5}])
