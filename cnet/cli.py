@@ -164,7 +164,7 @@ def build_parser():
 
 def load_dataset(name, root=None, download=False, train=True, limit=None, seed=0):
     """The dataset for a --dataset value; DatasetError -> exit code 3."""
-    from .data import CIFAR10, CIFAR100, MNIST, DatasetError, NpzDataset
+    from .data import CIFAR10, CIFAR100, MNIST, DatasetError
     try:
         if name == "mnist":
             ds = MNIST(root=root, train=train, download=bool(download))

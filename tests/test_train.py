@@ -12,7 +12,7 @@ import pytest
 import cnet
 from cnet import nn, optim
 from cnet.data import ArrayDataset, DataLoader, transforms as T
-from cnet.train import (Callback, CheckpointError, EarlyStopping, History, LambdaCallback,
+from cnet.train import (CheckpointError, EarlyStopping, History, LambdaCallback,
                         MetricAccumulator, ModelCheckpoint, ProgressBar, Trainer, build_model,
                         evaluate, fit, load_checkpoint, predict, topk_correct)
 from cnet.train.history import plot_history
