@@ -223,3 +223,7 @@ def test_transform_bad_inputs(batch):
         T.RandomHorizontalFlip(1.5)
     with pytest.raises(ValueError):
         T.Normalize(0.5, 0.0)
+    with pytest.raises(ValueError, match=r"RandomCrop: size must be an int or a pair"):
+        T.RandomCrop((8, 8, 3))
+    with pytest.raises(TypeError, match=r"Pad: padding must be an int or a pair of ints"):
+        T.Pad(1.5)

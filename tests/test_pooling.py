@@ -298,6 +298,11 @@ def test_bad_hyper_parameters():
         nn.MaxPool2d(0)
     with pytest.raises(ValueError, match="pair"):
         nn.AvgPool2d((2, 2, 2))
+    # the int-or-pair parsing Conv2d shares: names the layer and the argument
+    with pytest.raises(ValueError, match=r"AvgPool2d: kernel_size must be an int or a pair"):
+        nn.AvgPool2d((2, 2, 2))
+    with pytest.raises(TypeError, match=r"MaxPool2d: stride must be an int or a pair of ints"):
+        nn.MaxPool2d(2, stride=1.5)
 
 
 def test_kernel_wrappers_validate():

@@ -25,6 +25,8 @@ import inspect
 
 import numpy as np
 
+from .._args import int_pair
+
 __all__ = ["BatchTransform", "Compose", "Pad", "RandomCrop", "RandomHorizontalFlip",
            "Normalize", "ToFloat", "MNIST_MEAN", "MNIST_STD", "CIFAR10_MEAN",
            "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
@@ -50,15 +52,6 @@ def derive_seed(seed, *counters):
     for c in counters:
         z = _mix64(z ^ _mix64((int(c) + 0x632BE59BD9B4E019) & _M64))
     return z >> 1
-
-
-def _pair(v, what):
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2:
-        raise ValueError(f"{what} must be an int or a pair (h, w), got {v}")
-    return v
 
 
 def _check_batch(x, who):
@@ -135,7 +128,7 @@ class Pad(BatchTransform):
     stage = _GEOMETRY
 
     def __init__(self, padding, fill=0):
-        self.padding = _pair(padding, "Pad: padding")
+        self.padding = int_pair("Pad", "padding", padding)
         if min(self.padding) < 0:
             raise ValueError(f"Pad: padding must be >= 0, got {padding}")
         self.fill = float(fill)
@@ -159,8 +152,8 @@ class RandomCrop(BatchTransform):
     random = True
 
     def __init__(self, size, padding=0, fill=0):
-        self.size = _pair(size, "RandomCrop: size")
-        self.padding = _pair(padding, "RandomCrop: padding")
+        self.size = int_pair("RandomCrop", "size", size)
+        self.padding = int_pair("RandomCrop", "padding", padding)
         if min(self.size) < 1 or min(self.padding) < 0:
             raise ValueError(f"RandomCrop: size must be >= 1 and padding >= 0, got "
                              f"size {size}, padding {padding}")

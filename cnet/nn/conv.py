@@ -38,6 +38,7 @@ from cnet_ext import _conv
 
 from .. import init
 from .. import _threads
+from .._args import int_pair
 from .._threads import num_threads
 from .module import Module, Parameter, check_input, require_cache
 
@@ -124,18 +125,6 @@ def _run_tasks(fn, n_tasks, n_threads):
             lib.set_num_threads(n)
 
 
-def _pair(v, name):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"Conv2d: {name} must be an int or a pair, got {v!r}")
-        a, b = v
-    else:
-        a = b = v
-    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in (a, b)):
-        raise TypeError(f"Conv2d: {name} must be an int or a pair of ints, got {v!r}")
-    return int(a), int(b)
-
-
 def _bias_grad(dy2d, bias_grad):
     """bias.grad += dy2d.sum(axis=0), deterministic in the thread count."""
     _conv.bias_grad(dy2d, bias_grad.reshape(-1), num_threads())
@@ -174,13 +163,13 @@ class Conv2d(Module):
         super().__init__()
         in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = int_pair("Conv2d", "kernel_size", kernel_size)
+        self.stride = int_pair("Conv2d", "stride", stride)
+        self.dilation = int_pair("Conv2d", "dilation", dilation)
         self._padding_str = None
         if isinstance(padding, str):
             padding = self._padding_from_string(padding)
-        self.padding = _pair(padding, "padding")
+        self.padding = int_pair("Conv2d", "padding", padding)
         if in_channels < 1 or out_channels < 1 or groups < 1:
             raise ValueError(f"Conv2d: in_channels={in_channels}, out_channels={out_channels} and "
                              f"groups={groups} must be positive")

@@ -7,21 +7,9 @@ import numpy as np
 
 from cnet_ext import _pool
 
+from .._args import int_pair
 from .._threads import num_threads
 from .module import Module, check_input, require_cache
-
-
-def _pair(name, value):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair, got {value!r}")
-        a, b = value
-    else:
-        a = b = value
-    try:
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
 
 
 class _Pool2d(Module):
@@ -32,10 +20,10 @@ class _Pool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
         super().__init__()
         name = type(self).__name__
-        self.kernel_size = _pair("kernel_size", kernel_size)
-        self.stride = self.kernel_size if stride is None else _pair("stride", stride)
-        self.padding = _pair("padding", padding)
-        self.dilation = _pair("dilation", dilation)
+        self.kernel_size = int_pair(name, "kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else int_pair(name, "stride", stride)
+        self.padding = int_pair(name, "padding", padding)
+        self.dilation = int_pair(name, "dilation", dilation)
         self.ceil_mode = bool(ceil_mode)
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
             raise ValueError(f"{name}: kernel_size {self.kernel_size}, stride {self.stride} "
