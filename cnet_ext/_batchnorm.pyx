@@ -145,7 +145,8 @@ cdef extern from *:
             m2[c] -= d * d / (double)n;                                                         \
         }                                                                                       \
     }                                                                                           \
-    /* y = x * alpha + shift per channel, then max(y, 0) when relu. */                          \
+    /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
+       false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
     static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
                                 const T* CNET_R alpha, const T* CNET_R shift, int relu) {       \
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
@@ -154,7 +155,7 @@ cdef extern from *:
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
-                    yr[c] = v > (T)0 ? v : (T)0;                                                \
+                    yr[c] = v < (T)0 ? (T)0 : v;                                                \
                 }                                                                               \
             } else {                                                                            \
                 for (ptrdiff_t c = 0; c < C; c++)                                               \
@@ -165,7 +166,8 @@ cdef extern from *:
     /* sum(g) and sum(g * (x - mean)) per channel, g = dy masked by the fused ReLU;             \
        mean in T (the caller corrects for its rounding); blocked like bn_moments.               \
        The mask is recomputed from x with the forward's expression, so it matches               \
-       the forward bit for bit without keeping the output alive. */                             \
+       the forward bit for bit without keeping the output alive; it drops g where               \
+       v <= 0 (torch's threshold_backward), so a NaN output passes its gradient. */             \
     static void bn_grad_sums_##SFX(const T* CNET_R x, const T* CNET_R dy, ptrdiff_t n,          \
                                    ptrdiff_t C, const T* CNET_R mean, const T* CNET_R alpha,    \
                                    const T* CNET_R shift, int relu, double* CNET_R sdy,         \
@@ -187,7 +189,7 @@ cdef extern from *:
                         for (int i = 0; i < BN_W / L; i++) {                                    \
                             VT xv = bn_ld_##SFX(x + r * C + c0 + i * L);                        \
                             VT g = bn_ld_##SFX(dy + r * C + c0 + i * L);                        \
-                            if (relu) g = (VT)((IVT)g & (IVT)(xv * al[i] + sh[i] > (T)0));      \
+                            if (relu) g = (VT)((IVT)g & ~(IVT)(xv * al[i] + sh[i] <= (T)0));    \
                             b1[i] += g;                                                         \
                             b2[i] += g * (xv - mu[i]);                                          \
                         }                                                                       \
@@ -209,7 +211,7 @@ cdef extern from *:
                     if (relu) {                                                                 \
                         for (ptrdiff_t c = 0; c < C; c++) {                                     \
                             T v = xr[c] * alpha[c] + shift[c];                                  \
-                            T g = bn_mask_##SFX(gr[c], v > (T)0);                               \
+                            T g = bn_mask_##SFX(gr[c], !(v <= (T)0));                           \
                             b1[c] += g;                                                         \
                             b2[c] += g * (xr[c] - mean[c]);                                     \
                         }                                                                       \
@@ -236,7 +238,7 @@ cdef extern from *:
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
-                    T g = bn_mask_##SFX(gr[c], v > (T)0);                                       \
+                    T g = bn_mask_##SFX(gr[c], !(v <= (T)0));                                   \
                     dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
                 }                                                                               \
             } else {                                                                            \

@@ -229,6 +229,35 @@ def test_sequential_fuses_relu_identically(rng, training):
     assert "fused_relu=True" in repr(seq)
 
 
+@pytest.mark.parametrize("C", [8, 12])  # register-column and whole-row kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_relu_propagates_nan_like_unfused(rng, C, dtype):
+    """max(NaN, 0) is NaN in torch and in cnet's ReLU; the fused one must agree."""
+    fused = make_bn(nn.BatchNorm2d, C, np.random.default_rng(3), dtype)
+    fused.running_mean[...] = rng.standard_normal(C)
+    fused.fuse_relu()
+    plain = make_bn(nn.BatchNorm2d, C, np.random.default_rng(3), dtype)
+    plain.running_mean[...] = fused.running_mean
+    relu = nn.ReLU()
+    x = rng.standard_normal((4, 3, 3, C)).astype(dtype)
+    x[1, 2, 0, 1] = np.nan
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    for training in (False, True):  # eval first: training puts NaN in the running stats
+        fused.train(training)
+        plain.train(training)
+        relu.train(training)
+        y, y_ref = fused(x), relu(plain(x))
+        np.testing.assert_array_equal(y, y_ref)  # NaN where y_ref has NaN
+        if training:  # the batch statistics of channel 1 are NaN: the whole channel
+            assert np.isnan(y[..., 1]).all() and not np.isnan(np.delete(y, 1, -1)).any()
+            np.testing.assert_array_equal(fused.backward(dy), plain.backward(relu.backward(dy)))
+            np.testing.assert_array_equal(fused.weight.grad, plain.weight.grad)
+            np.testing.assert_array_equal(fused.bias.grad, plain.bias.grad)
+        else:  # running statistics: only the NaN input's output
+            assert np.isnan(y[1, 2, 0, 1]) and np.isnan(y).sum() == 1
+        assert (y == 0).any()
+
+
 # -- threads ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("relu", [False, True])
