@@ -11,9 +11,9 @@ float32, torch.set_num_threads equal to cnet's) in NCHW and in channels_last.
 
 How it measures:
 - Each worker builds its model and batch once, runs warm-up steps, then the
-  parent interleaves the frameworks in rounds (cnet, torch NCHW, torch CL, then
-  the next round in rotated order), so load changes on this shared machine hit
-  all of them; the time of a configuration is the median over its timed
+  parent interleaves the frameworks (by default one iteration each in turn:
+  cnet, torch NCHW, torch CL, then the next round in rotated order), so load
+  changes on this shared machine hit all of them; the time of a configuration is the median over its timed
   iterations (each iteration timed on its own; --repeats per framework, fewer
   for slow models: at most --budget seconds of timed iterations each).
 - The ratio is cnet speed / torch speed against torch's FASTER layout, so > 1
@@ -21,7 +21,7 @@ How it measures:
 - GFLOP/s from cnet.summary's forward FLOPs (training counts 3x forward:
   forward, input gradient, weight gradient).  "%sgemm" divides it by the square
   2048 sgemm GFLOP/s at the same thread count, measured by this run between
-  models (bench/gemm_ceiling.py).
+  models (bench/gemm_ceiling.py; the best sample: what the machine can do).
 - Peak memory: each worker is its own process; after its imports it resets the
   kernel's peak-RSS mark (Linux clear_refs) and reads its RSS; the reported
   figure is the peak RSS (VmHWM) after all its iterations minus that baseline:
@@ -103,7 +103,7 @@ def _torch_worker(cfg):
     batch = cfg["batch"]
     x = torch.randn(batch, c, h, w)
     y = torch.randint(0, cfg["classes"], (batch,))
-    if cfg["framework"] == "torch_cl":
+    if cfg["framework"].startswith("torch_cl"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     if cfg["mode"] == "train":
@@ -165,7 +165,10 @@ def run_config(model, threads, mode, frameworks, args, log):
         for fw in frameworks[1:]:
             cfg = dict(base_cfg, framework=fw, spec=ready["spec"], input=ready["input"],
                        batch=ready["batch"], classes=ready["classes"])
-            workers[fw] = Worker(script, cfg, env=common.torch_env())
+            env = common.torch_env()
+            if fw.endswith("_passive"):
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            workers[fw] = Worker(script, cfg, env=env)
         for fw in frameworks[1:]:
             workers[fw].call(hello=True)
         # Warm-up: the first iteration allocates workspaces; one more unless slow.
@@ -178,7 +181,7 @@ def run_config(model, threads, mode, frameworks, args, log):
         # Repeats: as asked, but at most `budget` seconds of timed steps each.
         slowest = max(first.values())
         repeats = max(args.min_repeats, min(args.repeats, int(args.budget / max(slowest, 1e-9))))
-        rounds = min(args.rounds, repeats)
+        rounds = min(args.rounds, repeats) if args.rounds > 0 else repeats
         per_round = math.ceil(repeats / rounds)
         times = {fw: [] for fw in frameworks}
         load = [os.getloadavg()[0]]
@@ -220,6 +223,9 @@ def derive(r, ceilings):
         tb = r["frameworks"][best]
         r["torch_best"] = best
         r["speed_ratio"] = tb["median_s"] / c["median_s"]
+        # best-of ratio: the fastest iteration of each (least disturbed by other load)
+        r["speed_ratio_best"] = (min(min(r["frameworks"][fw]["times"]) for fw in torch_fw)
+                                 / min(c["times"]))
         r["mem_ratio"] = c["peak_mb"] / tb["peak_mb"] if tb["peak_mb"] > 0 else None
         r["frameworks"][best]["pct_sgemm"] = 100 * tb["gflops"] / ceil if ceil else None
     return r
@@ -229,13 +235,19 @@ def _f(v, fmt):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+LABELS = {"torch_nchw": "torch NCHW ms", "torch_cl": "torch CL ms",
+          "torch_nchw_passive": "torch NCHW passive ms", "torch_cl_passive": "torch CL passive ms"}
+
+
 def report(results, ceilings, have_torch):
     lines = []
     header = ["model", "thr", "mode", "cnet ms", "cnet img/s", "cnet GFLOP/s", "%sgemm",
               "cnet MB", "iqr"]
+    torch_fws = [fw for fw in LABELS if any(fw in r["frameworks"] for r in results)]
     if have_torch:
-        header += ["torch NCHW ms", "torch CL ms", "torch img/s", "torch %sgemm", "torch MB",
-                   "speed vs torch", "mem vs torch"]
+        header += [LABELS[fw] for fw in torch_fws] + [
+            "torch img/s", "torch %sgemm", "torch MB", "speed vs torch", "best-of",
+            "mem vs torch"]
     header += ["n", "load"]
     rows = []
     for r in results:
@@ -246,11 +258,11 @@ def report(results, ceilings, have_torch):
         if have_torch:
             fws = r["frameworks"]
             tb = fws[r["torch_best"]]
-            row += [_f(fws["torch_nchw"]["median_s"] * 1e3 if "torch_nchw" in fws else None, ".1f"),
-                    _f(fws["torch_cl"]["median_s"] * 1e3 if "torch_cl" in fws else None, ".1f"),
-                    _f(tb["images_per_s"], ".0f"), _f(tb.get("pct_sgemm"), ".0f"),
+            row += [_f(fws[fw]["median_s"] * 1e3 if fw in fws else None, ".1f")
+                    for fw in torch_fws]
+            row += [_f(tb["images_per_s"], ".0f"), _f(tb.get("pct_sgemm"), ".0f"),
                     _f(tb["peak_mb"], ".0f"), _f(r["speed_ratio"], ".2f") + "x",
-                    _f(r["mem_ratio"], ".2f") + "x"]
+                    _f(r.get("speed_ratio_best"), ".2f") + "x", _f(r["mem_ratio"], ".2f") + "x"]
         row += [r["repeats"], f"{r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f}"]
         rows.append(row)
     lines.append(table(header, rows))
@@ -274,7 +286,7 @@ def report(results, ceilings, have_torch):
         lines.append(table(["model", "mode", f"cnet {lo}->{hi} thr speed-up"]
                            + ([f"torch (best layout) {lo}->{hi}"] if have_torch else []), srows))
     lines.append("")
-    lines.append("sgemm ceiling (square 2048, GFLOP/s, median of the probes of this run): "
+    lines.append("sgemm ceiling (square 2048, GFLOP/s, best sample of the probes of this run): "
                  + ", ".join(f"{t} thr {v:.1f}" for t, v in sorted(ceilings.items())))
     return "\n".join(lines)
 
@@ -287,8 +299,10 @@ def main(argv=None):
     ap.add_argument("--modes", default="train,infer")
     ap.add_argument("--repeats", type=int, default=9, help="timed iterations per framework")
     ap.add_argument("--min-repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
-    ap.add_argument("--budget", type=float, default=40.0,
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="interleaving rounds (0: one per timed iteration, i.e. the frameworks "
+                         "alternate every iteration)")
+    ap.add_argument("--budget", type=float, default=30.0,
                     help="at most this many seconds of timed iterations per framework and config")
     ap.add_argument("--slow", type=float, default=2.0,
                     help="a step slower than this gets one warm-up iteration instead of two")
@@ -296,13 +310,27 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 repeats, 1 round, 10 s budget")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-layouts", default="nchw,cl",
-                    help="torch layouts to run: nchw, cl (channels_last) or both")
+                    help="torch variants to run: nchw, cl (channels_last), and nchw_passive, "
+                         "cl_passive (the same with OMP_WAIT_POLICY=PASSIVE, which can help "
+                         "torch when other processes share the cores)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
     ap.add_argument("--json", default=None, help="write all results (raw times too) here")
+    ap.add_argument("--from-json", default=None,
+                    help="print the tables of an earlier --json file instead of measuring")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        probes = data.get("ceiling_probes") or {}
+        ceilings = ({int(t): max(v) for t, v in probes.items() if v} if probes
+                    else {int(t): v for t, v in data["ceilings"].items()})
+        results = [derive(r, ceilings) for r in data["results"]]
+        print(format_machine(data["machine"]))
+        print(report(results, ceilings, any(len(r["frameworks"]) > 1 for r in results)))
+        return results
     if args.quick:
         args.repeats, args.rounds, args.budget, args.min_repeats = 3, 1, 10.0, 1
     models = [m for m in args.models.split(",") if m]
@@ -312,7 +340,8 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     have_torch = common.torch_available() and not args.no_torch
-    layouts = {"nchw": "torch_nchw", "cl": "torch_cl", "channels_last": "torch_cl"}
+    layouts = {"nchw": "torch_nchw", "cl": "torch_cl", "channels_last": "torch_cl",
+               "nchw_passive": "torch_nchw_passive", "cl_passive": "torch_cl_passive"}
     frameworks = ("cnet",) + (tuple(layouts[t] for t in args.torch_layouts.split(",") if t)
                               if have_torch else ())
 
@@ -342,7 +371,7 @@ def main(argv=None):
         import gemm_ceiling
         for t in threads:
             probes[t].append(gemm_ceiling.ceiling(t, repeats=3))
-    ceilings = {t: median(v) for t, v in probes.items() if v}
+    ceilings = {t: max(v) for t, v in probes.items() if v}
     for r in results:
         derive(r, ceilings)
     print()
