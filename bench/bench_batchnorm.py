@@ -10,24 +10,12 @@ ReLU.  Ratio = cnet time / torch time (below 1: cnet faster).  On a shared
 machine ``--threads 1 --cpu-time`` is immune to time lost while descheduled.
 """
 import argparse
-import time
 
 import numpy as np
 
 import cnet
 from cnet import nn
-
-CLOCK = time.perf_counter
-
-
-def median_ms(fn, reps):
-    fn()  # warm up (allocations, first touch)
-    ts = []
-    for _ in range(reps):
-        t0 = CLOCK()
-        fn()
-        ts.append(CLOCK() - t0)
-    return 1e3 * float(np.median(ts))
+from _timing import best_of_rounds, clock
 
 
 def main():
@@ -38,9 +26,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall time")
     args = ap.parse_args()
-    global CLOCK
-    if args.cpu_time:
-        CLOCK = time.process_time
     import torch
     cnet.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -76,10 +61,7 @@ def main():
                 xt.grad = None
 
             contenders[layout] = run_torch
-        best = {k: float("inf") for k in contenders}
-        for _ in range(args.rounds):
-            for name, fn in contenders.items():
-                best[name] = min(best[name], median_ms(fn, args.reps))
+        best = best_of_rounds(contenders, args.rounds, args.reps, clock(args.cpu_time))
         row = [f"{str(shape):>18}  cnet {best['cnet']:6.2f}"]
         for name in list(contenders)[1:]:
             row.append(f"{name} {best[name]:6.2f} (ratio {best['cnet'] / best[name]:.2f})")

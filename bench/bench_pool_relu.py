@@ -8,25 +8,12 @@ while descheduled.
 Usage: python bench/bench_pool_relu.py [--threads 2] [--reps 30] [--cpu-time]
 """
 import argparse
-import time
 
 import numpy as np
 
 import cnet
 from cnet import nn
-
-
-CLOCK = time.perf_counter
-
-
-def median_ms(fn, reps):
-    fn()  # warm up (allocations, first-touch)
-    ts = []
-    for _ in range(reps):
-        t = CLOCK()
-        fn()
-        ts.append(CLOCK() - t)
-    return float(np.median(ts)) * 1e3
+from _timing import best_of_rounds, clock
 
 
 def main():
@@ -37,9 +24,6 @@ def main():
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with process CPU time (meaningful with --threads 1)")
     args = ap.parse_args()
-    global CLOCK
-    if args.cpu_time:
-        CLOCK = time.process_time
     import torch
 
     torch.set_num_threads(args.threads)
@@ -61,21 +45,19 @@ def main():
         xt_nchw = torch.tensor(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         variants = {"nchw": xt_nchw,
                     "channels_last": xt_nchw.contiguous(memory_format=torch.channels_last)}
-        res = {}
-        for _ in range(3):  # interleave rounds to spread machine noise over all
-            res.setdefault("cnet", []).append(median_ms(run_cnet, args.reps))
-            for vname, xt in variants.items():
-                xt = xt.detach().requires_grad_(True)
-                gt = tfn(xt.detach()).new_tensor(0).expand_as(tfn(xt.detach())).clone()
-                gt.copy_(torch.from_numpy(g.transpose(0, 3, 1, 2) if g.ndim == 4 else g))
-                if vname == "channels_last":
-                    gt = gt.contiguous(memory_format=torch.channels_last)
+        contenders = {"cnet": run_cnet}
+        for vname, xt in variants.items():
+            xt = xt.detach().requires_grad_(True)
+            gt = tfn(xt.detach()).new_tensor(0).expand_as(tfn(xt.detach())).clone()
+            gt.copy_(torch.from_numpy(g.transpose(0, 3, 1, 2) if g.ndim == 4 else g))
+            if vname == "channels_last":
+                gt = gt.contiguous(memory_format=torch.channels_last)
 
-                def run_torch(xt=xt, gt=gt):
-                    xt.grad = None
-                    tfn(xt).backward(gt)
-                res.setdefault(vname, []).append(median_ms(run_torch, args.reps))
-        best = {k: min(v) for k, v in res.items()}
+            def run_torch(xt=xt, gt=gt):
+                xt.grad = None
+                tfn(xt).backward(gt)
+            contenders[vname] = run_torch
+        best = best_of_rounds(contenders, 3, args.reps, clock(args.cpu_time))
         t_torch = min(best["nchw"], best["channels_last"])
         print(f"{name:11s} fwd+bwd  cnet {best['cnet']:.2f} ms  torch nchw {best['nchw']:.2f} ms"
               f"  channels_last {best['channels_last']:.2f} ms  ->  cnet/torch-best "
