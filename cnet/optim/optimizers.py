@@ -493,16 +493,9 @@ class Adadelta(Optimizer):
         return ["square_avg", "acc_delta"]
 
 
-class Adam(Optimizer):
-    """torch.optim.Adam: betas, eps, weight_decay (L2, or decoupled), amsgrad, bias correction."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 skip_nonfinite=False):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, skip_nonfinite)
+class _AdamBase(Optimizer):
+    """What Adam(W) and NAdam share: betas, the two moment buffers, weight decay as L2
+    or decoupled (torch's ``decoupled_weight_decay``)."""
 
     def _validate(self, group):
         super()._validate(group)
@@ -514,18 +507,35 @@ class Adam(Optimizer):
         gs.array("exp_avg")
         gs.array("exp_avg_sq")
 
-    def _step_group(self, group, gs, nt):
+    @staticmethod
+    def _weight_decay(group):
+        """(L2 coefficient, multiplier of p before the update) for the kernels."""
         lr, wd = group["lr"], group["weight_decay"]
+        if group["decoupled_weight_decay"]:
+            return 0.0, 1 - lr * wd
+        return wd, 1.0
+
+
+class Adam(_AdamBase):
+    """torch.optim.Adam: betas, eps, weight_decay (L2, or decoupled), amsgrad, bias correction."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 skip_nonfinite=False):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, skip_nonfinite)
+
+    def _step_group(self, group, gs, nt):
+        lr = group["lr"]
         beta1, beta2 = group["betas"]
         step = gs.step
         bias_correction1 = 1 - beta1 ** step
         bias_correction2 = 1 - beta2 ** step
         step_size = lr / bias_correction1
         bc2_sqrt = bias_correction2 ** 0.5
-        if group["decoupled_weight_decay"]:
-            l2, decay = 0.0, 1 - lr * wd
-        else:
-            l2, decay = wd, 1.0
+        l2, decay = self._weight_decay(group)
         m, v = gs.array("exp_avg"), gs.array("exp_avg_sq")
         vmax = gs.array("max_exp_avg_sq") if group["amsgrad"] else None
         bad = 0
@@ -552,7 +562,7 @@ class AdamW(Adam):
                          skip_nonfinite=skip_nonfinite)
 
 
-class NAdam(Optimizer):
+class NAdam(_AdamBase):
     """torch.optim.NAdam: betas, eps, weight_decay (L2 or decoupled), momentum_decay schedule."""
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
@@ -565,26 +575,16 @@ class NAdam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, skip_nonfinite)
 
-    def _validate(self, group):
-        super()._validate(group)
-        group["betas"] = tuple(group["betas"])
-        _check_beta("beta parameter at index 0", group["betas"][0])
-        _check_beta("beta parameter at index 1", group["betas"][1])
-
     def _init_state(self, group, gs):
-        gs.array("exp_avg")
-        gs.array("exp_avg_sq")
+        super()._init_state(group, gs)
         gs.extra["mu_product"] = 1.0
 
     def _step_group(self, group, gs, nt):
-        lr, wd = group["lr"], group["weight_decay"]
+        lr = group["lr"]
         beta1, beta2 = group["betas"]
         step = gs.step
         bias_correction2 = 1 - beta2 ** step
-        if group["decoupled_weight_decay"]:
-            l2, decay = 0.0, 1 - lr * wd
-        else:
-            l2, decay = wd, 1.0
+        l2, decay = self._weight_decay(group)
         md = group["momentum_decay"]
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * md)))
         mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * md)))
