@@ -133,6 +133,18 @@ cdef Py_ssize_t _check_chunks(const Py_ssize_t[:, ::1] chunks, Py_ssize_t np_, P
     return total
 
 
+cdef int _column_threads(const Py_ssize_t[:, ::1] chunks, int column, Py_ssize_t n,
+                         int n_threads) except -1:
+    """Threads for a pass over one buffer of size ``n`` whose chunk offsets are in
+    ``column`` (0 params, 1 grads, 2 state); validates the chunks against it."""
+    if column < 0 or column > 2:
+        raise ValueError(f"column must be 0, 1 or 2, got {column}")
+    cdef Py_ssize_t work = _check_chunks(chunks, n if column == 0 else (1 << 62),
+                                         n if column == 1 else (1 << 62),
+                                         n if column == 2 else -1)
+    return effective_threads(work, n_threads)
+
+
 cdef Py_ssize_t _state_size(name, arr, Py_ssize_t want) except -2:
     """Size of an optional state array (-1 when absent); it must have the same size as ``want``."""
     if arr is None:
@@ -311,12 +323,7 @@ def nadam(floating[::1] p, const floating[::1] g, floating[::1] exp_avg,
 def count_nonfinite(const floating[::1] x, const Py_ssize_t[:, ::1] chunks, int column,
                     int n_threads):
     """Non-finite entries of x over the chunks (offsets from chunk column ``column``)."""
-    if column < 0 or column > 2:
-        raise ValueError(f"column must be 0, 1 or 2, got {column}")
-    cdef Py_ssize_t work = _check_chunks(chunks, x.shape[0] if column == 0 else (1 << 62),
-                                         x.shape[0] if column == 1 else (1 << 62),
-                                         x.shape[0] if column == 2 else -1)
-    cdef int nt = effective_threads(work, n_threads)
+    cdef int nt = _column_threads(chunks, column, x.shape[0], n_threads)
     cdef Py_ssize_t k, bad = 0
     for k in prange(chunks.shape[0], nogil=True, num_threads=nt, schedule="static"):
         if floating is float:
@@ -331,12 +338,7 @@ def norm_partials(const floating[::1] x, const Py_ssize_t[:, ::1] chunks, int co
     """Per-chunk partials of a norm of x: sum of squares (norm_type 2), max |x| (inf) or
     sum |x|^q; returns (partials float64 array (K,), non-finite count).  The caller
     combines the partials in chunk order, so the total does not depend on threads."""
-    if column < 0 or column > 2:
-        raise ValueError(f"column must be 0, 1 or 2, got {column}")
-    cdef Py_ssize_t work = _check_chunks(chunks, x.shape[0] if column == 0 else (1 << 62),
-                                         x.shape[0] if column == 1 else (1 << 62),
-                                         x.shape[0] if column == 2 else -1)
-    cdef int nt = effective_threads(work, n_threads)
+    cdef int nt = _column_threads(chunks, column, x.shape[0], n_threads)
     cdef Py_ssize_t K = chunks.shape[0]
     partials_arr = np.zeros(K, dtype=np.float64)
     bads_arr = np.zeros(K, dtype=np.intp)
@@ -366,12 +368,7 @@ def norm_partials(const floating[::1] x, const Py_ssize_t[:, ::1] chunks, int co
 
 def scale(floating[::1] x, const Py_ssize_t[:, ::1] chunks, int column, double c, int n_threads):
     """x *= c over the chunks (c cast to x's dtype, as torch's mul_ by a Python scalar)."""
-    if column < 0 or column > 2:
-        raise ValueError(f"column must be 0, 1 or 2, got {column}")
-    cdef Py_ssize_t work = _check_chunks(chunks, x.shape[0] if column == 0 else (1 << 62),
-                                         x.shape[0] if column == 1 else (1 << 62),
-                                         x.shape[0] if column == 2 else -1)
-    cdef int nt = effective_threads(work, n_threads)
+    cdef int nt = _column_threads(chunks, column, x.shape[0], n_threads)
     cdef Py_ssize_t k
     for k in prange(chunks.shape[0], nogil=True, num_threads=nt, schedule="static"):
         if floating is float:
@@ -383,12 +380,7 @@ def scale(floating[::1] x, const Py_ssize_t[:, ::1] chunks, int column, double c
 def fill(floating[::1] x, const Py_ssize_t[:, ::1] chunks, int column, double value,
          int n_threads):
     """x[...] = value over the chunks (zero_grad: one parallel pass over the flat grads)."""
-    if column < 0 or column > 2:
-        raise ValueError(f"column must be 0, 1 or 2, got {column}")
-    cdef Py_ssize_t work = _check_chunks(chunks, x.shape[0] if column == 0 else (1 << 62),
-                                         x.shape[0] if column == 1 else (1 << 62),
-                                         x.shape[0] if column == 2 else -1)
-    cdef int nt = effective_threads(work, n_threads)
+    cdef int nt = _column_threads(chunks, column, x.shape[0], n_threads)
     cdef Py_ssize_t k
     for k in prange(chunks.shape[0], nogil=True, num_threads=nt, schedule="static"):
         if floating is float:
