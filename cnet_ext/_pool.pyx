@@ -237,20 +237,27 @@ def _check_geometry(Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
         raise ValueError(f"output size {(OH, OW)} too large for input {(H, W)}")
 
 
+def _pool_args(big, small, str name, kernel, stride, padding, dilation):
+    """Validate an input-shaped array ``big`` (x or gx) and an output-shaped one
+    ``small`` (y or g, called ``name``); return (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    _check_x(big)
+    cdef Py_ssize_t N = big.shape[0], H = big.shape[1], W = big.shape[2], C = big.shape[3]
+    cdef Py_ssize_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1]
+    cdef Py_ssize_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1]
+    if small.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-D array, got shape {small.shape}")
+    cdef Py_ssize_t OH = small.shape[1], OW = small.shape[2]
+    _check(name, small, (N, OH, OW, C), big.dtype)
+    _check_geometry(H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw)
+    return kh, kw, sh, sw, ph, pw, dh, dw
+
+
 def max_pool2d_forward(x, y, idx, kernel, stride, padding, dilation, int n_threads):
     """y[n, oh, ow, c] = max over the window; idx (int32, same shape as y, or None)
     receives the argmax as ih * W + iw."""
-    _check_x(x)
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1]
-    if y.ndim != 4:
-        raise ValueError(f"y: expected a 4-D array, got shape {y.shape}")
-    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
-    _check("y", y, (N, OH, OW, C), x.dtype)
+    kh, kw, sh, sw, ph, pw, dh, dw = _pool_args(x, y, "y", kernel, stride, padding, dilation)
     if idx is not None:
-        _check("idx", idx, (N, OH, OW, C), np.int32)
-    _check_geometry(H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw)
+        _check("idx", idx, y.shape, np.int32)
     _max_fwd_dispatch(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, n_threads)
 
 
@@ -269,16 +276,8 @@ def _max_fwd_dispatch(floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
 
 def max_pool2d_backward(g, idx, gx, kernel, stride, padding, dilation, int n_threads):
     """gx (N, H, W, C) = gradient of the input given g and the forward's idx."""
-    _check_x(gx)
-    cdef Py_ssize_t N = gx.shape[0], H = gx.shape[1], W = gx.shape[2], C = gx.shape[3]
-    cdef Py_ssize_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1]
-    if g.ndim != 4:
-        raise ValueError(f"g: expected a 4-D array, got shape {g.shape}")
-    cdef Py_ssize_t OH = g.shape[1], OW = g.shape[2]
-    _check("g", g, (N, OH, OW, C), gx.dtype)
-    _check("idx", idx, (N, OH, OW, C), np.int32)
-    _check_geometry(H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw)
+    kh, kw, sh, sw, ph, pw, dh, dw = _pool_args(gx, g, "g", kernel, stride, padding, dilation)
+    _check("idx", idx, g.shape, np.int32)
     _max_bwd_dispatch(g, idx, gx, kh, kw, sh, sw, ph, pw, dh, dw, n_threads)
 
 
@@ -297,16 +296,8 @@ def _max_bwd_dispatch(floating[:, :, :, ::1] g, int[:, :, :, ::1] idx,
 def avg_pool2d_forward(x, y, kernel, stride, padding, bint count_include_pad,
                        divisor_override, int n_threads):
     """y = window sums divided by PyTorch's divisor (see _avg_divisor)."""
-    _check_x(x)
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    kh, kw, sh, sw, ph, pw, _, _ = _pool_args(x, y, "y", kernel, stride, padding, (1, 1))
     cdef Py_ssize_t dov = int(divisor_override or 0)
-    if y.ndim != 4:
-        raise ValueError(f"y: expected a 4-D array, got shape {y.shape}")
-    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
-    _check("y", y, (N, OH, OW, C), x.dtype)
-    _check_geometry(H, W, OH, OW, kh, kw, sh, sw, ph, pw, 1, 1)
     _avg_fwd_dispatch(x, y, kh, kw, sh, sw, ph, pw, count_include_pad, dov, n_threads)
 
 
@@ -324,16 +315,8 @@ def _avg_fwd_dispatch(floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
 
 def avg_pool2d_backward(g, gx, kernel, stride, padding, bint count_include_pad,
                         divisor_override, int n_threads):
-    _check_x(gx)
-    cdef Py_ssize_t N = gx.shape[0], H = gx.shape[1], W = gx.shape[2], C = gx.shape[3]
-    cdef Py_ssize_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1]
-    cdef Py_ssize_t ph = padding[0], pw = padding[1]
+    kh, kw, sh, sw, ph, pw, _, _ = _pool_args(gx, g, "g", kernel, stride, padding, (1, 1))
     cdef Py_ssize_t dov = int(divisor_override or 0)
-    if g.ndim != 4:
-        raise ValueError(f"g: expected a 4-D array, got shape {g.shape}")
-    cdef Py_ssize_t OH = g.shape[1], OW = g.shape[2]
-    _check("g", g, (N, OH, OW, C), gx.dtype)
-    _check_geometry(H, W, OH, OW, kh, kw, sh, sw, ph, pw, 1, 1)
     _avg_bwd_dispatch(g, gx, kh, kw, sh, sw, ph, pw, count_include_pad, dov, n_threads)
 
 
