@@ -270,14 +270,14 @@ cdef extern from *:
     }
 
     /* 6 pixels x one vector: fits the 16 registers of AVX2. */
-    CNET_DIRECT_ROW(cnet_direct_row_f32, float, cnet_v16f, cnet_v16fu, 16, 1, 6)
-    CNET_DIRECT_ROW(cnet_direct_row_f64, double, cnet_v8d, cnet_v8du, 8, 1, 6)
+    CNET_DIRECT_ROW(cnet_direct_row6_f32, float, cnet_v16f, cnet_v16fu, 16, 1, 6)
+    CNET_DIRECT_ROW(cnet_direct_row6_f64, double, cnet_v8d, cnet_v8du, 8, 1, 6)
     /* AVX-512's 32 registers: 8 pixels (CIFAR's widths 32/16/8 divide evenly: no
        wasted lanes) x one or two vectors of outputs (up to 16 accumulators). */
     CNET_DIRECT_ROW(cnet_direct_row8_f32, float, cnet_v16f8, cnet_v16fu8, 16, 1, 8)
     CNET_DIRECT_ROW(cnet_direct_row8_f64, double, cnet_v8d8, cnet_v8du8, 8, 1, 8)
-    CNET_DIRECT_ROW(cnet_direct_row2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2, 8)
-    CNET_DIRECT_ROW(cnet_direct_row2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2, 8)
+    CNET_DIRECT_ROW(cnet_direct_row8x2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2, 8)
+    CNET_DIRECT_ROW(cnet_direct_row8x2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2, 8)
 
     /* Weight gradient of one kernel tap (kh, kw) over images [n0, n1):
        gw[ci, co] (+)= sum over output pixels of x[n, ih, iw, ci] * dy[n, oh, ow, co].
@@ -335,12 +335,39 @@ cdef extern from *:
         }                                                                                  \
     }
 
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f32, float, cnet_w16f, cnet_w16fu, 16, 1, 6)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad_f64, double, cnet_w8d, cnet_w8du, 8, 1, 6)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad6_f32, float, cnet_w16f, cnet_w16fu, 16, 1, 6)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad6_f64, double, cnet_w8d, cnet_w8du, 8, 1, 6)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f32, float, cnet_w16f8, cnet_w16fu8, 16, 1, 8)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f64, double, cnet_w8d8, cnet_w8du8, 8, 1, 8)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2, 8)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad8x2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2, 8)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad8x2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2, 8)
+
+    /* One entry per kernel and dtype; ``variant`` picks the register block:
+       0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2 (see _direct_variant). */
+    #define CNET_DIRECT_PICK(NAME, SFX) \
+        (variant == 2 ? NAME##8x2_##SFX : variant == 1 ? NAME##8_##SFX : NAME##6_##SFX)
+    #define CNET_DIRECT_ENTRIES(SFX, T)                                                    \
+    static inline void cnet_direct_row_##SFX(                                              \
+        int variant, const T* x, const T* w, const T* bias, const T* zeros, T* yrow,       \
+        Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
+        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,       \
+        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+    {                                                                                      \
+        CNET_DIRECT_PICK(cnet_direct_row, SFX)(x, w, bias, zeros, yrow, n, oh, H, W, C,    \
+                                               OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw);  \
+    }                                                                                      \
+    static inline void cnet_direct_wgrad_##SFX(                                            \
+        int variant, const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0,        \
+        Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W,           \
+        Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,        \
+        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+    {                                                                                      \
+        CNET_DIRECT_PICK(cnet_direct_wgrad, SFX)(x, dy, gw, accumulate, n0, n1, kh, kw,    \
+                                                 H, W, C, OH, OW, Cout, sh, sw, ph, pw,    \
+                                                 dh, dw);                                  \
+    }
+    CNET_DIRECT_ENTRIES(f32, float)
+    CNET_DIRECT_ENTRIES(f64, double)
 
     /* The two-vector blocks only pay where 32 vector registers hold them. */
     static int cnet_wide_vectors(void) {
@@ -352,77 +379,29 @@ cdef extern from *:
     #endif
     }
     """
-    void cnet_direct_row_f32(const float* x, const float* w, const float* bias,
+    void cnet_direct_row_f32(int variant, const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
                              Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row8_f32(const float* x, const float* w, const float* bias,
-                             const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row2_f32(const float* x, const float* w, const float* bias,
-                             const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row_f64(const double* x, const double* w, const double* bias,
-                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row8_f64(const double* x, const double* w, const double* bias,
-                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row2_f64(const double* x, const double* w, const double* bias,
-                             const double* zeros, double* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad_f32(const float* x, const float* dy, float* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+    void cnet_direct_row_f64(int variant, const double* x, const double* w,
+                             const double* bias, const double* zeros, double* yrow,
+                             Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,
+                             Py_ssize_t C, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
+                             Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                             Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+    void cnet_direct_wgrad_f32(int variant, const float* x, const float* dy, float* gw,
+                               int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
+                               Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,
+                               Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                                Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad8_f32(const float* x, const float* dy, float* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad2_f32(const float* x, const float* dy, float* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad_f64(const double* x, const double* dy, double* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad8_f64(const double* x, const double* dy, double* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
-    void cnet_direct_wgrad2_f64(const double* x, const double* dy, double* gw, int accumulate,
-                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,
-                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                               Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+    void cnet_direct_wgrad_f64(int variant, const double* x, const double* dy, double* gw,
+                               int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
+                               Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,
+                               Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                                Py_ssize_t dw) noexcept nogil
     int cnet_wide_vectors() noexcept nogil
 
@@ -456,26 +435,11 @@ cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floati
     cdef Py_ssize_t kh = tap // KW, kw = tap % KW
     gw = gw + tap * C * Cout
     if floating is float:
-        if variant == 2:
-            cnet_direct_wgrad2_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                   sh, sw, ph, pw, dh, dw)
-        elif variant == 1:
-            cnet_direct_wgrad8_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                   sh, sw, ph, pw, dh, dw)
-        else:
-            cnet_direct_wgrad_f32(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                  sh, sw, ph, pw, dh, dw)
+        cnet_direct_wgrad_f32(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW,
+                              Cout, sh, sw, ph, pw, dh, dw)
     else:
-        if variant == 2:
-            cnet_direct_wgrad2_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                   sh, sw, ph, pw, dh, dw)
-        elif variant == 1:
-            cnet_direct_wgrad8_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                   sh, sw, ph, pw, dh, dw)
-        else:
-            cnet_direct_wgrad_f64(x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW, Cout,
-                                  sh, sw, ph, pw, dh, dw)
-
+        cnet_direct_wgrad_f64(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW,
+                              Cout, sh, sw, ph, pw, dh, dw)
 
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                       floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0, Py_ssize_t n1,
@@ -522,26 +486,11 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
     cdef Py_ssize_t oh = r % OH
     cdef floating* yrow = y + (n * OH + oh) * OW * Cout
     if floating is float:
-        if variant == 2:
-            cnet_direct_row2_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                 KH, KW, sh, sw, ph, pw, dh, dw)
-        elif variant == 1:
-            cnet_direct_row8_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                 KH, KW, sh, sw, ph, pw, dh, dw)
-        else:
-            cnet_direct_row_f32(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                KH, KW, sh, sw, ph, pw, dh, dw)
+        cnet_direct_row_f32(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
     else:
-        if variant == 2:
-            cnet_direct_row2_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                 KH, KW, sh, sw, ph, pw, dh, dw)
-        elif variant == 1:
-            cnet_direct_row8_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                 KH, KW, sh, sw, ph, pw, dh, dw)
-        else:
-            cnet_direct_row_f64(x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
-                                KH, KW, sh, sw, ph, pw, dh, dw)
-
+        cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
 
 def direct_lanes(dtype):
     """Output channels per vector of the direct kernel (C_out must be a multiple)."""
