@@ -168,6 +168,26 @@ CNET_CLONES static Py_ssize_t CNET_FN(cnet_adadelta_)(T *restrict p, const T *re
     return bad;
 }
 
+/* The moment updates Adam and NAdam share (torch's operation order): d += wd*p
+ * (L2), p *= decay (decoupled), m = lerp(m, d, w1), v = beta2*v + (1-beta2)*d*d.
+ * Stores m and v; returns d, the decayed p, m and v in registers. */
+static inline __attribute__((always_inline)) void CNET_FN(cnet_adam_moments_)(
+    T *d, T *pi, T *mi, T *vi, const T *p, T *restrict m, T *restrict v, T wd, T decay,
+    T w1, T beta2, T om_beta2)
+{
+    T pv = *p;
+    T gi = *d + wd * pv;
+    *d = gi;
+    *pi = pv * decay;
+    T mv = *m;
+    mv = mv + w1 * (gi - mv);
+    *m = mv;
+    *mi = mv;
+    T vv = *v * beta2 + om_beta2 * gi * gi;
+    *v = vv;
+    *vi = vv;
+}
+
 /* Adam / AdamW: d = sign*g + wd*p (L2; wd = 0 when decoupled); p *= decay (decoupled:
  * 1 - lr*wd, else 1); m = lerp(m, d, 1-beta1); v = beta2*v + (1-beta2)*d*d;
  * amsgrad: vmax = max(vmax, v) and v := vmax; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps).
@@ -181,14 +201,9 @@ CNET_CLONES static Py_ssize_t CNET_FN(cnet_adam_)(T *restrict p, const T *restri
     for (Py_ssize_t i = 0; i < n; i++) {
         T gi = sign * g[i];
         bad += CNET_NONFINITE(gi);
-        T pi = p[i];
-        gi = gi + wd * pi;
-        pi = pi * decay;
-        T mi = m[i];
-        mi = mi + w1 * (gi - mi);
-        m[i] = mi;
-        T vi = v[i] * beta2 + om_beta2 * gi * gi;
-        v[i] = vi;
+        T pi, mi, vi;
+        CNET_FN(cnet_adam_moments_)(&gi, &pi, &mi, &vi, p + i, m + i, v + i, wd, decay, w1,
+                                    beta2, om_beta2);
         if (amsgrad) {
             T vm = vmax[i];
             vm = vm > vi ? vm : vi;
@@ -203,7 +218,7 @@ CNET_CLONES static Py_ssize_t CNET_FN(cnet_adam_)(T *restrict p, const T *restri
     return bad;
 }
 
-/* NAdam: as Adam for d, decay, m, v; denom = sqrt(v / bc2) + eps;
+/* NAdam: d, decay, m, v as Adam (cnet_adam_moments_); denom = sqrt(v / bc2) + eps;
  * p += c_grad * (d / denom); p += c_avg * (m / denom) (torch's two addcdiv_). */
 CNET_CLONES static Py_ssize_t CNET_FN(cnet_nadam_)(T *restrict p, const T *restrict g, T *restrict m,
                                            T *restrict v, Py_ssize_t n, T sign, T wd, T decay,
@@ -214,14 +229,9 @@ CNET_CLONES static Py_ssize_t CNET_FN(cnet_nadam_)(T *restrict p, const T *restr
     for (Py_ssize_t i = 0; i < n; i++) {
         T gi = sign * g[i];
         bad += CNET_NONFINITE(gi);
-        T pi = p[i];
-        gi = gi + wd * pi;
-        pi = pi * decay;
-        T mi = m[i];
-        mi = mi + w1 * (gi - mi);
-        m[i] = mi;
-        T vi = v[i] * beta2 + om_beta2 * gi * gi;
-        v[i] = vi;
+        T pi, mi, vi;
+        CNET_FN(cnet_adam_moments_)(&gi, &pi, &mi, &vi, p + i, m + i, v + i, wd, decay, w1,
+                                    beta2, om_beta2);
         T denom = SQRT(vi / bc2) + eps;
         pi = pi + c_grad * (gi / denom);
         pi = pi + c_avg * (mi / denom);
