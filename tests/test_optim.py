@@ -175,6 +175,17 @@ def run_cnet(name, kw, init, grads, params=None, opt=None):
     return [p.data.copy() for p in params], params, opt
 
 
+def run_torch(torch, name, kw, init, grads):
+    """The same steps with torch.optim; returns (parameters, optimizer)."""
+    tps = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
+    topt = getattr(torch.optim, name)(tps, **kw)
+    for gs in grads:
+        for p, g in zip(tps, gs):
+            p.grad = torch.from_numpy(g.copy())
+        topt.step()
+    return tps, topt
+
+
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
 def test_matches_numpy_transcription_float64(name, kw):
     init, grads = problem(np.float64)
@@ -205,12 +216,7 @@ def test_torch_parity(name, kw, dtype):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)     # NAdam's mu_product scalar in double, as cnet
     try:
-        tps = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
-        topt = getattr(torch.optim, name)(tps, **kw)
-        for gs in grads:
-            for p, g in zip(tps, gs):
-                p.grad = torch.from_numpy(g.copy())
-            topt.step()
+        tps, _ = run_torch(torch, name, kw, init, grads)
     finally:
         torch.set_default_dtype(prev)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
@@ -394,12 +400,7 @@ def test_state_dict_structure_matches_torch():
                      ("NAdam", {}), ("RMSprop", dict(centered=True, momentum=0.1)),
                      ("Adagrad", {}), ("Adadelta", {})]:
         _, params, opt = run_cnet(name, kw, init, grads)
-        tps = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
-        topt = getattr(torch.optim, name)(tps, **kw)
-        for gs in grads:
-            for p, g in zip(tps, gs):
-                p.grad = torch.from_numpy(g.copy())
-            topt.step()
+        _, topt = run_torch(torch, name, kw, init, grads)
         ours, theirs = opt.state_dict(), topt.state_dict()
         assert sorted(ours["state"]) == sorted(theirs["state"])
         for i in theirs["state"]:
