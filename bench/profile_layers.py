@@ -110,6 +110,7 @@ def _profile_cnet(model_name, threads, iters, mode, batch, warmup):
     loss_fn = nn.CrossEntropyLoss()
     opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     model.train(train)
+    model.requires_input_grad_(False)     # as torch: the input does not require grad
 
     acc = collections.Counter()     # (name, phase) -> seconds in this iteration
     stack = []

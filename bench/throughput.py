@@ -64,6 +64,7 @@ def _cnet_worker(cfg):
     y = rng.integers(0, classes, batch)
     if cfg["mode"] == "train":
         model.train()
+        model.requires_input_grad_(False)     # as torch: the input does not require grad
         loss_fn = nn.CrossEntropyLoss()
         opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 

@@ -30,6 +30,8 @@ class Sequential(Module):
 
     def append(self, layer, name=None):
         self.add_module(str(len(self._layers)) if name is None else name, layer)
+        if not self._layers and not self.input_grad:
+            layer.requires_input_grad_(False)
         self._layers.append(layer)
         self._plan = None
         return self
@@ -59,6 +61,13 @@ class Sequential(Module):
         self._plan = plan
         return plan
 
+    def requires_input_grad_(self, requires_grad=True):
+        """Only the first child sees the container's input (see Module)."""
+        super().requires_input_grad_(requires_grad)
+        if self._layers:
+            self._layers[0].requires_input_grad_(requires_grad)
+        return self
+
     def forward(self, x):
         for layer in self._plan or self._build_plan():
             x = layer.forward(x)
@@ -67,7 +76,7 @@ class Sequential(Module):
     def backward(self, grad):
         for layer in reversed(self._plan or self._build_plan()):
             grad = layer.backward(grad)
-        return grad
+        return grad if self.input_grad else None
 
 
 class _Branches(Module):
@@ -80,6 +89,13 @@ class _Branches(Module):
         for i, b in enumerate(branches):
             self.add_module(str(i), b)
         self.branches = list(branches)
+
+    def requires_input_grad_(self, requires_grad=True):
+        """Every branch sees the container's input (see Module)."""
+        super().requires_input_grad_(requires_grad)
+        for b in self.branches:
+            b.requires_input_grad_(requires_grad)
+        return self
 
     def _branch_outputs(self, x):
         outs = [b.forward(x) for b in self.branches]
@@ -100,6 +116,8 @@ class _Branches(Module):
         (Identity) may hand back the very array it was given.
         """
         grads_in = [branch.backward(g) for branch, g in zip(self.branches, grads)]
+        if not self.input_grad:
+            return None
         if len(grads_in) == 1:
             return grads_in[0]
         grads_in = [np.ascontiguousarray(g) for g in grads_in]

@@ -376,6 +376,9 @@ class Conv2d(Module):
         ws = self._workspace(x, out_shape)
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         _, dw_path, dx_path = self._paths(w.dtype)
+        pointwise = dx_path == "pointwise"   # the input is its own column matrix
+        if not self.input_grad:
+            dx_path = None                  # requires_input_grad_(False): dL/dx not wanted
         n_workers = min(nt, stripes)
         geom = self._geometry()
         kh, kw, _, _, ph, pw, dh, dw, _ = geom
@@ -388,7 +391,7 @@ class Conv2d(Module):
         slots = ws["slots"]
         if dw_path == "gemm":
             dws = self._worker_buffers(ws, "dw", n_workers, target.shape, w.dtype)
-            if dx_path != "pointwise":
+            if not pointwise:
                 cols = self._worker_buffers(ws, "col", n_workers, ws["col_shape"], x.dtype)
         if dx_path == "col2im":
             dcols = self._worker_buffers(ws, "dcol", n_workers, ws["col_shape"], x.dtype)
@@ -400,8 +403,8 @@ class Conv2d(Module):
             np.copyto(wflip, w[::-1, ::-1].swapaxes(2, 3))
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
-        dx = np.empty_like(x)
-        dx2 = dx.reshape(-1, self.in_channels)
+        dx = None if dx_path is None else np.empty_like(x)
+        dx2 = None if dx_path is None else dx.reshape(-1, self.in_channels)
 
         def stripe(s, wid, kt):
             acc = slots[s]
@@ -416,7 +419,7 @@ class Conv2d(Module):
                 elif dw_path == "depthwise":
                     _conv.depthwise_weight_grad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
                 else:
-                    if dx_path == "pointwise":
+                    if pointwise:
                         c = x2[r0:r1]
                     else:
                         # Recompute the columns from the saved input: cheaper than keeping them.
@@ -435,7 +438,7 @@ class Conv2d(Module):
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
-                else:
+                elif dx_path == "col2im":
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
@@ -504,6 +507,8 @@ class Linear(Module):
         np.add(self.weight.grad, self._dw, out=self.weight.grad)
         if self.bias is not None:
             _bias_grad(dy2, self.bias.grad)
+        if not self.input_grad:
+            return None                     # requires_input_grad_(False)
         dx = np.empty_like(x)
         np.matmul(dy2, w.T, out=dx.reshape(-1, self.in_features))
         return dx

@@ -4,7 +4,8 @@ Contract (see DESIGN.md):
 - ``forward(x)`` computes the output; in training mode it caches what
   ``backward`` needs, in eval mode it caches nothing.
 - ``backward(grad_out)`` returns dL/dx and *accumulates* into each
-  ``Parameter.grad``.
+  ``Parameter.grad``.  After ``requires_input_grad_(False)`` a layer may skip
+  dL/dx and return None (the network's input is data: nothing needs it).
 - Layers read ``self.weight.data`` / ``.grad`` at call time and never keep
   their own references to those arrays: optimizers and
   ``flatten_parameters`` rebind them to views of one flat buffer.
@@ -164,6 +165,22 @@ class Module:
         setattr(self, name, module)
 
     # -- computation -------------------------------------------------------
+    # Whether backward must return dL/dx (PyTorch: whether the input requires grad).
+    input_grad = True
+
+    def requires_input_grad_(self, requires_grad=True):
+        """Say whether ``backward`` must compute dL/dx (default: it must).
+
+        With False, layers that can skip the input gradient (Conv2d, Linear)
+        do, and their backward returns None; parameter gradients are unchanged.
+        That is for a network's first layer, whose input is data: PyTorch does
+        not compute that gradient either, and a first convolution's input
+        gradient can cost as much as the rest of its backward.  Containers pass
+        the setting on to the children that see their input.  Returns self.
+        """
+        object.__setattr__(self, "input_grad", bool(requires_grad))
+        return self
+
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__}.forward")
 

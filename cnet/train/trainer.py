@@ -280,7 +280,7 @@ class Trainer:
 
     def train_epoch(self, loader):
         """One pass over ``loader`` in training mode; returns the train_* metrics."""
-        model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
+        model = self.model
         sched = self.scheduler if self.schedule_kind == "step" else None
         clip = None
         if self.grad_clip is not None:
@@ -292,7 +292,23 @@ class Trainer:
         bar = ProgressBar(_num_batches(loader, 0), desc=desc, verbose=self.verbose,
                           file=self.progress_file)
         model.train()
+        # Nothing needs dL/d(input images) (PyTorch skips it too): the first
+        # convolution's input gradient can cost as much as its weight gradient.
+        input_grad = model.input_grad
+        model.requires_input_grad_(False)
         start = time.perf_counter()
+        try:
+            self._train_steps(loader, bar, acc, sched, clip)
+        finally:
+            model.requires_input_grad_(input_grad)
+        elapsed = time.perf_counter() - start
+        out = acc.result("train_")
+        out["train_time"] = elapsed
+        out["train_images_per_s"] = acc.count / elapsed if elapsed > 0 else float("nan")
+        return out
+
+    def _train_steps(self, loader, bar, acc, sched, clip):
+        model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
         with bar:
             for x, y in loader:
                 logits = model(x)
@@ -315,11 +331,6 @@ class Trainer:
                 bar.update(1, len(y), loss=acc.loss, acc=f"{100 * acc.acc:.2f}%")
                 if self.callbacks:
                     self._callbacks("on_batch_end", self.step, {"loss": loss})
-        elapsed = time.perf_counter() - start
-        out = acc.result("train_")
-        out["train_time"] = elapsed
-        out["train_images_per_s"] = acc.count / elapsed if elapsed > 0 else float("nan")
-        return out
 
     def evaluate(self, loader, desc="val"):
         return evaluate(self.model, loader, self.loss_fn, topk=self.topk, verbose=self.verbose,
