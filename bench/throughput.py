@@ -189,6 +189,8 @@ def run_config(model, threads, mode, frameworks, args, log):
         for r in range(rounds):
             order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
             for fw in order:
+                if args.gap > 0:
+                    time.sleep(args.gap)      # let the previous worker's spinning threads stop
                 times[fw] += workers[fw].call(run=per_round)["times"]
             load.append(os.getloadavg()[0])
         result = {"model": model, "threads": threads, "mode": mode, "repeats": len(times["cnet"]),
@@ -307,6 +309,10 @@ def main(argv=None):
                     help="at most this many seconds of timed iterations per framework and config")
     ap.add_argument("--slow", type=float, default=2.0,
                     help="a step slower than this gets one warm-up iteration instead of two")
+    ap.add_argument("--gap", type=float, default=0.25,
+                    help="seconds of idle time before each worker's turn: a worker's BLAS/OpenMP "
+                         "threads spin for up to ~0.1 s after its step (OpenBLAS's default "
+                         "timeout) and would slow the NEXT framework down")
     ap.add_argument("--batch", type=int, default=None, help="override every model's batch")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 1 round, 10 s budget")
     ap.add_argument("--no-torch", action="store_true")
