@@ -64,6 +64,13 @@ cdef extern from *:
     }
     CNET_GATHER_ADD(cnet_gather_add_f32, float)
     CNET_GATHER_ADD(cnet_gather_add_f64, double)
+    /* o[0:n] += s[0:n]: a whole kernel row of KW*C values at once (col2im). */
+    #define CNET_ADD_RUN(NAME, T)                                                          \
+    static inline void NAME(T* restrict o, const T* restrict s, Py_ssize_t n) {            \
+        for (Py_ssize_t i = 0; i < n; i++) o[i] += s[i];                                   \
+    }
+    CNET_ADD_RUN(cnet_add_run_f32, float)
+    CNET_ADD_RUN(cnet_add_run_f64, double)
     """
     void cnet_scatter_groups(char* d, const char* s, Py_ssize_t G, size_t b,
                              Py_ssize_t ds) noexcept nogil
@@ -72,6 +79,8 @@ cdef extern from *:
                              Py_ssize_t K) noexcept nogil
     void cnet_gather_add_f64(double* o, const double* s, Py_ssize_t G, Py_ssize_t Cg,
                              Py_ssize_t K) noexcept nogil
+    void cnet_add_run_f32(float* o, const float* s, Py_ssize_t n) noexcept nogil
+    void cnet_add_run_f64(double* o, const double* s, Py_ssize_t n) noexcept nogil
 
 
 cdef inline void _im2col_row(const floating* x, floating* dst, Py_ssize_t n, Py_ssize_t oh,
@@ -171,6 +180,26 @@ cdef inline void _col2im_row(const floating* col, floating* dx, Py_ssize_t n0, P
         if oh >= OH:
             continue
         pix = col + ((n - n0) * OH + oh) * OW * row_len
+        if G == 1 and dw == 1:
+            # The mirror of im2col's memcpy: a window inside the row receives its
+            # KW*C column values as one contiguous run (small C: 1.5-3x faster
+            # than C values per tap).  Edge windows go tap by tap.
+            for ow in range(OW):
+                iw = ow * sw - pw
+                src = pix + ow * row_len + kh * KW * C
+                if iw >= 0 and iw + KW <= W:
+                    if floating is float:
+                        cnet_add_run_f32(out + iw * C, src, KW * C)
+                    else:
+                        cnet_add_run_f64(out + iw * C, src, KW * C)
+                    continue
+                for kw in range(KW):
+                    if <size_t>(iw + kw) < <size_t>W:
+                        if floating is float:
+                            cnet_add_run_f32(out + (iw + kw) * C, src + kw * C, C)
+                        else:
+                            cnet_add_run_f64(out + (iw + kw) * C, src + kw * C, C)
+            continue
         for kw in range(KW):
             for ow in range(OW):
                 iw = ow * sw - pw + kw * dw
