@@ -4,9 +4,17 @@
 >>> from cnet import nn, optim, init
 """
 import os as _os
+import sys as _sys
 
-# Must precede the first kernel import (libgomp reads it once): see _threads.py.
+# Both are read once, when the library loads, so they must precede the first
+# kernel import (libgomp) and numpy's import (OpenBLAS); see _threads.py.
+# OpenBLAS's idle threads otherwise spin for ~0.1 s (2**28 cycles) after each
+# multithreaded GEMM, stealing a core from the OpenMP kernels that run next:
+# measured on 2 cores, LeNet-5 training at 2 threads 119 -> 34 ms, ResNet-18
+# (64x64) 361 -> 239 ms (bench/RESULTS.md).  A user's own setting wins.
+_BLAS_TIMEOUT_APPLIED = "OPENBLAS_THREAD_TIMEOUT" in _os.environ or "numpy" not in _sys.modules
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
 
@@ -33,6 +41,8 @@ def show_config(file=None):
         "numpy": np.__version__,
         "openmp": _openmp_helpers.openmp_enabled(),
         "omp_wait_policy": _os.environ.get("OMP_WAIT_POLICY"),
+        "openblas_thread_timeout": (_os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+                                    if _BLAS_TIMEOUT_APPLIED else None),
         "num_threads": _threads.get_num_threads(),
         "available_cores": _threads.available_cores(),
         "blas": _threads.blas_info(),
@@ -42,6 +52,10 @@ def show_config(file=None):
              f"OpenMP kernels:  {'on' if info['openmp'] else 'OFF (built without OpenMP: single-threaded)'}"
              f"  wait policy {info['omp_wait_policy']}",
              f"threads:         {info['num_threads']} (cores available: {info['available_cores']})"]
+    if info["openblas_thread_timeout"] is None:
+        lines.append("note:            numpy was imported before cnet, so OpenBLAS keeps its idle "
+                     "threads spinning ~0.1 s after each GEMM; import cnet first or set "
+                     "OPENBLAS_THREAD_TIMEOUT=4 for better multi-thread speed")
     for lib in info["blas"]:
         lines.append(f"{lib['api']:<16} {lib['internal_api']} {lib['version']}, "
                      f"{lib['num_threads']} threads ({lib['filepath']})")
