@@ -29,7 +29,9 @@ class Parameter:
         if data.dtype.kind != "f":
             data = data.astype(np.float32)
         self.data = data
-        self.grad = np.zeros_like(data)
+        # np.zeros (calloc) leaves pages untouched until backward writes them;
+        # zeros_like would fault in every page of a large model at construction.
+        self.grad = np.zeros(data.shape, dtype=data.dtype)
 
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
