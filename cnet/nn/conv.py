@@ -419,7 +419,10 @@ class Conv2d(Module):
             if not pointwise:
                 cols = self._worker_buffers(ws, "col", n_workers, ws["col_shape"], x.dtype)
         if dx_path == "col2im":
-            dcols = self._worker_buffers(ws, "dcol", n_workers, ws["col_shape"], x.dtype)
+            # The column gradient overwrites the columns once the weight-gradient
+            # GEMM has read them: one buffer per worker instead of two.
+            dcols = cols if dw_path == "gemm" else self._worker_buffers(
+                ws, "dcol", n_workers, ws["col_shape"], x.dtype)
         elif dx_path == "direct":
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             wflip = ws.get("wflip")
