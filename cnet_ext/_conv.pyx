@@ -252,8 +252,9 @@ cdef extern from *:
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
-        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,       \
-        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,       \
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
+        Py_ssize_t dw)                                                                     \
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
@@ -278,11 +279,11 @@ cdef extern from *:
                             xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * C     \
                                                                        : zeros;            \
                         }                                                                  \
-                        const T* wk = w + (kh * KW + kw) * C * Cout + co;                  \
+                        const T* wk = w + (kh * KW + kw) * C * Cw + co;                    \
                         for (Py_ssize_t ci = 0; ci < C; ci++) {                            \
                             VT wv[NV];                                                     \
                             for (int v = 0; v < NV; v++)                                   \
-                                wv[v] = *(const VTU*)(wk + ci * Cout + v * VW);            \
+                                wv[v] = *(const VTU*)(wk + ci * Cw + v * VW);              \
                             _Pragma("GCC unroll 8")                                        \
                             for (int p = 0; p < PB; p++) {                            \
                                 T xv = xp[p][ci];                                          \
@@ -292,8 +293,12 @@ cdef extern from *:
                     }                                                                      \
                 }                                                                          \
                 for (int p = 0; p < nb; p++)                                               \
-                    for (int v = 0; v < NV; v++)                                           \
-                        *(VTU*)(yrow + (ow0 + p) * Cout + co + v * VW) = acc[v][p];        \
+                    for (int v = 0; v < NV; v++) {                                         \
+                        T* yp = yrow + (ow0 + p) * Cout + co + v * VW;                     \
+                        Py_ssize_t left = Cout - co - v * VW;                              \
+                        if (left >= VW) *(VTU*)yp = acc[v][p];                             \
+                        else for (Py_ssize_t c = 0; c < left; c++) yp[c] = acc[v][p][c];   \
+                    }                                                                      \
             }                                                                              \
         }                                                                                  \
     }
@@ -379,11 +384,13 @@ cdef extern from *:
     static inline void cnet_direct_row_##SFX(                                              \
         int variant, const T* x, const T* w, const T* bias, const T* zeros, T* yrow,       \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
-        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,       \
-        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,       \
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
+        Py_ssize_t dw)                                                                     \
     {                                                                                      \
         CNET_DIRECT_PICK(cnet_direct_row, SFX)(x, w, bias, zeros, yrow, n, oh, H, W, C,    \
-                                               OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw);  \
+                                               OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh,   \
+                                               dw);                                        \
     }                                                                                      \
     static inline void cnet_direct_wgrad_##SFX(                                            \
         int variant, const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0,        \
@@ -411,15 +418,16 @@ cdef extern from *:
     void cnet_direct_row_f32(int variant, const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
-                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                             Py_ssize_t dw) noexcept nogil
+                             Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
     void cnet_direct_row_f64(int variant, const double* x, const double* w,
                              const double* bias, const double* zeros, double* yrow,
                              Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,
-                             Py_ssize_t C, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
-                             Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                             Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+                             Py_ssize_t C, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw,
+                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                             Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f32(int variant, const float* x, const float* dy, float* gw,
                                int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
                                Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -508,21 +516,23 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
                              const floating* zeros, floating* y, Py_ssize_t n0, Py_ssize_t r,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                             Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
-                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                             Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
+                             Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH,
+                             Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                             Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                             int variant) noexcept nogil:
     cdef Py_ssize_t n = n0 + r // OH
     cdef Py_ssize_t oh = r % OH
     cdef floating* yrow = y + (n * OH + oh) * OW * Cout
     if floating is float:
-        cnet_direct_row_f32(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+        cnet_direct_row_f32(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout, Cw,
                             KH, KW, sh, sw, ph, pw, dh, dw)
     else:
-        cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout,
+        cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout, Cw,
                             KH, KW, sh, sw, ph, pw, dh, dw)
 
 def direct_lanes(dtype):
-    """Output channels per vector of the direct kernel (C_out must be a multiple)."""
+    """Output channels per vector of the direct kernels: the weight gradient needs C_out
+    to be a multiple; the forward also takes C_out < lanes (one partial vector)."""
     return 16 if dtype == np.float32 else 8
 
 
@@ -532,8 +542,10 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
                 Py_ssize_t dh, Py_ssize_t dw, int n_threads):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias) for groups == 1, NHWC x/y, HWIO w.
 
-    C_out must be a multiple of direct_lanes(dtype); ``bias`` is None or a
-    contiguous (C_out,) array of the same dtype.  Overwrites y[n0:n1].
+    C_out must be a multiple of direct_lanes(dtype), or smaller than it (LeNet's 6
+    channels): then the weight and bias are zero-padded to one vector here and
+    the kernel stores the C_out valid lanes.  ``bias`` is None or a contiguous
+    (C_out,) array of the same dtype.  Overwrites y[n0:n1].
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], Cout = w.shape[3]
@@ -543,12 +555,16 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
     cdef floating[::1] b
     cdef const floating* bp = NULL
     cdef floating* zeros
+    cdef const floating* wp = NULL
+    cdef floating[::1] wflat
     cdef int nt
     cdef int variant = _direct_variant(Cout, lanes)
-    if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or Cout % lanes:
+    cdef Py_ssize_t Cw = Cout
+    if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or (Cout % lanes
+                                                                    and Cout > lanes):
         raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
                          f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
-                         f"do not fit (C_out must be a multiple of {lanes})")
+                         f"do not fit (C_out must be a multiple of {lanes} or less)")
     _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
                     KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_direct")
     if bias is not None:
@@ -556,20 +572,33 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
         if b.shape[0] != Cout:
             raise ValueError(f"conv_direct: bias of shape ({b.shape[0]},) for {Cout} outputs")
         bp = &b[0]
+    wp = &w[0, 0, 0, 0]
+    if Cout % lanes:
+        # One partial vector: the kernel's full-vector loads read a weight zero-padded
+        # to `lanes` outputs, with the (padded) bias as one more row.
+        Cw = lanes
+        pad = np.zeros((KH * KW * C + 1, lanes), np.asarray(w).dtype)
+        pad[:-1, :Cout] = np.asarray(w).reshape(-1, Cout)
+        if bias is not None:
+            pad[-1, :Cout] = np.asarray(b)
+        wflat = pad.reshape(-1)
+        wp = &wflat[0]
+        if bias is not None:
+            bp = &wflat[KH * KW * C * lanes]
     zeros = <floating*>malloc(C * sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
     memset(zeros, 0, C * sizeof(floating))
-    nt = effective_threads(rows * OW * KH * KW * C * Cout, n_threads)
+    nt = effective_threads(rows * OW * KH * KW * C * Cw, n_threads)
     with nogil:
         if nt == 1:
             for r in range(rows):
-                _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant)
+                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
         else:
             for r in prange(rows, num_threads=nt, schedule="static"):
-                _direct_row(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bp, zeros, &y[0, 0, 0, 0], n0, r,
-                            H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant)
+                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, r,
+                            H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
     free(zeros)
 
 

@@ -1,0 +1,94 @@
+"""Small-channel convolution paths (LeNet-5): C_out below one SIMD vector takes the
+direct forward kernel with zero-padded weights and a partial store."""
+import numpy as np
+import pytest
+
+import cnet
+from cnet import nn
+from cnet_ext import _conv
+from helpers import check_gradients, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw
+
+CASES = [((1, 6, 5), {}),                                    # LeNet conv1
+         ((3, 6, 3), dict(stride=2, padding=1)),
+         ((4, 5, 3), dict(padding=2, dilation=2, bias=False)),
+         ((2, 1, 2), dict(stride=(1, 2), padding=(0, 1)))]
+
+
+def reference(x, w, b, stride, padding, dilation):
+    """Plain loops over output pixels (independent of the kernels)."""
+    n, h, wd, c = x.shape
+    kh, kw, _, co = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xp = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), np.float64)
+    xp[:, ph:ph + h, pw:pw + wd] = x
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((n, oh, ow, co))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            y += patch @ w[i, j].astype(np.float64)
+    return y + (0 if b is None else b)
+
+
+@pytest.mark.parametrize("args,kwargs", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_partial_vector_forward_matches_reference(args, kwargs, dtype, rng):
+    m = nn.Conv2d(*args, **kwargs).to(dtype)
+    assert m._paths(dtype)[0] == "direct"
+    x = rng.standard_normal((3, 9, 10, args[0])).astype(dtype)
+    y = m(x)
+    b = None if m.bias is None else m.bias.data
+    ref = reference(x, m.weight.data, b, m.stride, m.padding, m.dilation)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("args,kwargs", CASES)
+def test_partial_vector_gradients(args, kwargs, rng):
+    m = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((2, 7, 8, args[0]))
+    check_gradients(m, x)
+
+
+@pytest.mark.parametrize("args,kwargs", CASES[:2])
+def test_partial_vector_torch_parity(args, kwargs, rng):
+    torch = pytest.importorskip("torch")
+    m = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((4, 12, 12, args[0])).astype(np.float32)
+    y = m(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = m.backward(dy)
+    t = torch.nn.Conv2d(*args, **kwargs)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(hwio_to_oihw(m.weight.data)))
+        t.bias.copy_(torch.from_numpy(m.bias.data))
+    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
+    np.testing.assert_allclose(y, nchw_to_nhwc(yt.detach().numpy()), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, nchw_to_nhwc(xt.grad.numpy()), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.weight.grad, np.transpose(t.weight.grad.numpy(), (2, 3, 1, 0)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_partial_vector_threads_identical(rng):
+    x = rng.standard_normal((64, 32, 32, 1)).astype(np.float32)
+    outs = []
+    for nt in (1, 2):
+        cnet.manual_seed(0)
+        m = nn.Conv2d(1, 6, 5)
+        with cnet.threads(nt):
+            y = m(x)
+            m.backward(np.ones_like(y))
+        outs.append((y, m.weight.grad.copy(), m.bias.grad.copy()))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_conv_direct_refuses_a_partial_second_vector(rng):
+    x = np.zeros((1, 5, 5, 2), np.float32)
+    w = np.zeros((3, 3, 2, 20), np.float32)
+    y = np.zeros((1, 3, 3, 20), np.float32)
+    with pytest.raises(ValueError, match="multiple of 16 or less"):
+        _conv.conv_direct(x, w, None, y, 0, 1, 1, 1, 0, 0, 1, 1, 1)
