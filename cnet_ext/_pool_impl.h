@@ -62,6 +62,17 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
     *lo = a;
     *hi = b < out ? b : out;
 }
+
+/* Small channel counts (LeNet's 6): with C a compile-time constant the channel
+ * loops unroll completely, instead of paying a vector loop's set-up and scalar
+ * tail for a handful of values per window (max pool at C = 6: 2-3x faster).
+ * CALL(c) invokes an always-inline body, so each case is its own copy (larger C
+ * runs the same code as before: 64 channels measured the same). */
+#define CNET_SMALL_C_SWITCH(C, CALL) switch (C) {                                         \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break;               \
+    case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break;               \
+    case 7: CALL(7); break; case 8: CALL(8); break; default: CALL(C); }
+#define CNET_INLINE static inline __attribute__((always_inline))
 #endif
 
 
@@ -74,7 +85,7 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
  * NaNs propagate and ties keep the first position; idx starts at the first
  * valid position (ih * W + iw), as torch's does, and is -1 for a window with
  * no tap inside the input. */
-CNET_CLONES static void CNET_FN(cnet_max_row_)(
+CNET_INLINE void CNET_FN(cnet_max_row_body_)(
     const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
     Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
     Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
@@ -124,12 +135,23 @@ CNET_SIMD
     }
 }
 
+CNET_CLONES static void CNET_FN(cnet_max_row_)(
+    const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+    Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+    Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
+{
+#define CNET_CALL_(c) CNET_FN(cnet_max_row_body_)(x, y, idx, H, W, c, OW, oh, kh, kw, sh, \
+                                                  sw, ph, pw, dh, dw)
+    CNET_SMALL_C_SWITCH(C, CNET_CALL_)
+#undef CNET_CALL_
+}
+
 /* Max pooling backward as a gather, input row (n, ih): g and idx point at image
  * n, gx at the row.  For each output row oh whose window has a tap on ih, each
  * column tap j sweeps the windows and adds g where the recorded argmax is the
  * tapped position.  Each input element is written by one thread only (no races,
  * no atomics); it sums its windows in a fixed order (oh, then j, then ow). */
-CNET_CLONES static void CNET_FN(cnet_max_bwd_row_)(
+CNET_INLINE void CNET_FN(cnet_max_bwd_row_body_)(
     const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
     Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
     Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
@@ -159,6 +181,17 @@ CNET_SIMD
             }
         }
     }
+}
+
+CNET_CLONES static void CNET_FN(cnet_max_bwd_row_)(
+    const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+    Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
+{
+#define CNET_CALL_(c) CNET_FN(cnet_max_bwd_row_body_)(g, idx, gx, W, c, OH, OW, ih, kh, kw, \
+                                                      sh, sw, ph, pw, dh, dw)
+    CNET_SMALL_C_SWITCH(C, CNET_CALL_)
+#undef CNET_CALL_
 }
 
 /* Average pooling, output row (n, oh), tap-major as max pooling: zero the row,

@@ -1,0 +1,73 @@
+"""Max pooling with few channels (C <= 8, LeNet's 6): the row kernels run a copy
+specialised for each channel count; these tests cover every such copy."""
+import numpy as np
+import pytest
+
+import cnet
+from cnet import nn
+from helpers import check_gradients, nchw_to_nhwc, nhwc_to_nchw
+
+GEOMETRIES = [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+              dict(kernel_size=3, stride=1, padding=1, dilation=2)]
+
+
+def reference(x, k, s, p, d):
+    """Window-by-window max with -inf padding (independent of the kernels)."""
+    n, h, w, c = x.shape
+    xp = np.full((n, h + 2 * p, w + 2 * p, c), -np.inf)
+    xp[:, p:p + h, p:p + w] = x
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    y = np.full((n, oh, ow, c), -np.inf)
+    for i in range(k):
+        for j in range(k):
+            y = np.maximum(y, xp[:, i * d:i * d + s * (oh - 1) + 1:s,
+                                 j * d:j * d + s * (ow - 1) + 1:s])
+    return y
+
+
+def _args(g):
+    return g["kernel_size"], g.get("stride", g["kernel_size"]), g.get("padding", 0), \
+        g.get("dilation", 1)
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_small_channels_forward_matches_reference(c, geom, rng):
+    m = nn.MaxPool2d(**geom)
+    x = rng.standard_normal((2, 9, 11, c)).astype(np.float32)
+    np.testing.assert_array_equal(m(x), reference(x, *_args(geom)).astype(np.float32))
+
+
+@pytest.mark.parametrize("c", [1, 3, 6, 8])
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_small_channels_gradients(c, geom, rng):
+    check_gradients(nn.MaxPool2d(**geom), rng.standard_normal((2, 7, 8, c)))
+
+
+@pytest.mark.parametrize("c", [1, 6])
+def test_small_channels_torch_parity_with_ties(c, rng):
+    torch = pytest.importorskip("torch")
+    # Integer values make ties: torch's first-position rule decides the gradient.
+    x = rng.integers(0, 3, (3, 10, 12, c)).astype(np.float32)
+    m = nn.MaxPool2d(3, stride=2, padding=1)
+    y = m(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = m.backward(dy)
+    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, 3, stride=2, padding=1)
+    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
+    np.testing.assert_array_equal(y, nchw_to_nhwc(yt.detach().numpy()))
+    np.testing.assert_allclose(dx, nchw_to_nhwc(xt.grad.numpy()), rtol=1e-6, atol=1e-6)
+
+
+def test_small_channels_threads_bitwise(rng):
+    x = rng.standard_normal((64, 28, 28, 6)).astype(np.float32)
+    outs = []
+    for nt in (1, 2):
+        m = nn.MaxPool2d(2)
+        with cnet.threads(nt):
+            y = m(x)
+            outs.append((y, m.backward(np.ones_like(y))))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
