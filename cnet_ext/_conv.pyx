@@ -530,6 +530,143 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
         cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout, Cw,
                             KH, KW, sh, sw, ph, pw, dh, dw)
 
+cdef extern from *:
+    """
+    #include "_simd.h"
+    /* Weight gradient for few input AND output channels (LeNet's first layer: 1 -> 6),
+       one kernel row kh over images [n0, n1).  The per-tap kernel above would fill
+       one of its 8 input-channel accumulators; here the 8 accumulators are the
+       (kw, ci) pairs of the row (KW * C <= 8), so every input value loaded feeds one
+       FMA and each dy vector feeds KW * C of them.  C_out < one vector: dy is read
+       as a full vector starting at the pixel (the lanes past C_out belong to the
+       next pixel and are never stored) except at the very end of dy.  Fixed loop
+       order: the same sums whatever thread runs it. */
+    #define CNET_SMALL_WGRAD(NAME, T, VW)                                                  \
+    CNET_CLONES static void NAME(                                                          \
+        const T* x, const T* dy, const T* dy_end, T* gw, int accumulate, Py_ssize_t n0,    \
+        Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
+        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW, Py_ssize_t sh,       \
+        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+    {                                                                                      \
+        typedef T VT __attribute__((vector_size(64)));                                     \
+        typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
+        const Py_ssize_t J = KW * C;                                                       \
+        VT acc[8];                                                                         \
+        Py_ssize_t col[8], xoff[8];                                                        \
+        for (int j = 0; j < 8; j++) {                                                      \
+            Py_ssize_t jj = j < J ? j : J - 1;   /* spare slots repeat the last pair */    \
+            acc[j] = (VT){0};                                                              \
+            col[j] = (jj / C) * dw - pw;         /* input column offset of the tap */      \
+            xoff[j] = col[j] * C + jj % C;                                                 \
+        }                                                                                  \
+        /* Output columns whose every tap of the row is inside the image. */              \
+        Py_ssize_t lo = pw > 0 ? (pw + sw - 1) / sw : 0;                                   \
+        Py_ssize_t lim = W - ((KW - 1) * dw - pw);                                         \
+        Py_ssize_t hi = lim <= 0 ? 0 : (lim - 1) / sw + 1;                                 \
+        if (hi > OW) hi = OW;                                                              \
+        if (lo > hi) lo = hi;                                                              \
+        for (Py_ssize_t n = n0; n < n1; n++) {                                             \
+            for (Py_ssize_t oh = 0; oh < OH; oh++) {                                       \
+                Py_ssize_t ih = oh * sh - ph + kh * dh;                                    \
+                if ((size_t)ih >= (size_t)H) continue;                                     \
+                const T* xr = x + (n * H + ih) * W * C;                                    \
+                const T* dr = dy + (n * OH + oh) * OW * Cout;                              \
+                for (Py_ssize_t ow = 0; ow < OW; ow++) {                                   \
+                    const T* dp = dr + ow * Cout;                                          \
+                    VT dv = (VT){0};                                                       \
+                    if (__builtin_expect(dp + VW <= dy_end, 1)) dv = *(const VTU*)dp;      \
+                    else for (Py_ssize_t c = 0; c < Cout; c++) dv[c] = dp[c];              \
+                    const T* xp = xr + ow * sw * C;                                        \
+                    if (ow >= lo && ow < hi) {                                             \
+                        _Pragma("GCC unroll 8")                                            \
+                        for (int j = 0; j < 8; j++) acc[j] += xp[xoff[j]] * dv;            \
+                    } else {                                                               \
+                        for (int j = 0; j < 8; j++)                                        \
+                            if ((size_t)(ow * sw + col[j]) < (size_t)W)                    \
+                                acc[j] += xp[xoff[j]] * dv;                                \
+                    }                                                                      \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        T* g = gw + kh * J * Cout;              /* HWIO: row kh holds the J pairs */       \
+        for (Py_ssize_t j = 0; j < J; j++)                                                 \
+            for (Py_ssize_t c = 0; c < Cout; c++)                                          \
+                g[j * Cout + c] = accumulate ? g[j * Cout + c] + acc[j][c] : acc[j][c];    \
+    }
+    CNET_SMALL_WGRAD(cnet_small_wgrad_f32, float, 16)
+    CNET_SMALL_WGRAD(cnet_small_wgrad_f64, double, 8)
+    """
+    void cnet_small_wgrad_f32(const float* x, const float* dy, const float* dy_end, float* gw,
+                              int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
+                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                              Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW, Py_ssize_t sh,
+                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                              Py_ssize_t dw) noexcept nogil
+    void cnet_small_wgrad_f64(const double* x, const double* dy, const double* dy_end,
+                              double* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,
+                              Py_ssize_t kh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                              Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
+                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                              Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+
+
+cdef inline void _small_wgrad_row(const floating* x, const floating* dy,
+                                  const floating* dy_end, floating* gw, int accumulate,
+                                  Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t H,
+                                  Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t Cout, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                                  Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                                  Py_ssize_t dw) noexcept nogil:
+    if floating is float:
+        cnet_small_wgrad_f32(x, dy, dy_end, gw, accumulate, n0, n1, kh, H, W, C, OH, OW, Cout,
+                             KW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_small_wgrad_f64(x, dy, dy_end, gw, accumulate, n0, n1, kh, H, W, C, OH, OW, Cout,
+                             KW, sh, sw, ph, pw, dh, dw)
+
+
+def small_wgrad_fits(Py_ssize_t cin, Py_ssize_t cout, Py_ssize_t kw, dtype):
+    """Whether conv_small_wgrad takes this layer: KW * C_in <= 8 and C_out < one vector."""
+    return kw * cin <= 8 and cout < direct_lanes(dtype)
+
+
+def conv_small_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
+                     floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0, Py_ssize_t n1,
+                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                     Py_ssize_t dh, Py_ssize_t dw, int n_threads):
+    """Weight gradient of images [n0, n1) for groups == 1 with KW * C_in <= 8 and
+    C_out below one vector (see small_wgrad_fits): ``gw`` (HWIO) is overwritten, or
+    added to with ``accumulate``."""
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t KH = gw.shape[0], KW = gw.shape[1], Cout = gw.shape[3]
+    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2]
+    cdef Py_ssize_t kh
+    cdef const floating* dy_end
+    cdef int nt
+    if (gw.shape[2] != C or dy.shape[0] != N or dy.shape[3] != Cout
+            or not small_wgrad_fits(C, Cout, KW, np.asarray(gw).dtype)):
+        raise ValueError(f"conv_small_wgrad: input {(N, H, W, C)}, output gradient "
+                         f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
+                         f"{(KH, KW, gw.shape[2], Cout)} do not fit (KW * C_in <= 8 and "
+                         f"C_out below one vector)")
+    _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
+                    KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_small_wgrad")
+    dy_end = &dy[0, 0, 0, 0] + N * OH * OW * Cout
+    # Kernel rows write disjoint slices of gw: parallel over rows needs no reduction.
+    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C * Cout, n_threads)
+    with nogil:
+        if nt == 1:
+            for kh in range(KH):
+                _small_wgrad_row(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], dy_end, &gw[0, 0, 0, 0],
+                                 accumulate, n0, n1, kh, H, W, C, OH, OW, Cout, KW,
+                                 sh, sw, ph, pw, dh, dw)
+        else:
+            for kh in prange(KH, num_threads=nt, schedule="dynamic"):
+                _small_wgrad_row(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], dy_end, &gw[0, 0, 0, 0],
+                                 accumulate, n0, n1, kh, H, W, C, OH, OW, Cout, KW,
+                                 sh, sw, ph, pw, dh, dw)
+
+
 def direct_lanes(dtype):
     """Output channels per vector of the direct kernels: the weight gradient needs C_out
     to be a multiple; the forward also takes C_out < lanes (one partial vector)."""

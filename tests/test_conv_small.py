@@ -1,5 +1,6 @@
 """Small-channel convolution paths (LeNet-5): C_out below one SIMD vector takes the
-direct forward kernel with zero-padded weights and a partial store."""
+direct forward kernel with zero-padded weights and a partial store, and with
+KW * C_in <= 8 the weight gradient blocked over a kernel row's (kw, c) pairs."""
 import numpy as np
 import pytest
 
@@ -8,10 +9,12 @@ from cnet import nn
 from cnet_ext import _conv
 from helpers import check_gradients, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw
 
-CASES = [((1, 6, 5), {}),                                    # LeNet conv1
+CASES = [((1, 6, 5), {}),                                    # LeNet conv1 (small wgrad)
          ((3, 6, 3), dict(stride=2, padding=1)),
          ((4, 5, 3), dict(padding=2, dilation=2, bias=False)),
-         ((2, 1, 2), dict(stride=(1, 2), padding=(0, 1)))]
+         ((2, 1, 2), dict(stride=(1, 2), padding=(0, 1))),         # small wgrad
+         ((1, 6, 3), dict(stride=2, padding=1)),                   # small wgrad, edges
+         ((2, 4, 3), dict(stride=(2, 1), padding=2, dilation=2))]  # small wgrad, edges
 
 
 def reference(x, w, b, stride, padding, dilation):
@@ -92,3 +95,29 @@ def test_conv_direct_refuses_a_partial_second_vector(rng):
     y = np.zeros((1, 3, 3, 20), np.float32)
     with pytest.raises(ValueError, match="multiple of 16 or less"):
         _conv.conv_direct(x, w, None, y, 0, 1, 1, 1, 0, 0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("args,kwargs", [c for c in CASES if c[0][0] * c[0][2] <= 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_wgrad_matches_gemm_path(args, kwargs, dtype, rng):
+    small = nn.Conv2d(*args, **kwargs).to(dtype)
+    assert small._paths(dtype)[1] == "small"
+    gemm = nn.Conv2d(*args, **kwargs).to(dtype)
+    gemm.load_state_dict(small.state_dict())
+    gemm._paths = lambda dt: ("im2col", "gemm", "col2im")
+    x = rng.standard_normal((5, 11, 9, args[0])).astype(dtype)
+    dy = rng.standard_normal(small(x).shape).astype(dtype)
+    gemm(x)
+    for _ in range(2):                        # the second backward accumulates
+        small.backward(dy)
+        gemm.backward(dy)
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(small.weight.grad, gemm.weight.grad, rtol=tol, atol=tol)
+
+
+def test_conv_small_wgrad_refuses_wide_rows():
+    x = np.zeros((1, 6, 6, 2), np.float32)
+    dy = np.zeros((1, 2, 2, 6), np.float32)
+    gw = np.zeros((5, 5, 2, 6), np.float32)      # KW * C_in = 10 > 8
+    with pytest.raises(ValueError, match="KW \\* C_in <= 8"):
+        _conv.conv_small_wgrad(x, dy, gw, False, 0, 1, 1, 1, 0, 0, 1, 1, 1)
