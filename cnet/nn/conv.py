@@ -5,7 +5,10 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 - Few output channels (<= 128 with AVX-512, else 32; whole SIMD vectors; groups 1): a
   register-blocked direct kernel computes the output, the weight gradient and,
   at stride 1, the input gradient (a convolution of dy with the flipped kernel),
-  with no im2col at all.  Skinny GEMMs are where BLAS is weakest.
+  with no im2col at all.  Skinny GEMMs are where BLAS is weakest.  Fewer
+  outputs than one vector (LeNet's 6) run the direct forward with a zero-padded
+  weight, and, when a kernel row has KW * C_in <= 8 values, a weight gradient
+  that keeps one accumulator per value of the row.
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
@@ -285,6 +288,9 @@ class Conv2d(Module):
                    at 32x32 runs 2x faster than the GEMM); the input gradient too when
                    the stride is 1 and C_in qualifies (it is then an ordinary
                    convolution of dy with the flipped kernel, padding d*(k-1)-p).
+                   C_out below one vector (LeNet's 6) takes the direct forward too,
+                   with zero-padded weights; its weight gradient is "small" (blocked
+                   over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
         otherwise im2col / batched GEMM / col2im.
         """
