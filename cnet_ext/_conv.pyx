@@ -261,6 +261,8 @@ cdef extern from *:
         const T* img = x + n * H * W * C;                                                  \
         for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += PB) {                               \
             Py_ssize_t nb = OW - ow0 < PB ? OW - ow0 : PB;                       \
+            int inner = nb == PB && dw == 1 && ow0 * sw - pw >= 0                          \
+                        && (ow0 + PB - 1) * sw - pw + KW <= W;                             \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
                 VT acc[NV][PB];                                                       \
                 for (int v = 0; v < NV; v++) {                                             \
@@ -272,6 +274,25 @@ cdef extern from *:
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
                     if ((size_t)ih >= (size_t)H) continue;                                 \
                     const T* xrow = img + ih * W * C;                                      \
+                    if (inner) {                                                           \
+                        /* Every window of the block inside the row: its KW*C taps   */    \
+                        /* are one run, as are the weights (few channels: no per-tap */    \
+                        /* pointer set-up; same products in the same order).          */   \
+                        const T* xb[PB];                                                   \
+                        for (int p = 0; p < PB; p++) xb[p] = xrow + ((ow0 + p) * sw - pw) * C; \
+                        const T* wk = w + kh * KW * C * Cw + co;                           \
+                        for (Py_ssize_t t = 0; t < KW * C; t++) {                          \
+                            VT wv[NV];                                                     \
+                            for (int v = 0; v < NV; v++)                                   \
+                                wv[v] = *(const VTU*)(wk + t * Cw + v * VW);               \
+                            _Pragma("GCC unroll 8")                                        \
+                            for (int p = 0; p < PB; p++) {                                 \
+                                T xv = xb[p][t];                                           \
+                                for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];      \
+                            }                                                              \
+                        }                                                                  \
+                        continue;                                                          \
+                    }                                                                      \
                     for (Py_ssize_t kw = 0; kw < KW; kw++) {                               \
                         const T* xp[PB];                                              \
                         for (int p = 0; p < PB; p++) {                                \
