@@ -121,3 +121,45 @@ def test_conv_small_wgrad_refuses_wide_rows():
     gw = np.zeros((5, 5, 2, 6), np.float32)      # KW * C_in = 10 > 8
     with pytest.raises(ValueError, match="KW \\* C_in <= 8"):
         _conv.conv_small_wgrad(x, dy, gw, False, 0, 1, 1, 1, 0, 0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("args,kwargs", [((1, 6, 5), {}), ((3, 16, 3), dict(padding=1)),
+                                         ((4, 8, 1), {}), ((6, 6, 3), dict(groups=6)),
+                                         ((8, 12, 3), dict(stride=2, groups=2))],
+                         ids=["small", "direct", "pointwise", "depthwise", "grouped"])
+def test_fused_relu_equals_unfused(args, kwargs, rng):
+    x = rng.standard_normal((4, 10, 10, args[0])).astype(np.float32)
+    runs = []
+    for fused in (True, False):
+        cnet.manual_seed(0)
+        conv = nn.Conv2d(*args, **kwargs)
+        m = nn.Sequential(conv, nn.ReLU()) if fused else conv
+        y = m(x)
+        if not fused:
+            y = np.maximum(y, 0)
+            mask = y > 0
+        dy = np.random.default_rng(3).standard_normal(y.shape).astype(np.float32)
+        dx = m.backward(dy) if fused else conv.backward(dy * mask)
+        runs.append((y, dx, conv.weight.grad.copy(), conv.bias.grad.copy()))
+        assert conv._relu == fused
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_relu_gradients_threads_and_eval(rng):
+    m = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU())
+    check_gradients(m, rng.standard_normal((2, 6, 7, 2)))
+    assert "fused_relu=True" in repr(m)
+    x = rng.standard_normal((32, 16, 16, 2)).astype(np.float32)
+    m.float()
+    outs = []
+    for nt in (1, 2):
+        m.zero_grad()
+        with cnet.threads(nt):
+            y = m(x)
+            outs.append((y, m.backward(np.ones_like(y)), m[0].weight.grad.copy()))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    m.eval()
+    m(x)
+    assert m[0]._y is None and m[0]._x is None

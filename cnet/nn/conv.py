@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from cnet_ext import _conv
+from cnet_ext import _conv, _elementwise
 
 from .. import init
 from .. import _threads
@@ -221,8 +221,18 @@ class Conv2d(Module):
         self.bias = Parameter(np.empty((out_channels,), dtype)) if bias else None
         self.reset_parameters()
         self._x = None
+        self._y = None
+        self._relu = False
         self._ws = None
         self._ws_key = None
+
+    def fuse_relu(self):
+        """Apply the following ReLU to each chunk of the output while it is still in
+        cache (called by Sequential's plan): one pass over the activations fewer
+        (LeNet's first layer: ~1 ms of a 9 ms inference).  Backward masks the
+        gradient with the cached output."""
+        self._relu = True
+        return True
 
     def _padding_from_string(self, padding):
         """torch's 'valid' (none) and 'same' (stride 1; symmetric padding only)."""
@@ -259,10 +269,13 @@ class Conv2d(Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self._relu:
+            s += ", fused_relu=True"
         return s
 
     def _drop_cache(self):
         self._x = None
+        self._y = None
         self._ws = None
         self._ws_key = None
 
@@ -408,25 +421,27 @@ class Conv2d(Module):
 
         def task(t, wid, kt):
             n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+            yc = y2[n0 * rows:n1 * rows]
             if path == "direct":
                 _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt)
-                return
-            if path == "depthwise":
+            elif path == "depthwise":
                 _conv.depthwise_forward(x, w, bias, y, n0, n1, *geom[2:8], kt)
-                return
-            if path == "pointwise":
-                c = x2[n0 * rows:n1 * rows]
             else:
-                c = cols[wid][:(n1 - n0) * rows]
-                _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
-            yc = y2[n0 * rows:n1 * rows]
-            np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
-            if bias is not None:
-                np.add(yc, bias, out=yc)   # while the chunk is still in cache
+                if path == "pointwise":
+                    c = x2[n0 * rows:n1 * rows]
+                else:
+                    c = cols[wid][:(n1 - n0) * rows]
+                    _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
+                np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
+                if bias is not None:
+                    np.add(yc, bias, out=yc)   # while the chunk is still in cache
+            if self._relu:
+                _elementwise.relu_forward(yc, yc, kt)
 
         _run_tasks(task, ws["n_chunks"], nt)
         if self.training:
             self._x = x
+            self._y = y if self._relu else None
         return y
 
     def backward(self, grad_out):
@@ -436,6 +451,10 @@ class Conv2d(Module):
         dy = _check_grad(self, grad_out, out_shape, w.dtype)
         n, oh, ow, cout = out_shape
         nt = num_threads()
+        if self._relu:                      # the fused ReLU's backward, into a new array
+            masked = np.empty_like(dy)
+            _elementwise.relu_backward(dy, self._y, masked, nt)
+            dy = masked
         ws = self._workspace(x, out_shape)
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         _, dw_path, dx_path = self._paths(w.dtype)
