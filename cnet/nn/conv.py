@@ -451,11 +451,15 @@ class Conv2d(Module):
         dy = _check_grad(self, grad_out, out_shape, w.dtype)
         n, oh, ow, cout = out_shape
         nt = num_threads()
-        if self._relu:                      # the fused ReLU's backward, into a new array
-            masked = np.empty_like(dy)
+        ws = self._workspace(x, out_shape)
+        if self._relu:
+            # The fused ReLU's backward, into a workspace: a fresh 5 MB array per
+            # step (LeNet conv1) costs more in page faults than the masking itself.
+            masked = ws.get("masked")
+            if masked is None:
+                masked = ws["masked"] = np.empty_like(dy)
             _elementwise.relu_backward(dy, self._y, masked, nt)
             dy = masked
-        ws = self._workspace(x, out_shape)
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         _, dw_path, dx_path = self._paths(w.dtype)
         pointwise = dx_path == "pointwise"   # the input is its own column matrix
