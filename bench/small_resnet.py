@@ -22,6 +22,8 @@ def cnet_step_fn(batch, threads):
         nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Add(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()), nn.Identity()),
         nn.GlobalAvgPool2d(), nn.Linear(16, 10))
+    # torch computes no gradient for an input that does not require one; nor does cnet here.
+    model.requires_input_grad_(False)
     loss_fn = nn.CrossEntropyLoss()
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     rng = np.random.default_rng(0)
