@@ -12,19 +12,23 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
-  stay in cache, then one GEMM straight into the NHWC output; backward
-  recomputes the chunk's columns from the saved input (a ResNet-20 stage-1
-  column matrix would be 75 MB per layer) and scatters the column gradient back
-  with a race-free gather (col2im).
+  stay in cache (1 MB; 8 MB for layers with >= 256 outputs per group, whose
+  GEMMs need rows more than cache), then one GEMM straight into the NHWC
+  output; backward recomputes the chunk's columns from the saved input (a
+  ResNet-20 stage-1 column matrix would be 75 MB per layer) and scatters the
+  column gradient back with a race-free gather (col2im).
 - Groups are one batched GEMM over a (G, M, K) x (G, K, C_out/G) stack: numpy's
   matmul hands every group to BLAS with strided views of the column buffer,
   the HWIO weight and the NHWC output, so nothing is copied or transposed.
 
 Threads: chunks of whole images are the unit of work.  Each worker thread runs
 a whole chunk (im2col, GEMMs with a one-thread BLAS, col2im) so a layer has one
-hand-off instead of several per chunk; see _run_tasks.  Chunking depends only
-on shapes, and weight gradients are summed per fixed stripe of chunks and then
-in stripe order, so results are bitwise the same for any thread count.
+hand-off instead of several per chunk; see _run_tasks.  A batch of two or more
+images is split into at least as many equal chunks as the machine has cores.
+Chunking depends only on shapes (and that core count, not the thread count),
+and weight gradients are summed per fixed stripe of chunks and then in stripe
+order, so results are bitwise the same for any thread count.  Linear's small
+GEMMs also run on one BLAS thread (_small_gemm).
 
 Workspaces (column buffers, gradient slots) are allocated once per input shape
 and dtype and reused; outputs and input gradients are fresh arrays.  Training
@@ -335,8 +339,9 @@ class Conv2d(Module):
 
         The batch is split into chunks of whole images (shape-only, so the
         chunking, and hence every summation order, is the same for any thread
-        count).  Each worker thread owns one column buffer, one column-gradient
-        buffer and one weight-gradient scratch.  Backward sums the weight
+        count).  Each worker thread owns one column buffer (which the column
+        gradient reuses when the weight gradient is a GEMM) and one
+        weight-gradient scratch.  Backward sums the weight
         gradient of a fixed number of stripes (consecutive chunks) in separate
         slots and adds the slots in stripe order: deterministic, no locks.
         """
