@@ -169,6 +169,9 @@ def run_config(model, threads, mode, frameworks, args, log):
             env = common.torch_env()
             if fw.endswith("_passive"):
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
+            if fw.endswith("_malloc"):
+                # the malloc thresholds cnet sets at import (cnet/_malloc.py), by environment
+                env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 30)
             workers[fw] = Worker(script, cfg, env=env)
         for fw in frameworks[1:]:
             workers[fw].call(hello=True)
@@ -239,7 +242,8 @@ def _f(v, fmt):
 
 
 LABELS = {"torch_nchw": "torch NCHW ms", "torch_cl": "torch CL ms",
-          "torch_nchw_passive": "torch NCHW passive ms", "torch_cl_passive": "torch CL passive ms"}
+          "torch_nchw_passive": "torch NCHW passive ms", "torch_cl_passive": "torch CL passive ms",
+          "torch_cl_malloc": "torch CL malloc ms"}
 
 
 def report(results, ceilings, have_torch):
@@ -319,7 +323,8 @@ def main(argv=None):
     ap.add_argument("--torch-layouts", default="nchw,cl",
                     help="torch variants to run: nchw, cl (channels_last), and nchw_passive, "
                          "cl_passive (the same with OMP_WAIT_POLICY=PASSIVE, which can help "
-                         "torch when other processes share the cores)")
+                         "torch when other processes share the cores), cl_malloc "
+                         "(channels_last with the malloc thresholds cnet sets at import)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
     ap.add_argument("--json", default=None, help="write all results (raw times too) here")
     ap.add_argument("--from-json", default=None,
@@ -348,7 +353,8 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     have_torch = common.torch_available() and not args.no_torch
     layouts = {"nchw": "torch_nchw", "cl": "torch_cl", "channels_last": "torch_cl",
-               "nchw_passive": "torch_nchw_passive", "cl_passive": "torch_cl_passive"}
+               "nchw_passive": "torch_nchw_passive", "cl_passive": "torch_cl_passive",
+               "cl_malloc": "torch_cl_malloc"}
     frameworks = ("cnet",) + (tuple(layouts[t] for t in args.torch_layouts.split(",") if t)
                               if have_torch else ())
 

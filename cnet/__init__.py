@@ -18,6 +18,9 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
 
+from . import _malloc  # noqa: E402
+_malloc.tune()
+
 from ._random import manual_seed, get_rng_state, set_rng_state  # noqa: E402
 from ._threads import set_num_threads, get_num_threads, threads  # noqa: E402
 from .serialize import save, load  # noqa: E402
@@ -43,6 +46,7 @@ def show_config(file=None):
         "omp_wait_policy": _os.environ.get("OMP_WAIT_POLICY"),
         "openblas_thread_timeout": (_os.environ.get("OPENBLAS_THREAD_TIMEOUT")
                                     if _BLAS_TIMEOUT_APPLIED else None),
+        "allocator": _malloc.tune(),
         "num_threads": _threads.get_num_threads(),
         "available_cores": _threads.available_cores(),
         "blas": _threads.blas_info(),
@@ -51,7 +55,8 @@ def show_config(file=None):
              f"platform:        {info['platform']}",
              f"OpenMP kernels:  {'on' if info['openmp'] else 'OFF (built without OpenMP: single-threaded)'}"
              f"  wait policy {info['omp_wait_policy']}",
-             f"threads:         {info['num_threads']} (cores available: {info['available_cores']})"]
+             f"threads:         {info['num_threads']} (cores available: {info['available_cores']})",
+             f"allocator:       {info['allocator']}"]
     if info["openblas_thread_timeout"] is None:
         lines.append("note:            numpy was imported before cnet, so OpenBLAS keeps its idle "
                      "threads spinning ~0.1 s after each GEMM; import cnet first or set "

@@ -252,16 +252,16 @@ cdef extern from *:
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
-        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,       \
-        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
-        Py_ssize_t dw)                                                                     \
+        Py_ssize_t Cx, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy, Py_ssize_t Cw,       \
+        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,         \
+        Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
-        const T* img = x + n * H * W * C;                                                  \
+        const T* img = x + n * H * W * Cx;                                                 \
         for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += PB) {                               \
             Py_ssize_t nb = OW - ow0 < PB ? OW - ow0 : PB;                       \
-            int inner = nb == PB && dw == 1 && ow0 * sw - pw >= 0                          \
+            int inner = nb == PB && dw == 1 && Cx == C && ow0 * sw - pw >= 0               \
                         && (ow0 + PB - 1) * sw - pw + KW <= W;                             \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
                 VT acc[NV][PB];                                                       \
@@ -273,7 +273,7 @@ cdef extern from *:
                 for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
                     if ((size_t)ih >= (size_t)H) continue;                                 \
-                    const T* xrow = img + ih * W * C;                                      \
+                    const T* xrow = img + ih * W * Cx;                                     \
                     if (inner) {                                                           \
                         /* Every window of the block inside the row: its KW*C taps   */    \
                         /* are one run, as are the weights (few channels: no per-tap */    \
@@ -297,7 +297,7 @@ cdef extern from *:
                         const T* xp[PB];                                              \
                         for (int p = 0; p < PB; p++) {                                \
                             Py_ssize_t iw = (ow0 + p) * sw - pw + kw * dw;                 \
-                            xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * C     \
+                            xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * Cx    \
                                                                        : zeros;            \
                         }                                                                  \
                         const T* wk = w + (kh * KW + kw) * C * Cw + co;                    \
@@ -315,7 +315,7 @@ cdef extern from *:
                 }                                                                          \
                 for (int p = 0; p < nb; p++)                                               \
                     for (int v = 0; v < NV; v++) {                                         \
-                        T* yp = yrow + (ow0 + p) * Cout + co + v * VW;                     \
+                        T* yp = yrow + (ow0 + p) * Cy + co + v * VW;                       \
                         Py_ssize_t left = Cout - co - v * VW;                              \
                         if (left >= VW) *(VTU*)yp = acc[v][p];                             \
                         else for (Py_ssize_t c = 0; c < left; c++) yp[c] = acc[v][p][c];   \
@@ -344,8 +344,9 @@ cdef extern from *:
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
-        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,       \
-        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                        \
+        Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy,       \
+        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
+        Py_ssize_t dw)                                                                     \
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
@@ -366,13 +367,13 @@ cdef extern from *:
                     for (Py_ssize_t oh = 0; oh < OH; oh++) {                               \
                         Py_ssize_t ih = oh * sh - ph + kh * dh;                            \
                         if ((size_t)ih >= (size_t)H) continue;                             \
-                        const T* xr = x + (n * H + ih) * W * C;                            \
-                        const T* dr = dy + ((n * OH + oh) * OW) * Cout + co;               \
+                        const T* xr = x + (n * H + ih) * W * Cx;                           \
+                        const T* dr = dy + ((n * OH + oh) * OW) * Cy + co;                 \
                         for (Py_ssize_t ow = ow_lo; ow < ow_hi; ow++) {                    \
                             VT dv[NV];                                                     \
                             for (int v = 0; v < NV; v++)                                   \
-                                dv[v] = *(const VTU*)(dr + ow * Cout + v * VW);            \
-                            const T* xp = xr + (ow * sw + off) * C;                        \
+                                dv[v] = *(const VTU*)(dr + ow * Cy + v * VW);              \
+                            const T* xp = xr + (ow * sw + off) * Cx;                       \
                             _Pragma("GCC unroll 8")                                        \
                             for (int j = 0; j < PB; j++) {                            \
                                 T xv = xp[cidx[j]];                                        \
@@ -383,7 +384,7 @@ cdef extern from *:
                 }                                                                          \
                 for (Py_ssize_t j = 0; j < nb; j++)                                        \
                     for (int v = 0; v < NV; v++) {                                         \
-                        VTU* g = (VTU*)(gw + (ci0 + j) * Cout + co + v * VW);              \
+                        VTU* g = (VTU*)(gw + (ci0 + j) * Cy + co + v * VW);                \
                         if (accumulate) *g += acc[v][j]; else *g = acc[v][j];              \
                     }                                                                      \
             }                                                                              \
@@ -405,23 +406,24 @@ cdef extern from *:
     static inline void cnet_direct_row_##SFX(                                              \
         int variant, const T* x, const T* w, const T* bias, const T* zeros, T* yrow,       \
         Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,             \
-        Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,       \
-        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
-        Py_ssize_t dw)                                                                     \
+        Py_ssize_t Cx, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy, Py_ssize_t Cw,       \
+        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,         \
+        Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
     {                                                                                      \
         CNET_DIRECT_PICK(cnet_direct_row, SFX)(x, w, bias, zeros, yrow, n, oh, H, W, C,    \
-                                               OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh,   \
-                                               dw);                                        \
+                                               Cx, OW, Cout, Cy, Cw, KH, KW, sh, sw, ph,   \
+                                               pw, dh, dw);                                \
     }                                                                                      \
     static inline void cnet_direct_wgrad_##SFX(                                            \
         int variant, const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0,        \
         Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W,           \
-        Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,        \
-        Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)         \
+        Py_ssize_t C, Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,        \
+        Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,         \
+        Py_ssize_t dh, Py_ssize_t dw)                                                      \
     {                                                                                      \
         CNET_DIRECT_PICK(cnet_direct_wgrad, SFX)(x, dy, gw, accumulate, n0, n1, kh, kw,    \
-                                                 H, W, C, OH, OW, Cout, sh, sw, ph, pw,    \
-                                                 dh, dw);                                  \
+                                                 H, W, C, Cx, OH, OW, Cout, Cy, sh, sw,    \
+                                                 ph, pw, dh, dw);                          \
     }
     CNET_DIRECT_ENTRIES(f32, float)
     CNET_DIRECT_ENTRIES(f64, double)
@@ -438,29 +440,30 @@ cdef extern from *:
     """
     void cnet_direct_row_f32(int variant, const float* x, const float* w, const float* bias,
                              const float* zeros, float* yrow, Py_ssize_t n, Py_ssize_t oh,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
-                             Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,
-                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
-    void cnet_direct_row_f64(int variant, const double* x, const double* w,
-                             const double* bias, const double* zeros, double* yrow,
-                             Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,
-                             Py_ssize_t C, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t Cx,
+                             Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy, Py_ssize_t Cw,
                              Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
                              Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
+    void cnet_direct_row_f64(int variant, const double* x, const double* w,
+                             const double* bias, const double* zeros, double* yrow,
+                             Py_ssize_t n, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W,
+                             Py_ssize_t C, Py_ssize_t Cx, Py_ssize_t OW, Py_ssize_t Cout,
+                             Py_ssize_t Cy, Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f32(int variant, const float* x, const float* dy, float* gw,
                                int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
                                Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
-                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,
-                               Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
+                               Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
+                               Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                               Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f64(int variant, const double* x, const double* dy, double* gw,
                                int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
                                Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
-                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh,
-                               Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil
+                               Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
+                               Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                               Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
     int cnet_wide_vectors() noexcept nogil
 
 
@@ -484,72 +487,99 @@ def _wide_vectors(enable=None):
     return previous
 
 
-cdef inline void _direct_wgrad_tap(const floating* x, const floating* dy, floating* gw,
-                                   int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t tap,
-                                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                                   Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
-                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                   Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
+cdef inline void _direct_wgrad_task(const floating* x, const floating* dy, floating* gw,
+                                    int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t task,
+                                    Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                                    Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
+                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                    Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
+    """One (kernel tap, group) pair: task = tap * G + g.  C and Cout are totals; the
+    group's slices are reached through offsets with the full pixel pitches."""
+    cdef Py_ssize_t tap = task // G, g = task % G
     cdef Py_ssize_t kh = tap // KW, kw = tap % KW
-    gw = gw + tap * C * Cout
+    cdef Py_ssize_t Cg = C // G, Cog = Cout // G
+    x = x + g * Cg
+    dy = dy + g * Cog
+    gw = gw + tap * Cg * Cout + g * Cog
     if floating is float:
-        cnet_direct_wgrad_f32(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW,
-                              Cout, sh, sw, ph, pw, dh, dw)
+        cnet_direct_wgrad_f32(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, C, OH,
+                              OW, Cog, Cout, sh, sw, ph, pw, dh, dw)
     else:
-        cnet_direct_wgrad_f64(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, C, OH, OW,
-                              Cout, sh, sw, ph, pw, dh, dw)
+        cnet_direct_wgrad_f64(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, C, OH,
+                              OW, Cog, Cout, sh, sw, ph, pw, dh, dw)
+
+
+def _check_direct_groups(str what, Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t wcin,
+                         Py_ssize_t groups, Py_ssize_t lanes):
+    if groups < 1 or C % groups or Cout % groups or wcin != C // groups:
+        raise ValueError(f"{what}: {C} input and {Cout} output channels with a weight of "
+                         f"{wcin} input channels do not fit groups={groups}")
+    if groups > 1 and (Cout // groups) % lanes:
+        raise ValueError(f"{what}: groups={groups} needs a multiple of {lanes} output "
+                         f"channels per group, got {Cout // groups}")
+
 
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                       floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0, Py_ssize_t n1,
                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                      Py_ssize_t dh, Py_ssize_t dw, int n_threads):
-    """Weight gradient of images [n0, n1) for groups == 1: ``gw`` (HWIO) is overwritten,
-    or added to with ``accumulate``.  C_out must be a multiple of direct_lanes(dtype)."""
+                      Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1):
+    """Weight gradient of images [n0, n1): ``gw`` (HWIO, (KH, KW, C_in/groups, C_out)) is
+    overwritten, or added to with ``accumulate``.  C_out/groups must be a multiple of
+    direct_lanes(dtype)."""
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = gw.shape[0], KW = gw.shape[1], Cout = gw.shape[3]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2]
     cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t tap
+    cdef Py_ssize_t task, G = groups
     cdef int nt
-    cdef int variant = _direct_variant(Cout, lanes)
-    if gw.shape[2] != C or dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
+    if dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
         raise ValueError(f"conv_direct_wgrad: input {(N, H, W, C)}, output gradient "
                          f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
                          f"{(KH, KW, gw.shape[2], Cout)} do not fit "
                          f"(C_out must be a multiple of {lanes})")
+    _check_direct_groups("conv_direct_wgrad", C, Cout, gw.shape[2], G, lanes)
     _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
-                    KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_direct_wgrad")
-    # Taps write disjoint slices of gw: parallel over taps needs no reduction.
-    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C * Cout, n_threads)
+                    KH, KW, sh, sw, ph, pw, dh, dw, G, "conv_direct_wgrad")
+    cdef int variant = _direct_variant(Cout // G, lanes)
+    # (tap, group) pairs write disjoint blocks of gw: no reduction between threads.
+    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout, n_threads)
     with nogil:
         if nt == 1:
-            for tap in range(KH * KW):
-                _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
-                                  variant)
+            for task in range(KH * KW * G):
+                _direct_wgrad_task(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
+                                   n0, n1, task, G, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw,
+                                   dh, dw, variant)
         else:
-            for tap in prange(KH * KW, num_threads=nt, schedule="dynamic"):
-                _direct_wgrad_tap(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                  n0, n1, tap, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw, dh, dw,
-                                  variant)
+            for task in prange(KH * KW * G, num_threads=nt, schedule="dynamic"):
+                _direct_wgrad_task(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
+                                   n0, n1, task, G, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw,
+                                   dh, dw, variant)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
-                             const floating* zeros, floating* y, Py_ssize_t n0, Py_ssize_t r,
-                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                             Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw, Py_ssize_t KH,
-                             Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                             Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                             const floating* zeros, floating* y, Py_ssize_t n0, Py_ssize_t task,
+                             Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                             Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw,
+                             Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                             Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
                              int variant) noexcept nogil:
+    """Output row r of group g, task = r * G + g (a row's groups run back to back while
+    its input rows are in cache).  C and Cout are totals; Cw is the weight's row pitch."""
+    cdef Py_ssize_t r = task // G, g = task % G
     cdef Py_ssize_t n = n0 + r // OH
     cdef Py_ssize_t oh = r % OH
-    cdef floating* yrow = y + (n * OH + oh) * OW * Cout
+    cdef Py_ssize_t Cg = C // G, Cog = Cout // G
+    cdef floating* yrow = y + (n * OH + oh) * OW * Cout + g * Cog
+    x = x + g * Cg
+    w = w + g * Cog
+    if bias != NULL:
+        bias = bias + g * Cog
     if floating is float:
-        cnet_direct_row_f32(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout, Cw,
-                            KH, KW, sh, sw, ph, pw, dh, dw)
+        cnet_direct_row_f32(variant, x, w, bias, zeros, yrow, n, oh, H, W, Cg, C, OW, Cog, Cout,
+                            Cw, KH, KW, sh, sw, ph, pw, dh, dw)
     else:
-        cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, C, OW, Cout, Cw,
-                            KH, KW, sh, sw, ph, pw, dh, dw)
+        cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, Cg, C, OW, Cog, Cout,
+                            Cw, KH, KW, sh, sw, ph, pw, dh, dw)
 
 cdef extern from *:
     """
@@ -697,34 +727,35 @@ def direct_lanes(dtype):
 def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
                 floating[:, :, :, ::1] y, Py_ssize_t n0, Py_ssize_t n1,
                 Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                Py_ssize_t dh, Py_ssize_t dw, int n_threads):
-    """y[n0:n1] = conv(x[n0:n1], w) (+ bias) for groups == 1, NHWC x/y, HWIO w.
+                Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1):
+    """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
 
-    C_out must be a multiple of direct_lanes(dtype), or smaller than it (LeNet's 6
-    channels): then the weight and bias are zero-padded to one vector here and
-    the kernel stores the C_out valid lanes.  ``bias`` is None or a contiguous
-    (C_out,) array of the same dtype.  Overwrites y[n0:n1].
+    C_out/groups must be a multiple of direct_lanes(dtype); with groups == 1 C_out
+    may also be smaller than it (LeNet's 6 channels): then the weight and bias are
+    zero-padded to one vector here and the kernel stores the C_out valid lanes.
+    ``bias`` is None or a contiguous (C_out,) array of the same dtype.  Overwrites
+    y[n0:n1].
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], Cout = w.shape[3]
     cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
     cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t rows = (n1 - n0) * OH, r
+    cdef Py_ssize_t G = groups, tasks = (n1 - n0) * OH * groups, t
     cdef floating[::1] b
     cdef const floating* bp = NULL
     cdef floating* zeros
     cdef const floating* wp = NULL
     cdef floating[::1] wflat
     cdef int nt
-    cdef int variant = _direct_variant(Cout, lanes)
     cdef Py_ssize_t Cw = Cout
-    if w.shape[2] != C or y.shape[0] != N or y.shape[3] != Cout or (Cout % lanes
-                                                                    and Cout > lanes):
+    if y.shape[0] != N or y.shape[3] != Cout or (Cout % lanes and Cout > lanes):
         raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
                          f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
                          f"do not fit (C_out must be a multiple of {lanes} or less)")
+    _check_direct_groups("conv_direct", C, Cout, w.shape[2], G, lanes)
     _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
-                    KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_direct")
+                    KH, KW, sh, sw, ph, pw, dh, dw, G, "conv_direct")
+    cdef int variant = _direct_variant(Cout // G, lanes)
     if bias is not None:
         b = bias
         if b.shape[0] != Cout:
@@ -747,15 +778,15 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
     if zeros == NULL:
         raise MemoryError()
     memset(zeros, 0, C * sizeof(floating))
-    nt = effective_threads(rows * OW * KH * KW * C * Cw, n_threads)
+    nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
     with nogil:
         if nt == 1:
-            for r in range(rows):
-                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, r,
+            for t in range(tasks):
+                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, t, G,
                             H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
         else:
-            for r in prange(rows, num_threads=nt, schedule="static"):
-                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, r,
+            for t in prange(tasks, num_threads=nt, schedule="static"):
+                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, t, G,
                             H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
     free(zeros)
 

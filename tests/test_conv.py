@@ -219,20 +219,75 @@ def test_direct_kernel_matches_im2col_path(args, kwargs, rng, monkeypatch):
     assert "wflip" not in general._ws
 
 
+def assert_same_training_step(fast, general, x, rng):
+    """fast (a specialised path) and general (im2col + GEMM) agree on y, dx and the
+    parameter gradients for the same weights."""
+    general.load_state_dict(fast.state_dict())
+    y = fast(x)
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    np.testing.assert_allclose(general(x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.backward(dy), fast.backward(dy), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(general.weight.grad, fast.weight.grad, rtol=1e-5, atol=1e-4)
+    if fast.bias is not None:
+        np.testing.assert_allclose(general.bias.grad, fast.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,kwargs,dx_path", [
+    ((32, 32, 3), dict(padding=1, groups=2), "direct"),            # 16 -> 16 per group
+    ((64, 32, 3), dict(stride=2, padding=1, groups=2), "col2im"),  # strided: col2im dx
+    ((48, 96, 3), dict(padding=2, dilation=2, groups=3), "direct"),
+    ((32, 64, 1), dict(groups=2), "direct"),
+    ((256, 128, 1), {}, "pointwise"),                              # too wide for direct dx
+    ((256, 256, 3), dict(padding=1, groups=8), "direct"),          # ResNeXt-29 8x32d-like
+])
+def test_grouped_direct_kernel_matches_grouped_gemm_path(args, kwargs, dx_path, rng):
+    direct = nn.Conv2d(*args, **kwargs)
+    general = nn.Conv2d(*args, **kwargs)
+    general._paths = lambda dtype: ("im2col", "gemm", "col2im")
+    assert direct._paths(np.float32) == ("direct", "direct", dx_path)
+    x = rng.standard_normal((3, 9, 10, args[0])).astype(np.float32)
+    assert_same_training_step(direct, general, x, rng)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("kwargs", [dict(padding=1, groups=2), dict(stride=2, padding=1, groups=2),
+                                    dict(padding=(2, 1), dilation=(2, 1), groups=2)])
+def test_grouped_direct_kernel_gradients_float64(kwargs, wide, rng):
+    # float64 vectors hold 8 lanes: 8 (and 16: the two-vector block) outputs per group.
+    from cnet_ext import _conv
+    previous = _conv._wide_vectors(wide)
+    try:
+        m = nn.Conv2d(16, 32, 3, **kwargs).double()
+        assert m._paths(np.float64)[:2] == ("direct", "direct")
+        x = rng.standard_normal((2, 7, 6, 16))
+        ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation,
+                             m.groups)
+        np.testing.assert_allclose(m(x), ref, rtol=1e-12, atol=1e-12)
+        check_gradients(m, x, max_checks=40)
+    finally:
+        _conv._wide_vectors(previous)
+
+
+def test_direct_kernels_refuse_bad_groups(rng):
+    from cnet_ext import _conv
+    x = np.zeros((1, 4, 4, 32), np.float32)
+    y = np.zeros((1, 4, 4, 32), np.float32)
+    with pytest.raises(ValueError, match="groups=4 needs a multiple of 16"):
+        _conv.conv_direct(x, np.zeros((3, 3, 8, 32), np.float32), None, y, 0, 1,
+                          1, 1, 1, 1, 1, 1, 1, 4)
+    with pytest.raises(ValueError, match="do not fit groups=2"):
+        _conv.conv_direct_wgrad(x, y, np.zeros((3, 3, 8, 32), np.float32), False, 0, 1,
+                                1, 1, 1, 1, 1, 1, 1, 2)
+
+
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=2, dilation=2)])
 def test_depthwise_kernel_matches_grouped_gemm_path(kwargs, rng):
     dwise = nn.Conv2d(24, 24, 3, groups=24, **kwargs)
     general = nn.Conv2d(24, 24, 3, groups=24, **kwargs)
-    general.load_state_dict(dwise.state_dict())
     general._paths = lambda dtype: ("im2col", "gemm", "col2im")
     assert dwise._paths(np.float32) == ("depthwise",) * 3
     x = rng.standard_normal((5, 9, 11, 24)).astype(np.float32)
-    y = dwise(x)
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    np.testing.assert_allclose(general(x), y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(general.backward(dy), dwise.backward(dy), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(general.weight.grad, dwise.weight.grad, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(general.bias.grad, dwise.bias.grad, rtol=1e-5, atol=1e-4)
+    assert_same_training_step(dwise, general, x, rng)
 
 
 @pytest.mark.parametrize("wide", [False, True])
@@ -264,13 +319,14 @@ def _run_fwd_bwd(m, x, dy, n):
 
 @pytest.mark.parametrize("args,kwargs", [((16, 16, 3), dict(padding=1)),
                                          ((16, 32, 3), dict(stride=2, padding=1, groups=4)),
+                                         ((32, 32, 3), dict(padding=1, groups=2)),
                                          ((16, 16, 3), dict(padding=1, groups=16)),
                                          ((16, 64, 3), dict(padding=1)),
                                          ((16, 24, 1), {})])
 def test_one_and_two_threads_identical(args, kwargs, rng):
     # Big enough that im2col, col2im, the bias reduction and BLAS all go parallel.
     m = nn.Conv2d(*args, **kwargs)
-    x = rng.standard_normal((8, 16, 16, 16)).astype(np.float32)
+    x = rng.standard_normal((8, 16, 16, args[0])).astype(np.float32)
     dy = rng.standard_normal(m.output_shape(x.shape)).astype(np.float32)
     one = _run_fwd_bwd(m, x, dy, 1)
     two = _run_fwd_bwd(m, x, dy, 2)

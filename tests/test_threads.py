@@ -35,3 +35,23 @@ def test_show_config_reports():
     assert "OpenMP kernels:  on" in text and info["openmp"] is True
     assert info["num_threads"] == cnet.get_num_threads()
     assert any(i["api"] == "blas" for i in info["blas"])
+
+
+def _allocator_state(**env):
+    import os
+    import subprocess
+    import sys
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CNET_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    out = subprocess.run([sys.executable, "-c", "import cnet; print(cnet.show_config()['allocator'])"],
+                         env=dict(clean, **env), capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_tuning_applied_and_opt_out():
+    from cnet import _malloc
+    assert _allocator_state() == f"glibc keeps freed blocks up to {_malloc.KEEP_BYTES >> 20} MB for reuse"
+    assert _allocator_state(CNET_MALLOC_TUNING="0") == "default (CNET_MALLOC_TUNING=0)"
+    # the user's own glibc settings win
+    assert _allocator_state(MALLOC_TRIM_THRESHOLD_="65536").startswith("default (the environment")

@@ -2,10 +2,11 @@
 
 How a convolution runs (kernels in cnet_ext/_conv.pyx):
 
-- Few output channels (<= 128 with AVX-512, else 32; whole SIMD vectors; groups 1): a
-  register-blocked direct kernel computes the output, the weight gradient and,
-  at stride 1, the input gradient (a convolution of dy with the flipped kernel),
-  with no im2col at all.  Skinny GEMMs are where BLAS is weakest.  Fewer
+- Few output channels per group (<= 128 with AVX-512, else 32; whole SIMD
+  vectors): a register-blocked direct kernel computes the output, the weight
+  gradient and, at stride 1, the input gradient (a convolution of dy with the
+  flipped kernel), with no im2col at all.  Skinny GEMMs are where BLAS is
+  weakest, and a grouped layer is G of them (ResNeXt).  Fewer
   outputs than one vector (LeNet's 6) run the direct forward with a zero-padded
   weight, and, when a kernel row has KW * C_in <= 8 values, a weight gradient
   that keeps one accumulator per value of the row.
@@ -300,11 +301,13 @@ class Conv2d(Module):
         """(forward, weight gradient, input gradient) algorithms for this layer and dtype.
 
         depthwise: groups == C_in == C_out, loops along the channel axis.
-        direct:    groups 1 and few output channels in whole SIMD vectors (the
+        direct:    few output channels per group in whole SIMD vectors (the
                    skinny GEMMs BLAS is weakest at; 1x1 included: 16->32 channels
-                   at 32x32 runs 2x faster than the GEMM); the input gradient too when
-                   the stride is 1 and C_in qualifies (it is then an ordinary
-                   convolution of dy with the flipped kernel, padding d*(k-1)-p).
+                   at 32x32 runs 2x faster than the GEMM; ResNeXt's grouped 3x3
+                   with 16-64 channels per group); the input gradient too when
+                   the stride is 1 and C_in per group qualifies (it is then an
+                   ordinary grouped convolution of dy with the flipped kernel,
+                   padding d*(k-1)-p).
                    C_out below one vector (LeNet's 6) takes the direct forward too,
                    with zero-padded weights; its weight gradient is "small" (blocked
                    over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
@@ -317,12 +320,15 @@ class Conv2d(Module):
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if g > 1 and g == cin == cout:
             return "depthwise", "depthwise", "depthwise"
+        cin_g, cout_g = cin // g, cout // g
         # (C_in < lanes would fit the dx kernel too, but LeNet's 6 measured slower
         # than col2im: 6.6 vs 4.6 ms.)
-        direct_dx = (g == 1 and self.stride == (1, 1) and cin <= _DIRECT_MAX_CHANNELS
-                     and cin % lanes == 0 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
-        if g == 1 and cout <= _DIRECT_MAX_CHANNELS and cout % lanes == 0:
-            return "direct", "direct", "direct" if direct_dx else "col2im"
+        direct_dx = (self.stride == (1, 1) and cin_g <= _DIRECT_MAX_CHANNELS
+                     and cin_g % lanes == 0 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+        if cout_g <= _DIRECT_MAX_CHANNELS and cout_g % lanes == 0:
+            # (a 1x1 with too many inputs for the direct dx kernel: one GEMM into dx)
+            return "direct", "direct", ("direct" if direct_dx else
+                                        "pointwise" if pointwise else "col2im")
         if pointwise:
             return "pointwise", "gemm", "pointwise"
         if g == 1 and cout < lanes:
@@ -428,7 +434,7 @@ class Conv2d(Module):
             n0, n1 = t * chunk, min(n, (t + 1) * chunk)
             yc = y2[n0 * rows:n1 * rows]
             if path == "direct":
-                _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt)
+                _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt, self.groups)
             elif path == "depthwise":
                 _conv.depthwise_forward(x, w, bias, y, n0, n1, *geom[2:8], kt)
             else:
@@ -491,10 +497,14 @@ class Conv2d(Module):
                 ws, "dcol", n_workers, ws["col_shape"], x.dtype)
         elif dx_path == "direct":
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+            # dx = grouped conv of dy with the flipped kernel, inputs and outputs of
+            # each group swapped: wflip[kh, kw, o, g*Cg + i] = w[-kh, -kw, i, g*Cog + o].
+            g, cin_g = self.groups, self.in_channels // self.groups
             wflip = ws.get("wflip")
             if wflip is None:
-                wflip = ws["wflip"] = np.empty((kh, kw, cout, self.in_channels), w.dtype)
-            np.copyto(wflip, w[::-1, ::-1].swapaxes(2, 3))
+                wflip = ws["wflip"] = np.empty((kh, kw, cout // g, self.in_channels), w.dtype)
+            np.copyto(wflip.reshape(kh, kw, cout // g, g, cin_g),
+                      w.reshape(kh, kw, cin_g, g, cout // g)[::-1, ::-1].transpose(0, 1, 4, 3, 2))
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = None if dx_path is None else np.empty_like(x)
@@ -509,7 +519,8 @@ class Conv2d(Module):
                 dys = self._group_view(dy2[r0:r1])
                 # weight gradient of this chunk into the stripe's slot
                 if dw_path == "direct":
-                    _conv.conv_direct_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
+                    _conv.conv_direct_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt,
+                                            self.groups)
                 elif dw_path == "depthwise":
                     _conv.depthwise_weight_grad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
                 elif dw_path == "small":
@@ -529,7 +540,8 @@ class Conv2d(Module):
                         np.add(acc, dws[wid], out=acc)
                 # input gradient of this chunk
                 if dx_path == "direct":
-                    _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, *dx_pad, dh, dw, kt)
+                    _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, *dx_pad, dh, dw, kt,
+                                      self.groups)
                 elif dx_path == "depthwise":
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise":
