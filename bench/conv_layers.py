@@ -1,6 +1,8 @@
 """Forward+backward time of single Conv2d layers, cnet vs PyTorch in the same run.
 
     python bench/conv_layers.py [--threads 2] [--repeats 15] [--profile]
+    python bench/conv_layers.py --model resnext29_8x16d   # every conv shape of a model
+
 
 For each layer: the median over repeats of one training step (forward, then
 backward with the input gradient) for cnet (NHWC/HWIO) and for torch in NCHW
@@ -13,6 +15,7 @@ least disturbed ones.
 """
 import argparse
 import collections
+import os
 import statistics
 import sys
 import time
@@ -37,6 +40,34 @@ LAYERS = {
     "resnext29 8x8x512 3x3 g8": (64, 8, 8, 512, 512, 3, 1, 1, 8),
     "depthwise 16x16x64 3x3": (128, 16, 16, 64, 64, 3, 1, 1, 64),
 }
+
+
+def model_layers(name):
+    """The distinct Conv2d shapes of a bench model (common.MODELS) at its batch size:
+    {label: spec} and {label: how many layers have it}."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+    model, input_shape, batch, _ = common.build_cnet_model(name)
+    specs = collections.Counter()
+
+    def record(m, forward):
+        def wrapped(x):
+            specs[(x.shape[0], x.shape[1], x.shape[2], m.in_channels, m.out_channels,
+                   m.kernel_size[0], m.stride[0], m.padding[0], m.groups)] += 1
+            return forward(x)
+        return wrapped
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.forward = record(m, m.forward)
+    model.eval()
+    model(np.zeros((batch,) + input_shape, np.float32))
+    layers, counts = {}, {}
+    for spec, count in specs.items():
+        n, h, w, cin, cout, k, s, p, g = spec
+        label = f"{h}x{w}x{cin}->{cout} {k}x{k}" + (f" s{s}" if s > 1 else "") + (
+            f" g{g}" if g > 1 else "")
+        layers[label], counts[label] = spec, count
+    return layers, counts
 
 
 def interleaved_medians(fns, repeats, warmup=2):
@@ -135,7 +166,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", default="", help="substring filter on layer names")
+    ap.add_argument("--model", default=None,
+                    help="time every distinct conv shape of this bench model (bench/common.py) "
+                         "instead of the fixed list, with a count-weighted total")
     args = ap.parse_args(argv)
+    layers, counts = (model_layers(args.model) if args.model
+                      else (LAYERS, dict.fromkeys(LAYERS, 1)))
+    totals = collections.Counter()
     cnet.set_num_threads(args.threads)
     try:
         import torch  # noqa: F401
@@ -145,8 +182,8 @@ def main(argv=None):
     print(f"threads={args.threads} repeats={args.repeats} "
           f"col chunk={conv_mod._COL_CHUNK_BYTES >> 10} KiB")
     print(f"{'layer':36s} {'cnet ms':>8s} {'torch nchw':>10s} {'torch cl':>9s} {'ratio':>6s} "
-          f"{'min ratio':>9s}")
-    for name, spec in LAYERS.items():
+          f"{'min ratio':>9s} {'count':>5s}")
+    for name, spec in layers.items():
         if args.only and args.only not in name:
             continue
         step, m, x, dy = cnet_step(spec)
@@ -159,14 +196,22 @@ def main(argv=None):
             best_min = min(tmin["torch nchw"], tmin["torch cl"])
             print(f"{name:36s} {t['cnet'] * 1e3:8.2f} {t['torch nchw'] * 1e3:10.2f} "
                   f"{t['torch cl'] * 1e3:9.2f} {t['cnet'] / best:6.2f} "
-                  f"{tmin['cnet'] / best_min:9.2f}")
+                  f"{tmin['cnet'] / best_min:9.2f} {counts[name]:5d}")
+            totals["torch"] += counts[name] * best
         else:
-            print(f"{name:36s} {t['cnet'] * 1e3:8.2f}")
+            print(f"{name:36s} {t['cnet'] * 1e3:8.2f} {'':>36s} {counts[name]:5d}")
+        totals["cnet"] += counts[name] * t["cnet"]
         if args.profile:
             total, parts = profile_cnet(m, x, dy, max(3, args.repeats // 3))
             for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
                 print(f"    {k:28s} {v * 1e3:8.2f} ms {100 * v / total:5.1f}%")
         sys.stdout.flush()
+    if args.model:
+        line = f"{'all layers (count-weighted)':36s} {totals['cnet'] * 1e3:8.2f}"
+        if have_torch:
+            line += (f" {'best torch per layer':>20s} {totals['torch'] * 1e3:.2f} ms, ratio "
+                     f"{totals['cnet'] / totals['torch']:.2f}")
+        print(line)
 
 
 if __name__ == "__main__":
