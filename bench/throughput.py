@@ -27,6 +27,15 @@ How it measures:
   figure is the peak RSS (VmHWM) after all its iterations minus that baseline:
   model, gradients, optimizer state, the batch, activations and workspaces,
   counted the same way for both frameworks.
+- Warm turns: each turn of a framework starts with untimed iterations for
+  --warm seconds (at least one) when a step takes under --slow seconds.  After
+  the pause between turns the cores have idled, and on this VM the second core
+  then takes ~60 ms to come back to full speed (LeNet-5, cnet, 2 threads: 11-14 ms
+  per step back to back; right after a 0.25 s sleep the next steps take 19, 19,
+  18, 15, 15, 14 ms: the parallel kernels run at one-core speed).  An engine
+  whose idle threads spin (torch's default OpenMP policy) hides part of it, one
+  that sleeps (cnet's PASSIVE) does not; training runs its steps back to back,
+  so both are timed warm.
 - Worker processes, not threads: cnet sets OMP_WAIT_POLICY=PASSIVE at import
   (its design choice) and that would also slow torch's OpenMP runtime, so a
   torch worker never imports cnet and gets the environment without it.
@@ -136,6 +145,9 @@ def worker_main(cfg):
     def handle(cmd):
         if "run" in cmd:
             times = []
+            warm_until = _time.perf_counter() + cmd.get("warm_s", 0)
+            while _time.perf_counter() < warm_until:
+                step()
             for _ in range(cmd["run"]):
                 t0 = _time.perf_counter()
                 step()
@@ -194,7 +206,8 @@ def run_config(model, threads, mode, frameworks, args, log):
             for fw in order:
                 if args.gap > 0:
                     time.sleep(args.gap)      # let the previous worker's spinning threads stop
-                times[fw] += workers[fw].call(run=per_round)["times"]
+                warm = args.warm if first[fw] < args.slow else 0   # see "Warm turns" above
+                times[fw] += workers[fw].call(run=per_round, warm_s=warm)["times"]
             load.append(os.getloadavg()[0])
         result = {"model": model, "threads": threads, "mode": mode, "repeats": len(times["cnet"]),
                   "loadavg": [min(load), max(load)], "frameworks": {}}
@@ -313,6 +326,9 @@ def main(argv=None):
                     help="at most this many seconds of timed iterations per framework and config")
     ap.add_argument("--slow", type=float, default=2.0,
                     help="a step slower than this gets one warm-up iteration instead of two")
+    ap.add_argument("--warm", type=float, default=0.1,
+                    help="untimed iterations for this many seconds at the start of each turn "
+                         "(steps faster than --slow only): the cores come back from idle")
     ap.add_argument("--gap", type=float, default=0.25,
                     help="seconds of idle time before each worker's turn: a worker's BLAS/OpenMP "
                          "threads spin for up to ~0.1 s after its step (OpenBLAS's default "
