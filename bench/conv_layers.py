@@ -208,7 +208,7 @@ def main(argv=None):
         sys.stdout.flush()
     if args.model:
         line = f"{'all layers (count-weighted)':36s} {totals['cnet'] * 1e3:8.2f}"
-        if have_torch:
+        if have_torch and totals["torch"] > 0:
             line += (f" {'best torch per layer':>20s} {totals['torch'] * 1e3:.2f} ms, ratio "
                      f"{totals['cnet'] / totals['torch']:.2f}")
         print(line)

@@ -280,6 +280,49 @@ def test_direct_kernels_refuse_bad_groups(rng):
                                 1, 1, 1, 1, 1, 1, 1, 2)
 
 
+@pytest.mark.parametrize("args,kwargs,hw,n_regions", [
+    ((40, 36, 3), dict(padding=1), (4, 4), 9),              # corners, edges, interior
+    ((40, 36, 3), dict(padding=1), (2, 2), 4),              # corners only
+    ((24, 36, 3), dict(padding=1, stride=2), (5, 7), 9),
+    ((20, 36, 5), dict(padding=2), (3, 5), 15),
+    ((20, 36, 3), dict(padding=(2, 1)), (3, 4), 15),
+    ((20, 36, 1), dict(padding=1), (2, 3), 9),               # border outputs see only padding
+])
+def test_region_path_matches_im2col_path(args, kwargs, hw, n_regions, rng, monkeypatch):
+    # Small batches: allow regions whatever their GEMMs' row count (a speed rule).
+    monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0)
+    region = nn.Conv2d(*args, **kwargs)
+    general = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((3,) + hw + (args[0],)).astype(np.float32)
+    with monkeypatch.context() as plain:        # the workspace (made once) says: no regions
+        plain.setattr(conv_mod, "_REGION_MIN_ZEROS", 2.0)
+        general(x)
+    region(x)
+    assert len(region._ws["regions"]) == n_regions
+    assert_same_training_step(region, general, x, rng)
+    assert general._ws["regions"] is None
+
+
+def test_region_path_gradients_float64(rng, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0)
+    m = nn.Conv2d(12, 20, 3, padding=1, stride=(1, 2)).double()   # 20: not direct
+    x = rng.standard_normal((2, 3, 5, 12))
+    ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation, 1)
+    np.testing.assert_allclose(m(x), ref, rtol=1e-12, atol=1e-12)
+    assert m._ws["regions"] is not None
+    check_gradients(m, x, max_checks=40)
+
+
+def test_region_path_only_where_its_gemms_have_rows(rng):
+    m = nn.Conv2d(256, 256, 3, padding=1)
+    m(np.zeros((2, 4, 4, 256), np.float32))
+    assert m._ws["regions"] is None                 # a corner GEMM would have 1 row
+    m(np.zeros((64, 4, 4, 256), np.float32))
+    assert m._ws["regions"] is not None and m._ws["n_chunks"] == conv_mod._MIN_TASKS
+    m(np.zeros((8, 32, 32, 256), np.float32))
+    assert m._ws["regions"] is None                 # 6% zeros, but 4 rows per corner
+
+
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=2, dilation=2)])
 def test_depthwise_kernel_matches_grouped_gemm_path(kwargs, rng):
     dwise = nn.Conv2d(24, 24, 3, groups=24, **kwargs)
@@ -543,3 +586,14 @@ def test_linear_bad_inputs(rng):
     m(np.zeros((4, 7), np.float32))
     with pytest.raises(ValueError, match=name + r".*\(4, 5\).*\(4, 6\)"):
         m.backward(np.zeros((4, 6), np.float32))
+
+
+def test_region_kernels_refuse_regions_outside_the_input():
+    from cnet_ext import _conv
+    x = np.zeros((2, 4, 4, 3), np.float32)
+    col = np.zeros((2 * 2 * 2, 3 * 3 * 3), np.float32)
+    # output rows/cols [0, 2) with all 3x3 taps and padding 1 reach row -1
+    with pytest.raises(ValueError, match="reads outside the 4x4 input"):
+        _conv.im2col_region(x, col, 0, 2, 0, 2, 0, 2, 0, 3, 0, 3, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="column buffer has shape"):
+        _conv.col2im_region_add(col[:4], x, 0, 2, 1, 3, 1, 3, 0, 3, 0, 3, 1, 1, 1, 1, 1)
