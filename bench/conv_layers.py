@@ -142,8 +142,11 @@ class _Timed:
 def profile_cnet(m, x, dy, repeats):
     totals = collections.Counter()
     orig_np, orig_conv = conv_mod.np, conv_mod._conv
-    conv_mod.np = _Timed(np, {"matmul", "add", "empty", "empty_like"}, totals, "np")
-    conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "bias_grad", "conv_direct", "conv_direct_wgrad", "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"}, totals, "kernel")
+    conv_mod.np = _Timed(np, {"matmul", "add", "copyto", "empty", "empty_like"}, totals, "np")
+    conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "im2col_region", "col2im_region_add",
+                                        "bias_grad", "conv_direct", "conv_direct_wgrad",
+                                        "depthwise_forward", "depthwise_input_grad",
+                                        "depthwise_weight_grad"}, totals, "kernel")
     try:
         m(x)
         m.backward(dy)
