@@ -85,5 +85,5 @@ def blas_info():
     """What threadpoolctl sees: one dict per loaded BLAS / OpenMP library."""
     return [dict(api=i.get("user_api"), internal_api=i.get("internal_api"),
                  version=i.get("version"), num_threads=i.get("num_threads"),
-                 filepath=i.get("filepath"))
+                 architecture=i.get("architecture"), filepath=i.get("filepath"))
             for i in _blas_controller().info()]

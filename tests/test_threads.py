@@ -55,3 +55,18 @@ def test_malloc_tuning_applied_and_opt_out():
     assert _allocator_state(CNET_MALLOC_TUNING="0") == "default (CNET_MALLOC_TUNING=0)"
     # the user's own glibc settings win
     assert _allocator_state(MALLOC_TRIM_THRESHOLD_="65536").startswith("default (the environment")
+
+
+@pytest.mark.parametrize("vendor,family,flags,expected", [
+    ("AuthenticAMD", "25", "fpu sse2 avx2 avx512f avx512bw", "Haswell"),   # Zen 4
+    ("AuthenticAMD", "25", "fpu sse2 avx2", None),                         # Zen 3
+    ("AuthenticAMD", "26", "fpu sse2 avx2 avx512f", None),                 # Zen 5
+    ("GenuineIntel", "6", "fpu sse2 avx2 avx512f", None),
+])
+def test_openblas_coretype_choice(vendor, family, flags, expected, tmp_path):
+    from cnet import _cpu
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+                    f"flags\t\t: {flags}\n\nprocessor\t: 1\nvendor_id\t: other\n")
+    assert _cpu.openblas_coretype(str(info)) == expected
+    assert _cpu.openblas_coretype(str(tmp_path / "missing")) is None
