@@ -41,6 +41,15 @@ CONFIGS = {
     "direct-5x5-dil2": (16, 32, 5, 1, 3, 2, 1, False, (2, 9, 8)),
     "direct-nonsquare": (8, 16, (3, 1), 1, (1, 0), 1, 1, True, (2, 5, 4)),
     "direct-pad-exceeds-kernel": (16, 16, 3, 1, 3, 1, 1, True, (1, 4, 5)),
+    # grouped, whole vectors per group: the direct kernels per group (ResNeXt)
+    "direct-groups2": (32, 32, 3, 1, 1, 1, 2, True, (2, 6, 7)),
+    "direct-groups4-stride2": (32, 64, 3, 2, 1, 1, 4, False, (2, 7, 6)),
+    "direct-groups2-1x1": (32, 32, 1, 1, 0, 1, 2, True, (2, 3, 5)),
+    # im2col + GEMM (20 outputs: not whole vectors); by regions when allowed
+    "gemm-3x3-pad1": (12, 20, 3, 1, 1, 1, 1, True, (2, 4, 5)),
+    "gemm-3x3-stride2": (12, 20, 3, 2, 1, 1, 1, False, (2, 5, 6)),
+    "gemm-5x5-pad2": (8, 20, 5, 1, 2, 1, 1, True, (2, 3, 6)),
+    "gemm-nonsquare": (8, 20, (3, 1), (2, 1), (1, 0), 1, 1, True, (2, 7, 3)),
 }
 
 
@@ -149,6 +158,16 @@ def test_torch_parity(name, rng):
     _close(m.weight.grad, oihw_to_hwio(t.weight.grad.numpy()), "weight gradient")
     if b:
         _close(m.bias.grad, t.bias.grad.numpy(), "bias gradient")
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("gemm-")])
+def test_torch_parity_region_path(name, rng, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0)    # regions at any batch size
+    cfg = CONFIGS[name]
+    m = make(cfg)
+    m(make_input(cfg, rng))
+    assert m._ws["regions"] is not None
+    test_torch_parity(name, rng)
 
 
 def test_repr_and_init_match_torch():
