@@ -11,9 +11,9 @@ machine ``--threads 1 --cpu-time`` is immune to time lost while descheduled.
 """
 import argparse
 
+import cnet  # before numpy: cnet sets OpenBLAS options that its import reads
 import numpy as np
 
-import cnet
 from cnet import nn
 from _timing import best_of_rounds, clock
 

@@ -9,9 +9,9 @@ Usage: python bench/bench_pool_relu.py [--threads 2] [--reps 30] [--cpu-time]
 """
 import argparse
 
+import cnet  # before numpy: cnet sets OpenBLAS options that its import reads
 import numpy as np
 
-import cnet
 from cnet import nn
 from _timing import best_of_rounds, clock
 

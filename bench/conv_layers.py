@@ -20,9 +20,9 @@ import statistics
 import sys
 import time
 
+import cnet  # before numpy: cnet sets OpenBLAS options that its import reads
 import numpy as np
 
-import cnet
 from cnet import nn
 from cnet.nn import conv as conv_mod
 

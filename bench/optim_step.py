@@ -22,9 +22,9 @@ import os
 import platform
 import time
 
+import cnet  # before numpy: cnet sets OpenBLAS options that its import reads
 import numpy as np
 
-import cnet
 from cnet import optim
 from cnet.nn import Parameter
 

@@ -96,8 +96,8 @@ def profile_cnet(model_name, threads, iters, mode="train", batch=None, warmup=2)
 
 
 def _profile_cnet(model_name, threads, iters, mode, batch, warmup):
+    import cnet              # before numpy: cnet sets OpenBLAS options its import reads
     import numpy as np
-    import cnet
     from cnet import nn, optim
     from cnet.models.summary import layer_flops
 

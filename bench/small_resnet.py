@@ -10,11 +10,11 @@ import argparse
 import statistics
 import time
 
+import cnet  # before numpy: cnet sets OpenBLAS options that its import reads
 import numpy as np
 
 
 def cnet_step_fn(batch, threads):
-    import cnet
     from cnet import nn, optim
     cnet.manual_seed(0)
     cnet.set_num_threads(threads)

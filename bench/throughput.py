@@ -59,8 +59,8 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 # -- worker side ------------------------------------------------------------------------
 
 def _cnet_worker(cfg):
+    import cnet              # before numpy: cnet sets OpenBLAS options its import reads
     import numpy as np
-    import cnet
     from cnet import nn, optim
     from _torch_models import spec_from_cnet
 
