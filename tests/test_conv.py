@@ -636,3 +636,40 @@ def test_scratch_is_shared_by_layers_and_private_to_threads(rng):
     np.testing.assert_array_equal(out["y"], ref)
     col = conv_mod._scratch(("col", 0), (4,), np.float32)
     assert col.base is conv_mod._scratch(("col", 0), (2, 2), np.float32).base
+
+
+@pytest.mark.parametrize("args,kwargs,hw,regions", [
+    ((32, 192, 3), dict(padding=1), (5, 6), False),
+    ((32, 192, 3), dict(padding=1), (4, 4), True),     # region dx + direct weight gradient
+    ((24, 192, 3), dict(stride=2, padding=1), (7, 6), False),
+    ((32, 128, 1), {}, (5, 6), False),                 # pointwise GEMMs + direct dW
+])
+def test_wide_layer_direct_weight_gradient_matches_gemm(args, kwargs, hw, regions, rng,
+                                                        monkeypatch):
+    from cnet_ext import _conv
+    monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0 if regions else 10 ** 9)
+    fast = nn.Conv2d(*args, **kwargs)
+    general = nn.Conv2d(*args, **kwargs)
+    general._paths = lambda dtype: (fast._paths(dtype)[0], "gemm", fast._paths(dtype)[2])
+    if _conv.wgrad_block_channels(np.float32):
+        assert fast._paths(np.float32)[1] == "direct"
+    x = rng.standard_normal((3,) + hw + (args[0],)).astype(np.float32)
+    fast(x)
+    assert (fast._ws["regions"] is not None) == regions
+    assert_same_training_step(fast, general, x, rng)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=(1, 0))])
+def test_wide_layer_direct_weight_gradient_float64(kwargs, wide, rng):
+    # 160 outputs: above the direct forward's limit; 5 x 32 for the 6 x 4 float64 block
+    from cnet_ext import _conv
+    previous = _conv._wide_vectors(wide)
+    try:
+        m = nn.Conv2d(8, 160, 3, **kwargs).double()
+        assert m._paths(np.float64)[1] == ("direct" if wide and _conv.wgrad_block_channels(
+            np.float64) else "gemm")
+        x = rng.standard_normal((2, 5, 6, 8))
+        check_gradients(m, x, max_checks=40)
+    finally:
+        _conv._wide_vectors(previous)

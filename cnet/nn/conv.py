@@ -81,6 +81,8 @@ _STRIPE_BYTES = 32 << 20
 # AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
 _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
+_DIRECT_WGRAD_WIDE = True
+_DIRECT_WGRAD_POINTWISE = True
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -392,8 +394,13 @@ class Conv2d(Module):
             # (a 1x1 with too many inputs for the direct dx kernel: one GEMM into dx)
             return "direct", "direct", ("direct" if direct_dx else
                                         "pointwise" if pointwise else "col2im")
+        # Wide layers keep their GEMM forward and input gradient, but the direct
+        # kernel's 6 x 4 block beats im2col + sgemm for the weight gradient (and
+        # skips the padding): see _conv._wgrad_variant.
+        block = _conv.wgrad_block_channels(np.dtype(dtype))
+        wide_dw = "direct" if block and cout_g % block == 0 and _DIRECT_WGRAD_WIDE else "gemm"
         if pointwise:
-            return "pointwise", "gemm", "pointwise"
+            return "pointwise", wide_dw if _DIRECT_WGRAD_POINTWISE else "gemm", "pointwise"
         if g == 1 and cout < lanes:
             # One partial vector (LeNet's 6 channels): the direct forward still beats
             # im2col + a GEMM with N = C_out (LeNet conv1: 4.5 vs 6.3 ms, 1 thread),
@@ -401,7 +408,7 @@ class Conv2d(Module):
             # the kernel row's (kw, c) pairs (conv1: 1.9 vs 6.7 ms).
             small = _conv.small_wgrad_fits(cin, cout, kw, np.dtype(dtype))
             return "direct", "small" if small else "gemm", "direct" if direct_dx else "col2im"
-        return "im2col", "gemm", "col2im"
+        return "im2col", wide_dw, "col2im"
 
     def _workspace(self, x, out_shape):
         """Buffers for this input shape, allocated once and reused.
@@ -420,7 +427,8 @@ class Conv2d(Module):
             kh, kw = self.kernel_size
             k_total = kh * kw * self.in_channels
             per_image = oh * ow * k_total
-            if self._paths(x.dtype)[1] != "gemm":
+            paths = self._paths(x.dtype)
+            if paths[0] != "im2col" and paths[1] != "gemm":     # no column buffers
                 budget = _KERNEL_CHUNK_BYTES
             elif self.out_channels // self.groups >= _WIDE_CHANNELS:
                 budget = _WIDE_CHUNK_BYTES
@@ -437,7 +445,7 @@ class Conv2d(Module):
             chunk = -(-n // n_chunks)
             n_chunks = -(-n // chunk)
             regions = None
-            if (self._paths(x.dtype) == ("im2col", "gemm", "col2im") and self.groups == 1
+            if (paths[0] == "im2col" and paths[2] == "col2im" and self.groups == 1
                     and self.dilation == (1, 1)):
                 regions, zeros = _regions(x.shape[1], x.shape[2], oh, ow, self.kernel_size,
                                           self.stride, self.padding)
@@ -528,11 +536,14 @@ class Conv2d(Module):
 
     def _region_backward(self, x, dy, dx, n0, n1, wsubs, acc, first, col, out, dwbuf, kt):
         """Weight gradient of images [n0, n1) into ``acc`` (HWIO; overwritten when
-        ``first``) and, if dx is not None, dx[n0:n1], region by region."""
-        regions, cout, cin = self._ws["regions"], dy.shape[3], x.shape[3]
+        ``first``; None: computed elsewhere) and, if dx is not None, dx[n0:n1],
+        region by region."""
+        regions, cout = self._ws["regions"], dy.shape[3]
         sh, sw = self.stride
         ph, pw = self.padding
-        if first:
+        if acc is None and dx is None:
+            return
+        if first and acc is not None:
             acc.fill(0)
         if dx is not None:
             dx[n0:n1].fill(0)
@@ -548,11 +559,12 @@ class Conv2d(Module):
                 np.copyto(dyc.reshape(dyreg.shape), dyreg)
             c = col[:m * k].reshape(m, k)
             geom = (n0, n1, o0, o1, q0, q1, a0, a1, b0, b1, sh, sw, ph, pw, kt)
-            _conv.im2col_region(x, c, *geom)
-            dwc = dwbuf[:k * cout].reshape(k, cout)
-            np.matmul(c.T, dyc, out=dwc)
-            blk = acc[a0:a1, b0:b1]
-            np.add(blk, dwc.reshape(blk.shape), out=blk)
+            if acc is not None:
+                _conv.im2col_region(x, c, *geom)
+                dwc = dwbuf[:k * cout].reshape(k, cout)
+                np.matmul(c.T, dyc, out=dwc)
+                blk = acc[a0:a1, b0:b1]
+                np.add(blk, dwc.reshape(blk.shape), out=blk)
             if dx is not None:
                 np.matmul(dyc, wsub.T, out=c)   # the columns are read: reuse the buffer
                 _conv.col2im_region_add(c, dx, *geom)
@@ -630,7 +642,9 @@ class Conv2d(Module):
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         _, dw_path, dx_path = self._paths(w.dtype)
         if ws["regions"] is not None:
-            dw_path = dx_path = "region"
+            dx_path = "region"
+            if dw_path == "gemm":
+                dw_path = "region"
         pointwise = dx_path == "pointwise"   # the input is its own column matrix
         if not self.input_grad:
             dx_path = None                  # requires_input_grad_(False): dL/dx not wanted
@@ -646,7 +660,7 @@ class Conv2d(Module):
             dws = self._worker_buffers("dw", n_workers, target.shape, w.dtype)
             if not pointwise:
                 cols = self._worker_buffers("col", n_workers, ws["col_shape"], x.dtype)
-        elif dw_path == "region":
+        if "region" in (dw_path, dx_path):
             wsubs = self._region_weights(ws, w)
             cols = self._worker_buffers("col", n_workers, ws["col_shape"], x.dtype)
             outs = self._worker_buffers("out", n_workers, (chunk * rows * cout,), x.dtype)
@@ -675,8 +689,12 @@ class Conv2d(Module):
             for t in range(first, (s + 1) * n_chunks // stripes):
                 n0, n1 = t * chunk, min(n, (t + 1) * chunk)
                 r0, r1 = n0 * rows, n1 * rows
-                if dw_path == "region":
-                    self._region_backward(x, dy, dx, n0, n1, wsubs, acc, t == first,
+                if "region" in (dw_path, dx_path):
+                    if dw_path == "direct":
+                        _conv.conv_direct_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8],
+                                                kt, self.groups)
+                    self._region_backward(x, dy, dx, n0, n1, wsubs,
+                                          acc if dw_path == "region" else None, t == first,
                                           cols[wid].reshape(-1), outs[wid], dws[wid], kt)
                     continue
                 dys = self._group_view(dy2[r0:r1])
