@@ -642,7 +642,6 @@ def test_scratch_is_shared_by_layers_and_private_to_threads(rng):
     ((32, 192, 3), dict(padding=1), (5, 6), False),
     ((32, 192, 3), dict(padding=1), (4, 4), True),     # region dx + direct weight gradient
     ((24, 192, 3), dict(stride=2, padding=1), (7, 6), False),
-    ((32, 128, 1), {}, (5, 6), False),                 # pointwise GEMMs + direct dW
 ])
 def test_wide_layer_direct_weight_gradient_matches_gemm(args, kwargs, hw, regions, rng,
                                                         monkeypatch):

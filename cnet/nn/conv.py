@@ -82,7 +82,6 @@ _STRIPE_BYTES = 32 << 20
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
 _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
 _DIRECT_WGRAD_WIDE = True
-_DIRECT_WGRAD_POINTWISE = True
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -395,12 +394,15 @@ class Conv2d(Module):
             return "direct", "direct", ("direct" if direct_dx else
                                         "pointwise" if pointwise else "col2im")
         # Wide layers keep their GEMM forward and input gradient, but the direct
-        # kernel's 6 x 4 block beats im2col + sgemm for the weight gradient (and
-        # skips the padding): see _conv._wgrad_variant.
+        # kernel's 6 x 4 block beats im2col + sgemm for the weight gradient of a
+        # spatial kernel (and skips the padding): see _conv._wgrad_variant.  Not
+        # for 1x1: each block streams the chunk's dy once per 6 inputs, and with
+        # K = C_in the GEMM is at its best (ResNeXt 8x8x512->1024: 126 vs 67 ms).
         block = _conv.wgrad_block_channels(np.dtype(dtype))
-        wide_dw = "direct" if block and cout_g % block == 0 and _DIRECT_WGRAD_WIDE else "gemm"
+        wide_dw = ("direct" if block and cout_g % block == 0 and self.kernel_size != (1, 1)
+                   and _DIRECT_WGRAD_WIDE else "gemm")
         if pointwise:
-            return "pointwise", wide_dw if _DIRECT_WGRAD_POINTWISE else "gemm", "pointwise"
+            return "pointwise", "gemm", "pointwise"
         if g == 1 and cout < lanes:
             # One partial vector (LeNet's 6 channels): the direct forward still beats
             # im2col + a GEMM with N = C_out (LeNet conv1: 4.5 vs 6.3 ms, 1 thread),
