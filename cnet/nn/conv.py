@@ -81,7 +81,7 @@ _STRIPE_BYTES = 32 << 20
 # AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
 _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
-_DIRECT_WGRAD_WIDE = True
+_DIRECT_WGRAD_WIDE = True     # (benchmarks switch it off to compare)
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -372,7 +372,10 @@ class Conv2d(Module):
                    with zero-padded weights; its weight gradient is "small" (blocked
                    over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
-        otherwise im2col / batched GEMM / col2im.
+        otherwise im2col / batched GEMM / col2im, with the weight gradient
+                   "direct" for spatial kernels whose C_out per group fills the
+                   6 x 4 weight-gradient block; on small padded maps the im2col
+                   and col2im run by regions (decided per input shape: _workspace).
         """
         cin, cout, g = self.in_channels, self.out_channels, self.groups
         (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
