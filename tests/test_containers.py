@@ -218,3 +218,71 @@ def test_bad_gradients(rng):
 def test_needs_a_branch():
     with pytest.raises(ValueError, match="at least one branch"):
         nn.Add()
+
+
+# -- inference plan: BatchNorm folded into the convolution before it -------------------
+
+def _randomise_bn(bn, rng):
+    c = bn.num_features
+    if bn.track_running_stats:
+        bn.running_mean[:] = rng.standard_normal(c)
+        bn.running_var[:] = rng.uniform(0.3, 3.0, c)
+    if bn.affine:
+        bn.weight.data[:] = rng.standard_normal(c)
+        bn.bias.data[:] = rng.standard_normal(c)
+
+
+@pytest.mark.parametrize("args,kwargs,hw", [
+    ((16, 32, 3), dict(padding=1), (6, 7)),                # direct kernel
+    ((8, 20, 3), dict(padding=1, stride=2), (7, 6)),       # im2col + GEMM
+    ((32, 32, 3), dict(padding=1, groups=2), (5, 6)),      # grouped direct
+    ((24, 20, 1), {}, (4, 5)),                             # pointwise GEMM
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_inference_plan_folds_batchnorm_into_conv(args, kwargs, hw, affine, rng, monkeypatch):
+    conv, bn = nn.Conv2d(*args, **kwargs), nn.BatchNorm2d(args[1], affine=affine)
+    _randomise_bn(bn, rng)
+    model = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    x = rng.standard_normal((3,) + hw + (args[0],)).astype(np.float32)
+    z = conv(x).astype(np.float64)
+    ref = (z - bn.running_mean) / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    if affine:
+        ref = ref * bn.weight.data + bn.bias.data
+    ref = np.maximum(ref, 0)
+
+    def unused(self, x):
+        raise AssertionError("BatchNorm2d.forward ran: the BN was not folded")
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", unused)
+    np.testing.assert_allclose(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_plan_falls_back_where_bn_cannot_fold(rng):
+    x = rng.standard_normal((4, 5, 5, 8)).astype(np.float32)
+    # batch statistics in eval mode (track_running_stats=False) and a BN left in train mode
+    for bn in (nn.BatchNorm2d(16, track_running_stats=False), nn.BatchNorm2d(16)):
+        conv = nn.Conv2d(8, 16, 3, padding=1)
+        model = nn.Sequential(conv, bn).eval()
+        if bn.track_running_stats:
+            bn.train()
+        ref_bn = nn.BatchNorm2d(16, track_running_stats=bn.track_running_stats)
+        ref_bn.train(bn.training)
+        np.testing.assert_allclose(model(x), ref_bn(conv(x)), rtol=1e-5, atol=1e-5)
+    if bn.track_running_stats:                               # the BN updated its statistics
+        np.testing.assert_allclose(bn.running_mean, ref_bn.running_mean, rtol=1e-6, atol=1e-7)
+
+
+def test_inference_plan_resnet_matches_unfused(rng):
+    from cnet import models
+    model = models.resnet20()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomise_bn(m, rng)
+    model.eval()
+    x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    fused = model(x)
+    for m in model.modules():        # an instance-level forward makes each pair run unfused
+        if isinstance(m, nn.Conv2d):
+            m.forward = m.forward
+    np.testing.assert_allclose(fused, model(x), rtol=1e-4, atol=1e-4 * np.abs(fused).max())
+    model.train()                    # training mode runs the plain plan again
+    model(x)
