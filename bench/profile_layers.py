@@ -11,8 +11,6 @@ gradient sum, not its branches; a container's own Python work shows up under
 its name.  ReLUs that Sequential fused into the layer before them never run on
 their own (their cost is inside that layer).  The loss, ``zero_grad`` and the
 optimizer step are timed too, and the rest of the step is "unaccounted".
-In inference the instrumented step runs a Conv2d and the BatchNorm2d after it
-as two calls (the plain step fuses them: Sequential's inference plan).
 Times are medians over --iters instrumented steps after warm-up; the table
 also shows the step time without instrumentation (the wrappers' own overhead
 is the difference).  GFLOP/s per layer: Conv2d/Linear forward 2*MACs,

@@ -13,17 +13,13 @@ class Sequential(Module):
     Fusion: when a child is directly followed by a ``ReLU`` and the child's
     ``fuse_relu()`` returns True (BatchNorm, Add, ...), the child applies the
     ReLU inside its own kernel and the ReLU is skipped: one pass over the
-    activations instead of two.  The result is identical.  In eval mode a
-    layer with ``forward_bn`` (Conv2d) directly followed by a BatchNorm2d also
-    applies that BN (running statistics, and its fused ReLU) to each chunk of
-    its output: the inference plan.
+    activations instead of two.  The result is identical.
     """
 
     def __init__(self, *layers):
         super().__init__()
         self._layers = []
         self._plan = None
-        self._eval_plan = None
         if len(layers) == 1 and isinstance(layers[0], dict):
             # Sequential(OrderedDict(conv1=..., bn1=...)): named children, as in PyTorch.
             for name, layer in layers[0].items():
@@ -37,7 +33,7 @@ class Sequential(Module):
         if not self._layers and not self.input_grad:
             layer.requires_input_grad_(False)
         self._layers.append(layer)
-        self._plan = self._eval_plan = None
+        self._plan = None
         return self
 
     def __len__(self):
@@ -65,22 +61,6 @@ class Sequential(Module):
         self._plan = plan
         return plan
 
-    def _inference_plan(self):
-        """The plan with each (Conv2d, BatchNorm2d) pair as one _ConvBN entry."""
-        if self._eval_plan is None:
-            base, plan, i = self._plan or self._build_plan(), [], 0
-            while i < len(base):
-                nxt = base[i + 1] if i + 1 < len(base) else None
-                if (nxt is not None and hasattr(base[i], "forward_bn")
-                        and hasattr(nxt, "folds_into")):
-                    plan.append(_ConvBN(base[i], nxt))
-                    i += 2
-                else:
-                    plan.append(base[i])
-                    i += 1
-            self._eval_plan = plan
-        return self._eval_plan
-
     def requires_input_grad_(self, requires_grad=True):
         """Only the first child sees the container's input (see Module)."""
         super().requires_input_grad_(requires_grad)
@@ -89,8 +69,7 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        plan = self._inference_plan() if not self.training else self._plan or self._build_plan()
-        for layer in plan:
+        for layer in self._plan or self._build_plan():
             x = layer.forward(x)
         return x
 
@@ -98,21 +77,6 @@ class Sequential(Module):
         for layer in reversed(self._plan or self._build_plan()):
             grad = layer.backward(grad)
         return grad if self.input_grad else None
-
-
-class _ConvBN:
-    """Inference-plan entry: a convolution and the BatchNorm after it in one pass
-    (Conv2d.forward_bn checks at each call that the BN can fold, else runs both).
-    A ``forward`` replaced on either instance (cnet.summary's and the profiler's
-    tracing wrappers) is honoured by running the two separately."""
-
-    def __init__(self, conv, bn):
-        self.conv, self.bn = conv, bn
-
-    def forward(self, x):
-        if "forward" in self.conv.__dict__ or "forward" in self.bn.__dict__:
-            return self.bn.forward(self.conv.forward(x))
-        return self.conv.forward_bn(x, self.bn)
 
 
 class _Branches(Module):

@@ -576,18 +576,6 @@ class Conv2d(Module):
 
     # -- computation -------------------------------------------------------
     def forward(self, x):
-        return self._forward(x, None)
-
-    def forward_bn(self, x, bn):
-        """Inference: this convolution followed by ``bn`` (an eval-mode BatchNorm2d,
-        with its fused ReLU if it has one), applied to each chunk of the output
-        while it is in cache: one pass over the activations fewer (Sequential's
-        inference plan calls it; falls back to two calls where BN cannot fold)."""
-        if not bn.folds_into(self, self.out_channels, self.weight.data.dtype):
-            return bn.forward(self.forward(x))
-        return self._forward(x, bn)
-
-    def _forward(self, x, bn):
         w = self.weight.data
         _check_param_dtype(self, w.dtype)
         check_input(self, x, 4, channels=self.in_channels, dtype=w.dtype)
@@ -635,9 +623,6 @@ class Conv2d(Module):
                     np.add(yc, bias, out=yc)   # while the chunk is still in cache
             if self._relu:
                 _elementwise.relu_forward(yc, yc, kt)
-            if bn is not None:
-                bn._eval_rows(yc, yc, _scratch(("bn_alpha", wid), (cout,), y.dtype),
-                              _scratch(("bn_shift", wid), (cout,), y.dtype), kt)
 
         _run_tasks(task, ws["n_chunks"], nt)
         if self.training:

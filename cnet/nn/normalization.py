@@ -109,23 +109,10 @@ class _BatchNorm(Module):
                 factor, num_threads())
             self._cache = x if self.training else None
         else:
-            self._eval_rows(x2, y2, alpha, shift, num_threads())
+            _batchnorm.forward_eval(x2, y2, weight, bias, self.running_mean, self.running_var,
+                                    self.eps, self._relu, alpha, shift, num_threads())
             self._cache = None
         return y
-
-    def _eval_rows(self, x2, y2, alpha, shift, n_threads):
-        """y2 = the eval transform of the (M, C) rows x2 with the running statistics
-        (and the fused ReLU); x2 may be y2.  alpha/shift: (C,) scratch."""
-        _batchnorm.forward_eval(x2, y2, self.weight.data if self.affine else None,
-                                self.bias.data if self.affine else None, self.running_mean,
-                                self.running_var, self.eps, self._relu, alpha, shift, n_threads)
-
-    def folds_into(self, layer, channels, dtype):
-        """Whether this BN can run inside ``layer``'s output pass (Sequential's inference
-        plan): eval mode with running statistics, same channels and dtype."""
-        return (not self.training and not layer.training and self.track_running_stats
-                and 4 in self._ranks and channels == self.num_features
-                and self._dtype() == dtype)
 
     def backward(self, grad_out):
         x = require_cache(self, self._cache)
