@@ -2,6 +2,7 @@
 
     python bench/conv_layers.py [--threads 2] [--repeats 15] [--profile]
     python bench/conv_layers.py --model resnext29_8x16d   # every conv shape of a model
+    python bench/conv_layers.py --model resnet18 --forward   # inference: forward only
 
 
 For each layer: the median over repeats of one training step (forward, then
@@ -85,11 +86,14 @@ def interleaved_medians(fns, repeats, warmup=2):
     return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
 
 
-def cnet_step(spec):
+def cnet_step(spec, forward_only=False):
     n, h, w, cin, cout, k, s, p, g = spec
     m = nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g, bias=False)
     x = np.random.default_rng(0).standard_normal((n, h, w, cin)).astype(np.float32)
     dy = np.random.default_rng(1).standard_normal(m.output_shape(x.shape)).astype(np.float32)
+    if forward_only:
+        m.eval()
+        return (lambda: m(x)), m, x, dy
 
     def step():
         m(x)
@@ -97,7 +101,7 @@ def cnet_step(spec):
     return step, m, x, dy
 
 
-def torch_steps(spec, threads):
+def torch_steps(spec, threads, forward_only=False):
     import torch
     torch.set_num_threads(threads)
     n, h, w, cin, cout, k, s, p, g = spec
@@ -114,7 +118,11 @@ def torch_steps(spec, threads):
             x.grad = None
             conv.weight.grad = None
             conv(x).backward(dy)
-        steps[fmt] = step
+
+        def forward(conv=conv.eval(), x=x.detach()):
+            with torch.inference_mode():
+                conv(x)
+        steps[fmt] = forward if forward_only else step
     return steps
 
 
@@ -169,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", default="", help="substring filter on layer names")
+    ap.add_argument("--forward", action="store_true",
+                    help="inference: forward only, eval mode (torch under inference_mode)")
     ap.add_argument("--model", default=None,
                     help="time every distinct conv shape of this bench model (bench/common.py) "
                          "instead of the fixed list, with a count-weighted total")
@@ -189,10 +199,10 @@ def main(argv=None):
     for name, spec in layers.items():
         if args.only and args.only not in name:
             continue
-        step, m, x, dy = cnet_step(spec)
+        step, m, x, dy = cnet_step(spec, args.forward)
         fns = {"cnet": step}
         if have_torch:
-            fns.update(torch_steps(spec, args.threads))
+            fns.update(torch_steps(spec, args.threads, args.forward))
         t, tmin = interleaved_medians(fns, args.repeats)
         if have_torch:
             best = min(t["torch nchw"], t["torch cl"])
