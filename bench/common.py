@@ -218,6 +218,19 @@ _USER_OMP_WAIT_POLICY = (os.environ.get("OMP_WAIT_POLICY") if "cnet" not in sys.
                          else None)
 
 
+def malloc_env():
+    """The glibc malloc thresholds cnet sets at import (cnet/_malloc.py), as the
+    environment variables that give a torch worker the same setting.  The file is
+    loaded on its own: this process must not import cnet."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_cnet_malloc", os.path.join(HERE, os.pardir, "cnet", "_malloc.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    keep = str(module.KEEP_BYTES)
+    return {"MALLOC_MMAP_THRESHOLD_": keep, "MALLOC_TRIM_THRESHOLD_": keep}
+
+
 def torch_env():
     """The environment for a torch worker: cnet's OMP_WAIT_POLICY default must
     not leak into torch's OpenMP runtime (a user's own setting is kept)."""

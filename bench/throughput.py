@@ -182,8 +182,7 @@ def run_config(model, threads, mode, frameworks, args, log):
             if fw.endswith("_passive"):
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
             if fw.endswith("_malloc"):
-                # the malloc thresholds cnet sets at import (cnet/_malloc.py), by environment
-                env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 30)
+                env.update(common.malloc_env())
             workers[fw] = Worker(script, cfg, env=env)
         for fw in frameworks[1:]:
             workers[fw].call(hello=True)

@@ -37,7 +37,7 @@ cdef extern from *:
     #include <string.h>
     /* Grouped layouts move C_in/groups values per group and tap; a constant
        size lets the compiler emit one vector move instead of a loop. */
-    #define CNET_SCATTER_CASE(B) case B: for (Py_ssize_t g = 0; g < G; g++) \
+    #define CNET_SCATTER_CASE(B) case B: for (Py_ssize_t g = 0; g < G; g++)                \
         memcpy(d + g * ds, s + g * B, B); break;
     static inline void cnet_scatter_groups(char* d, const char* s, Py_ssize_t G, size_t b,
                                            Py_ssize_t ds) {
@@ -50,17 +50,17 @@ cdef extern from *:
     static inline void cnet_zero_groups(char* d, Py_ssize_t G, size_t b, Py_ssize_t ds) {
         for (Py_ssize_t g = 0; g < G; g++) memset(d + g * ds, 0, b);
     }
-    #define CNET_GADD_CASE(N) case N: for (Py_ssize_t g = 0; g < G; g++) \
+    #define CNET_GADD_CASE(N) case N: for (Py_ssize_t g = 0; g < G; g++)                   \
         for (int c = 0; c < N; c++) o[g * N + c] += s[g * K + c]; break;
-    #define CNET_GATHER_ADD(NAME, T)                                                      \
-    static inline void NAME(T* restrict o, const T* restrict s, Py_ssize_t G,          \
-                            Py_ssize_t Cg, Py_ssize_t K) {                                \
-        switch (Cg) {                                                                     \
+    #define CNET_GATHER_ADD(NAME, T)                                                       \
+    static inline void NAME(T* restrict o, const T* restrict s, Py_ssize_t G,              \
+                            Py_ssize_t Cg, Py_ssize_t K) {                                 \
+        switch (Cg) {                                                                      \
             CNET_GADD_CASE(1) CNET_GADD_CASE(2) CNET_GADD_CASE(4) CNET_GADD_CASE(8)        \
-            CNET_GADD_CASE(16) CNET_GADD_CASE(32) CNET_GADD_CASE(64)                      \
-            default: for (Py_ssize_t g = 0; g < G; g++)                                   \
-                for (Py_ssize_t c = 0; c < Cg; c++) o[g * Cg + c] += s[g * K + c];        \
-        }                                                                                 \
+            CNET_GADD_CASE(16) CNET_GADD_CASE(32) CNET_GADD_CASE(64)                       \
+            default: for (Py_ssize_t g = 0; g < G; g++)                                    \
+                for (Py_ssize_t c = 0; c < Cg; c++) o[g * Cg + c] += s[g * K + c];         \
+        }                                                                                  \
     }
     CNET_GATHER_ADD(cnet_gather_add_f32, float)
     CNET_GATHER_ADD(cnet_gather_add_f64, double)
@@ -248,6 +248,22 @@ cdef extern from *:
     """
     #include "_simd.h"
 
+    /* acc[v][p] += XS[p][t] * WK[t * Cw + v * VW : + VW] for t < N: per step NV
+       weight vectors and PB broadcasts feed PB * NV FMAs (inside CNET_DIRECT_ROW). */
+    #define CNET_DIRECT_FMAS(T, VT, VTU, XS, WK, N, NV, PB, VW)                            \
+        do {                                                                               \
+            const T* wk_ = (WK);                                                           \
+            for (Py_ssize_t t = 0; t < (N); t++) {                                         \
+                VT wv[NV];                                                                 \
+                for (int v = 0; v < NV; v++) wv[v] = *(const VTU*)(wk_ + t * Cw + v * VW); \
+                _Pragma("GCC unroll 8")                                                    \
+                for (int p = 0; p < PB; p++) {                                             \
+                    T xv = (XS)[p][t];                                                     \
+                    for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];                  \
+                }                                                                          \
+            }                                                                              \
+        } while (0)
+
     #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV, PB)                                  \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
@@ -259,16 +275,16 @@ cdef extern from *:
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
         const T* img = x + n * H * W * Cx;                                                 \
-        for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += PB) {                               \
-            Py_ssize_t nb = OW - ow0 < PB ? OW - ow0 : PB;                       \
+        for (Py_ssize_t ow0 = 0; ow0 < OW; ow0 += PB) {                                    \
+            Py_ssize_t nb = OW - ow0 < PB ? OW - ow0 : PB;                                 \
             int inner = nb == PB && dw == 1 && Cx == C && ow0 * sw - pw >= 0               \
                         && (ow0 + PB - 1) * sw - pw + KW <= W;                             \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
-                VT acc[NV][PB];                                                       \
+                VT acc[NV][PB];                                                            \
                 for (int v = 0; v < NV; v++) {                                             \
                     VT b0 = {0};                                                           \
                     if (bias) b0 = *(const VTU*)(bias + co + v * VW);                      \
-                    for (int p = 0; p < PB; p++) acc[v][p] = b0;                      \
+                    for (int p = 0; p < PB; p++) acc[v][p] = b0;                           \
                 }                                                                          \
                 for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
@@ -280,37 +296,19 @@ cdef extern from *:
                         /* pointer set-up; same products in the same order).          */   \
                         const T* xb[PB];                                                   \
                         for (int p = 0; p < PB; p++) xb[p] = xrow + ((ow0 + p) * sw - pw) * C; \
-                        const T* wk = w + kh * KW * C * Cw + co;                           \
-                        for (Py_ssize_t t = 0; t < KW * C; t++) {                          \
-                            VT wv[NV];                                                     \
-                            for (int v = 0; v < NV; v++)                                   \
-                                wv[v] = *(const VTU*)(wk + t * Cw + v * VW);               \
-                            _Pragma("GCC unroll 8")                                        \
-                            for (int p = 0; p < PB; p++) {                                 \
-                                T xv = xb[p][t];                                           \
-                                for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];      \
-                            }                                                              \
-                        }                                                                  \
+                        CNET_DIRECT_FMAS(T, VT, VTU, xb, w + kh * KW * C * Cw + co, KW * C,  \
+                                         NV, PB, VW);                                      \
                         continue;                                                          \
                     }                                                                      \
                     for (Py_ssize_t kw = 0; kw < KW; kw++) {                               \
-                        const T* xp[PB];                                              \
-                        for (int p = 0; p < PB; p++) {                                \
+                        const T* xp[PB];                                                   \
+                        for (int p = 0; p < PB; p++) {                                     \
                             Py_ssize_t iw = (ow0 + p) * sw - pw + kw * dw;                 \
                             xp[p] = (p < nb && (size_t)iw < (size_t)W) ? xrow + iw * Cx    \
                                                                        : zeros;            \
                         }                                                                  \
-                        const T* wk = w + (kh * KW + kw) * C * Cw + co;                    \
-                        for (Py_ssize_t ci = 0; ci < C; ci++) {                            \
-                            VT wv[NV];                                                     \
-                            for (int v = 0; v < NV; v++)                                   \
-                                wv[v] = *(const VTU*)(wk + ci * Cw + v * VW);              \
-                            _Pragma("GCC unroll 8")                                        \
-                            for (int p = 0; p < PB; p++) {                            \
-                                T xv = xp[p][ci];                                          \
-                                for (int v = 0; v < NV; v++) acc[v][p] += xv * wv[v];      \
-                            }                                                              \
-                        }                                                                  \
+                        CNET_DIRECT_FMAS(T, VT, VTU, xp, w + (kh * KW + kw) * C * Cw + co, C, \
+                                         NV, PB, VW);                                      \
                     }                                                                      \
                 }                                                                          \
                 for (int p = 0; p < nb; p++)                                               \
@@ -350,19 +348,19 @@ cdef extern from *:
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
-        /* Output columns whose input column is inside the image. */                      \
+        /* Output columns whose input column is inside the image. */                       \
         Py_ssize_t off = kw * dw - pw;                                                     \
         Py_ssize_t ow_lo = off >= 0 ? 0 : (-off + sw - 1) / sw;                            \
         Py_ssize_t ow_hi = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;                   \
         if (ow_hi > OW) ow_hi = OW;                                                        \
-        for (Py_ssize_t ci0 = 0; ci0 < C; ci0 += PB) {                                \
-            Py_ssize_t nb = C - ci0 < PB ? C - ci0 : PB;                         \
-            Py_ssize_t cidx[PB];                                                      \
-            for (int j = 0; j < PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);       \
+        for (Py_ssize_t ci0 = 0; ci0 < C; ci0 += PB) {                                     \
+            Py_ssize_t nb = C - ci0 < PB ? C - ci0 : PB;                                   \
+            Py_ssize_t cidx[PB];                                                           \
+            for (int j = 0; j < PB; j++) cidx[j] = ci0 + (j < nb ? j : nb - 1);            \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
-                VT acc[NV][PB];                                                       \
+                VT acc[NV][PB];                                                            \
                 for (int v = 0; v < NV; v++)                                               \
-                    for (int j = 0; j < PB; j++) acc[v][j] = (VT){0};                 \
+                    for (int j = 0; j < PB; j++) acc[v][j] = (VT){0};                      \
                 for (Py_ssize_t n = n0; n < n1; n++) {                                     \
                     for (Py_ssize_t oh = 0; oh < OH; oh++) {                               \
                         Py_ssize_t ih = oh * sh - ph + kh * dh;                            \
@@ -375,7 +373,7 @@ cdef extern from *:
                                 dv[v] = *(const VTU*)(dr + ow * Cy + v * VW);              \
                             const T* xp = xr + (ow * sw + off) * Cx;                       \
                             _Pragma("GCC unroll 8")                                        \
-                            for (int j = 0; j < PB; j++) {                            \
+                            for (int j = 0; j < PB; j++) {                                 \
                                 T xv = xp[cidx[j]];                                        \
                                 for (int v = 0; v < NV; v++) acc[v][j] += xv * dv[v];      \
                             }                                                              \
@@ -403,7 +401,7 @@ cdef extern from *:
     /* One entry per kernel and dtype; ``variant`` picks the register block:
        0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2, 3: 6 x 4 (see _direct_variant
        and _wgrad_variant). */
-    #define CNET_DIRECT_PICK(NAME, SFX) \
+    #define CNET_DIRECT_PICK(NAME, SFX)                                                    \
         (variant == 2 ? NAME##8x2_##SFX : variant == 1 ? NAME##8_##SFX : NAME##6_##SFX)
     #define CNET_DIRECT_ENTRIES(SFX, T)                                                    \
     static inline void cnet_direct_row_##SFX(                                              \
@@ -629,7 +627,7 @@ cdef extern from *:
             col[j] = (jj / C) * dw - pw;         /* input column offset of the tap */      \
             xoff[j] = col[j] * C + jj % C;                                                 \
         }                                                                                  \
-        /* Output columns whose every tap of the row is inside the image. */              \
+        /* Output columns whose every tap of the row is inside the image. */               \
         Py_ssize_t lo = pw > 0 ? (pw + sw - 1) / sw : 0;                                   \
         Py_ssize_t lim = W - ((KW - 1) * dw - pw);                                         \
         Py_ssize_t hi = lim <= 0 ? 0 : (lim - 1) / sw + 1;                                 \
@@ -906,7 +904,7 @@ cdef extern from *:
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
-    /* gw[tap, :] (+)= sum over images [n0, n1) and pixels of x * dy for one tap. */        \
+    /* gw[tap, :] (+)= sum over images [n0, n1) and pixels of x * dy for one tap. */       \
     CNET_CLONES static void cnet_dw_wgrad_tap_##SUF(                                       \
         const T* restrict x, const T* restrict dy, T* restrict acc, T* restrict gw,        \
         int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw,        \
@@ -1168,7 +1166,7 @@ def col2im(floating[:, ::1] col, floating[:, :, :, ::1] dx, Py_ssize_t n0, Py_ss
 # K = (kh1-kh0)*(kw1-kw0)*C against the matching rows of the kernel.  Dilation
 # 1: each tap row is one contiguous run of (kw1-kw0)*C input values.
 
-cdef void _im2col_region(const floating* x, floating* col, Py_ssize_t n0, Py_ssize_t n1,
+cdef void _im2col_region(const floating* x, floating* col, Py_ssize_t n0,
                          Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t oh0,
                          Py_ssize_t oh1, Py_ssize_t ow0, Py_ssize_t ow1, Py_ssize_t kh0,
                          Py_ssize_t kh1, Py_ssize_t kw0, Py_ssize_t kw1, Py_ssize_t sh,
@@ -1217,7 +1215,7 @@ def _check_region(str what, tuple xshape, tuple colshape, Py_ssize_t n0, Py_ssiz
                   Py_ssize_t kh0, Py_ssize_t kh1, Py_ssize_t kw0, Py_ssize_t kw1,
                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw):
     N, H, W, C = xshape
-    if not (0 <= n0 < n1 <= N) or oh0 >= oh1 or ow0 >= ow1 or kh0 >= kh1 or kw0 >= kw1 \
+    if not (0 <= n0 < n1 <= N) or oh0 >= oh1 or ow0 >= ow1 or kh0 >= kh1 or kw0 >= kw1     \
             or min(oh0, ow0, kh0, kw0) < 0 or min(sh, sw) < 1:
         raise ValueError(f"{what}: empty or negative region: images [{n0}, {n1}), rows "
                          f"[{oh0}, {oh1}), columns [{ow0}, {ow1}), taps [{kh0}, {kh1}) x "
@@ -1250,11 +1248,11 @@ def im2col_region(floating[:, :, :, ::1] x, floating[:, ::1] col, Py_ssize_t n0,
     with nogil:
         if nt == 1:
             for r in range(rows):
-                _im2col_region(&x[0, 0, 0, 0], &col[0, 0], n0, n1, H, W, C, oh0, oh1, ow0, ow1,
+                _im2col_region(&x[0, 0, 0, 0], &col[0, 0], n0, H, W, C, oh0, oh1, ow0, ow1,
                                kh0, kh1, kw0, kw1, sh, sw, ph, pw, r)
         else:
             for r in prange(rows, num_threads=nt, schedule="static"):
-                _im2col_region(&x[0, 0, 0, 0], &col[0, 0], n0, n1, H, W, C, oh0, oh1, ow0, ow1,
+                _im2col_region(&x[0, 0, 0, 0], &col[0, 0], n0, H, W, C, oh0, oh1, ow0, ow1,
                                kh0, kh1, kw0, kw1, sh, sw, ph, pw, r)
 
 

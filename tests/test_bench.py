@@ -152,3 +152,9 @@ def test_gemm_probe_and_helpers():
     assert t.splitlines()[0].startswith("| a ") and "22 |" in t
     env = common.torch_env()
     assert env.get("OMP_WAIT_POLICY") == common._USER_OMP_WAIT_POLICY
+
+
+def test_torch_malloc_variant_gets_cnets_thresholds():
+    from cnet import _malloc
+    assert common.malloc_env() == {"MALLOC_MMAP_THRESHOLD_": str(_malloc.KEEP_BYTES),
+                                   "MALLOC_TRIM_THRESHOLD_": str(_malloc.KEEP_BYTES)}

@@ -81,7 +81,6 @@ _STRIPE_BYTES = 32 << 20
 # AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
 _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
-_DIRECT_WGRAD_WIDE = True     # (benchmarks switch it off to compare)
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -403,7 +402,7 @@ class Conv2d(Module):
         # K = C_in the GEMM is at its best (ResNeXt 8x8x512->1024: 126 vs 67 ms).
         block = _conv.wgrad_block_channels(np.dtype(dtype))
         wide_dw = ("direct" if block and cout_g % block == 0 and self.kernel_size != (1, 1)
-                   and _DIRECT_WGRAD_WIDE else "gemm")
+                   else "gemm")
         if pointwise:
             return "pointwise", "gemm", "pointwise"
         if g == 1 and cout < lanes:
@@ -501,8 +500,8 @@ class Conv2d(Module):
     # -- regions (im2col without the padding) -----------------------------------
     def _region_weights(self, ws, w):
         """Per region, its taps' rows of the HWIO kernel as a (K_region, C_out) matrix
-        (a view when the taps span whole kernel rows, else a copy into the
-        workspace), or None for outputs that see only padding."""
+        (a view when the taps span whole kernel rows, else a copy into a scratch
+        buffer), or None for outputs that see only padding."""
         cout = w.shape[3]
         subs = []
         for i, (*_, a0, a1, b0, b1) in enumerate(ws["regions"]):
