@@ -63,14 +63,6 @@ CNET_SIMD
     }
 }
 
-/* y[i] = x[i] * (scale if kept else 0) for i in [start, stop), start even.
- * Element i uses the high (i even) or low (i odd) 32 bits of
- * splitmix64(key + (i / 2 + 1) * golden) and is kept iff that uniform >=
- * threshold.  The pair loop is forced to vectorise (`omp simd`; 64-bit
- * multiplies are native in AVX-512 and emulated in AVX2): in scalar code GCC
- * turns the keep-select into a branch that mispredicts half the time at
- * p = 0.5.  The multiplier is scale or +0 (not scale * keep), and x is always
- * multiplied, so a dropped inf or NaN gives NaN exactly as torch's x * mask. */
 /* The multiplier as a bit mask (scale's bits or 0): branch-free in the scalar
  * baseline clone too, where GCC compiles a float select into a jump. */
 static inline T CNET_FN(cnet_keep_mult_)(U scale_bits, uint64_t u, uint64_t threshold)
@@ -81,6 +73,14 @@ static inline T CNET_FN(cnet_keep_mult_)(U scale_bits, uint64_t u, uint64_t thre
     return m;
 }
 
+/* y[i] = x[i] * (scale if kept else 0) for i in [start, stop), start even.
+ * Element i uses the high (i even) or low (i odd) 32 bits of
+ * splitmix64(key + (i / 2 + 1) * golden) and is kept iff that uniform >=
+ * threshold.  The pair loop is forced to vectorise (`omp simd`; 64-bit
+ * multiplies are native in AVX-512 and emulated in AVX2): in scalar code GCC
+ * turns the keep-select into a branch that mispredicts half the time at
+ * p = 0.5.  The multiplier is scale or +0 (not scale * keep), and x is always
+ * multiplied, so a dropped inf or NaN gives NaN exactly as torch's x * mask. */
 CNET_CLONES static void CNET_FN(cnet_dropout_)(const T *x, T *y, Py_ssize_t start, Py_ssize_t stop,
                                        uint64_t key, uint64_t threshold, T scale)
 {
