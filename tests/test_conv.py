@@ -127,6 +127,47 @@ def test_chunked_batch_matches_reference_and_gradients(cfg, rng, monkeypatch):
     check_gradients(m, x, max_checks=60)
 
 
+@pytest.mark.parametrize("cores", [1, 2, 3, 4])
+def test_chunk_plan_is_balanced(cores, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_MIN_TASKS", cores)
+    unit = max(cores, conv_mod._STRIPES - conv_mod._STRIPES % cores)
+    monkeypatch.setattr(conv_mod, "_STRIPE_UNIT", unit)
+    for n in range(1, 70):
+        for wanted in range(1, n + 3):
+            k = conv_mod._balanced_chunks(n, wanted)
+            assert min(n, max(wanted, cores)) <= k <= n
+            if k < n:                       # whole rounds for the cores (and the stripes)
+                assert k % (unit if k > unit else cores) == 0
+            sizes = np.diff([t * n // k for t in range(k + 1)])
+            assert sizes.sum() == n and sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+            for weight_bytes in (4, 1 << 20, conv_mod._STRIPE_BYTES // 3, 1 << 30):
+                s = conv_mod._stripes(k, weight_bytes)
+                assert k % s == 0 and s <= unit
+                assert s == 1 or s * weight_bytes <= conv_mod._STRIPE_BYTES
+                if k % cores == 0 and cores * weight_bytes <= conv_mod._STRIPE_BYTES:
+                    assert s % cores == 0
+
+
+@pytest.mark.parametrize("cfg", [(3, 4, 3, 2, 1, 1, 1, True, (7, 6, 5)),      # im2col + GEMM
+                                 (8, 16, 3, 1, 1, 1, 1, True, (7, 6, 5))])    # direct kernels
+def test_unequal_chunks_match_reference_and_gradients(cfg, rng, monkeypatch):
+    # 7 images in 4 chunks of 1, 2, 2, 2 and 2 stripes of 2 chunks.
+    monkeypatch.setattr(conv_mod, "_MIN_TASKS", 2)
+    monkeypatch.setattr(conv_mod, "_STRIPE_UNIT", 2)
+    m = make(cfg).double()
+    oh, ow, _ = m.output_shape((1,) + cfg[-1][1:] + (cfg[0],))[1:]
+    per_image = oh * ow * 9 * cfg[0] * 8
+    monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 3 * per_image)
+    monkeypatch.setattr(conv_mod, "_KERNEL_CHUNK_BYTES", 3 * per_image)
+    x = make_input(cfg, rng, np.float64)
+    y = m(x)
+    assert (m._ws["n_chunks"], m._ws["chunk"], m._ws["stripes"]) == (4, 2, 2)
+    ref = reference_conv(x, m.weight.data, m.bias.data, m.stride, m.padding, m.dilation,
+                         m.groups)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    check_gradients(m, x, max_checks=60)
+
+
 # -- torch parity (float32) ---------------------------------------------------------
 
 def _close(a, b, what):

@@ -92,6 +92,8 @@ _REGION_MIN_ZEROS = 0.05
 _REGION_MIN_ROWS = 32
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
+# Stripes per backward at most: _STRIPES in whole rounds of the cores.
+_STRIPE_UNIT = max(_MIN_TASKS, _STRIPES - _STRIPES % _MIN_TASKS)
 
 # GEMMs under this many multiply-adds (~0.7 ms on one core) run on one BLAS
 # thread (Linear): ResNet-18's classifier (32 x 512 x 200) took 0.07 ms on one
@@ -122,6 +124,33 @@ def _scratch(name, shape, dtype):
     if buf is None or buf.nbytes < nbytes:
         buf = store[name] = np.empty(max(nbytes, 1), np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _balanced_chunks(n, wanted):
+    """How many chunks to split a batch of n images into, given the wanted count.
+
+    At least _MIN_TASKS (a machine constant, not the thread count, so results do
+    not depend on it): fewer tasks than threads would hand one chunk to parallel
+    kernels and BLAS, a hand-off per call that costs several ms when the cores
+    are shared.  A multiple of the cores, and beyond _STRIPES a multiple of the
+    stripe count, so that the threads and the backward's stripes all get the
+    same number of images (chunk t is images [t*n // n_chunks, (t+1)*n // n_chunks):
+    sizes differ by at most one).  ResNet-20 stage 1 (batch 128) had 19 chunks of
+    7 images (one 2) in 8 stripes of 2 or 3 chunks: a thread idled ~10% of the
+    layer's backward (bench/RESULTS.md, third session).
+    """
+    n_chunks = min(n, max(wanted, _MIN_TASKS))
+    unit = _STRIPE_UNIT if n_chunks > _STRIPE_UNIT else _MIN_TASKS
+    return min(n, -(-n_chunks // unit) * unit)
+
+
+def _stripes(n_chunks, weight_bytes):
+    """Stripes for the backward's weight-gradient sums: a divisor of n_chunks (equal
+    stripes), a multiple of the cores where it can be, all slots under _STRIPE_BYTES."""
+    cap = max(1, min(n_chunks, _STRIPE_UNIT, _STRIPE_BYTES // max(1, weight_bytes)))
+    divisors = [s for s in range(1, cap + 1) if n_chunks % s == 0]
+    even = [s for s in divisors if s % _MIN_TASKS == 0]
+    return max(even or divisors)
 
 
 def _executor(n_workers):
@@ -439,15 +468,7 @@ class Conv2d(Module):
             else:
                 budget = _COL_CHUNK_BYTES
             chunk = max(1, min(n, budget // max(1, per_image * x.itemsize)))
-            # At least _MIN_TASKS chunks (a machine constant, not the thread count,
-            # so results do not depend on it): fewer tasks than threads would hand
-            # one chunk to parallel kernels and BLAS, a hand-off per call that costs
-            # several ms when the cores are shared.  Then equal chunks, so the
-            # threads finish together.
-            n_chunks = min(n, max(-(-n // chunk), _MIN_TASKS))
-            n_chunks = min(n, -(-n_chunks // _MIN_TASKS) * _MIN_TASKS)
-            chunk = -(-n // n_chunks)
-            n_chunks = -(-n // chunk)
+            n_chunks = _balanced_chunks(n, -(-n // chunk))
             regions = None
             if (paths[0] == "im2col" and paths[2] == "col2im" and self.groups == 1
                     and self.dilation == (1, 1)):
@@ -461,12 +482,9 @@ class Conv2d(Module):
                 if zeros < _REGION_MIN_ZEROS or big * smallest < _REGION_MIN_ROWS:
                     regions = None
                 else:
-                    chunk = big
-                    n_chunks = -(-n // chunk)
-            w_bytes = self.weight.data.nbytes
-            stripes = max(1, min(n_chunks, _STRIPES, _STRIPE_BYTES // max(1, w_bytes)))
-            if stripes > _MIN_TASKS:      # whole rounds of stripes for the threads
-                stripes -= stripes % _MIN_TASKS
+                    n_chunks = min(n, _MIN_TASKS)
+            stripes = _stripes(n_chunks, self.weight.data.nbytes)
+            chunk = -(-n // n_chunks)      # the largest chunk: buffers are sized for it
             self._ws = {"chunk": chunk, "n_chunks": n_chunks, "stripes": stripes,
                         "col_shape": (chunk * oh * ow, k_total), "regions": regions}
             self._ws_key = key
@@ -582,7 +600,7 @@ class Conv2d(Module):
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
-        chunk, rows = ws["chunk"], oh * ow
+        chunk, n_chunks, rows = ws["chunk"], ws["n_chunks"], oh * ow
         path = self._paths(w.dtype)[0]
         if path == "im2col":
             n_workers = min(nt, ws["n_chunks"])
@@ -600,7 +618,7 @@ class Conv2d(Module):
         y2 = y.reshape(-1, cout)
 
         def task(t, wid, kt):
-            n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+            n0, n1 = t * n // n_chunks, (t + 1) * n // n_chunks
             yc = y2[n0 * rows:n1 * rows]
             if path == "direct":
                 _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt, self.groups)
@@ -623,7 +641,7 @@ class Conv2d(Module):
             if self._relu:
                 _elementwise.relu_forward(yc, yc, kt)
 
-        _run_tasks(task, ws["n_chunks"], nt)
+        _run_tasks(task, n_chunks, nt)
         if self.training:
             self._x = x
             self._y = y if self._relu else None
@@ -691,7 +709,7 @@ class Conv2d(Module):
             acc = slots[s]
             first = s * n_chunks // stripes
             for t in range(first, (s + 1) * n_chunks // stripes):
-                n0, n1 = t * chunk, min(n, (t + 1) * chunk)
+                n0, n1 = t * n // n_chunks, (t + 1) * n // n_chunks
                 r0, r1 = n0 * rows, n1 * rows
                 if "region" in (dw_path, dx_path):
                     if dw_path == "direct":
