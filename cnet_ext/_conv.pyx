@@ -264,6 +264,25 @@ cdef extern from *:
             }                                                                              \
         } while (0)
 
+    /* Every pixel's accumulators start at the bias of channels co.. (or zero). */
+    #define CNET_DIRECT_INIT(VT, VTU, VW, NV, PB, co)                                      \
+        for (int v = 0; v < NV; v++) {                                                     \
+            VT b0 = {0};                                                                   \
+            if (bias) b0 = *(const VTU*)(bias + (co) + v * VW);                            \
+            for (int p = 0; p < PB; p++) acc[v][p] = b0;                                   \
+        }
+
+    /* Store the first NP pixels of acc[v][p] at YP + v * VW (YP: an expression in p),
+       the last vector only up to COUT - co valid lanes. */
+    #define CNET_DIRECT_STORE(T, VTU, VW, NV, NP, YP, COUT, co)                            \
+        for (int p = 0; p < (NP); p++)                                                     \
+            for (int v = 0; v < NV; v++) {                                                 \
+                T* yp = (YP) + v * VW;                                                     \
+                Py_ssize_t left = (COUT) - (co) - v * VW;                                  \
+                if (left >= VW) *(VTU*)yp = acc[v][p];                                     \
+                else for (Py_ssize_t c = 0; c < left; c++) yp[c] = acc[v][p][c];           \
+            }
+
     #define CNET_DIRECT_ROW(NAME, T, VT, VTU, VW, NV, PB)                                  \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* w, const T* bias, const T* zeros, T* yrow,                    \
@@ -281,11 +300,7 @@ cdef extern from *:
                         && (ow0 + PB - 1) * sw - pw + KW <= W;                             \
             for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                            \
                 VT acc[NV][PB];                                                            \
-                for (int v = 0; v < NV; v++) {                                             \
-                    VT b0 = {0};                                                           \
-                    if (bias) b0 = *(const VTU*)(bias + co + v * VW);                      \
-                    for (int p = 0; p < PB; p++) acc[v][p] = b0;                           \
-                }                                                                          \
+                CNET_DIRECT_INIT(VT, VTU, VW, NV, PB, co);                                 \
                 for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
                     Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
                     if ((size_t)ih >= (size_t)H) continue;                                 \
@@ -311,26 +326,82 @@ cdef extern from *:
                                          NV, PB, VW);                                      \
                     }                                                                      \
                 }                                                                          \
-                for (int p = 0; p < nb; p++)                                               \
-                    for (int v = 0; v < NV; v++) {                                         \
-                        T* yp = yrow + (ow0 + p) * Cy + co + v * VW;                       \
-                        Py_ssize_t left = Cout - co - v * VW;                              \
-                        if (left >= VW) *(VTU*)yp = acc[v][p];                             \
-                        else for (Py_ssize_t c = 0; c < left; c++) yp[c] = acc[v][p][c];   \
-                    }                                                                      \
+                CNET_DIRECT_STORE(T, VTU, VW, NV, nb, yrow + (ow0 + p) * Cy + co, Cout, co); \
             }                                                                              \
         }                                                                                  \
     }
 
-    /* 6 pixels x one vector: fits the 16 registers of AVX2. */
-    CNET_DIRECT_ROW(cnet_direct_row6_f32, float, cnet_v16f, cnet_v16fu, 16, 1, 6)
-    CNET_DIRECT_ROW(cnet_direct_row6_f64, double, cnet_v8d, cnet_v8du, 8, 1, 6)
-    /* AVX-512's 32 registers: 8 pixels (CIFAR's widths 32/16/8 divide evenly: no
-       wasted lanes) x one or two vectors of outputs (up to 16 accumulators). */
-    CNET_DIRECT_ROW(cnet_direct_row8_f32, float, cnet_v16f8, cnet_v16fu8, 16, 1, 8)
-    CNET_DIRECT_ROW(cnet_direct_row8_f64, double, cnet_v8d8, cnet_v8du8, 8, 1, 8)
-    CNET_DIRECT_ROW(cnet_direct_row8x2_f32, float, cnet_v16f2, cnet_v16fu2, 16, 2, 8)
-    CNET_DIRECT_ROW(cnet_direct_row8x2_f64, double, cnet_v8d2, cnet_v8du2, 8, 2, 8)
+    /* Every kernel in the register blocks of _direct_variant (per dtype: the vector
+       types are local to each function).  6 pixels x one vector fits the 16
+       registers of AVX2; AVX-512's 32 registers take 8 pixels (CIFAR's widths
+       32/16/8 divide evenly: no wasted lanes) x one or two vectors of outputs. */
+    #define CNET_DIRECT_BLOCKS(KERNEL, NAME)                                               \
+        KERNEL(NAME##6_f32, float, cnet_t16f, cnet_t16fu, 16, 1, 6)                        \
+        KERNEL(NAME##6_f64, double, cnet_t8d, cnet_t8du, 8, 1, 6)                          \
+        KERNEL(NAME##8_f32, float, cnet_t16f, cnet_t16fu, 16, 1, 8)                        \
+        KERNEL(NAME##8_f64, double, cnet_t8d, cnet_t8du, 8, 1, 8)                          \
+        KERNEL(NAME##8x2_f32, float, cnet_t16f, cnet_t16fu, 16, 2, 8)                      \
+        KERNEL(NAME##8x2_f64, double, cnet_t8d, cnet_t8du, 8, 2, 8)
+    CNET_DIRECT_BLOCKS(CNET_DIRECT_ROW, cnet_direct_row)
+
+    /* One output row oh of PB images at once: the block's pixels are the same
+       (oh, ow) in consecutive images, so every one has the same in-bounds taps and
+       the padding is skipped, not multiplied by zeros.  For small maps, where a
+       row has fewer than PB pixels (a 4x4 map fills half of an 8-pixel row block)
+       and padding is a large share of the taps (3x3: 31% at 4x4, 56% at 2x2).  A
+       partial block (nimg < PB) repeats image n and stores only nimg images. */
+    #define CNET_DIRECT_IMAGES(NAME, T, VT, VTU, VW, NV, PB)                               \
+    CNET_CLONES static void NAME(                                                          \
+        const T* x, const T* w, const T* bias, T* y, Py_ssize_t n, Py_ssize_t nimg,        \
+        Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t Cx,            \
+        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy, Py_ssize_t Cw,       \
+        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,         \
+        Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
+    {                                                                                      \
+        typedef T VT __attribute__((vector_size(64)));                                     \
+        typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
+        const T* img[PB];                                                                  \
+        T* yrow[PB];                                                                       \
+        for (int p = 0; p < PB; p++) {                                                     \
+            Py_ssize_t q = n + (p < nimg ? p : 0);                                         \
+            img[p] = x + q * H * W * Cx;                                                   \
+            yrow[p] = y + (q * OH + oh) * OW * Cy;                                         \
+        }                                                                                  \
+        for (Py_ssize_t co = 0; co < Cout; co += VW * NV) {                                \
+            for (Py_ssize_t ow = 0; ow < OW; ow++) {                                       \
+                Py_ssize_t iw0 = ow * sw - pw;                                             \
+                /* in-bounds kw: iw0 + kw * dw in [0, W) */                                \
+                Py_ssize_t kw_lo = iw0 >= 0 ? 0 : (-iw0 + dw - 1) / dw;                    \
+                Py_ssize_t kw_hi = W - iw0 <= 0 ? 0 : (W - iw0 - 1) / dw + 1;              \
+                if (kw_hi > KW) kw_hi = KW;                                                \
+                VT acc[NV][PB];                                                            \
+                CNET_DIRECT_INIT(VT, VTU, VW, NV, PB, co);                                 \
+                for (Py_ssize_t kh = 0; kh < KH; kh++) {                                   \
+                    Py_ssize_t ih = oh * sh - ph + kh * dh;                                \
+                    if ((size_t)ih >= (size_t)H || kw_lo >= kw_hi) continue;               \
+                    if (dw == 1 && Cx == C) {                                              \
+                        /* the in-bounds taps of the row are one run */                    \
+                        const T* xb[PB];                                                   \
+                        for (int p = 0; p < PB; p++)                                       \
+                            xb[p] = img[p] + (ih * W + iw0 + kw_lo) * C;                   \
+                        CNET_DIRECT_FMAS(T, VT, VTU, xb, w + (kh * KW + kw_lo) * C * Cw + co, \
+                                         (kw_hi - kw_lo) * C, NV, PB, VW);                 \
+                        continue;                                                          \
+                    }                                                                      \
+                    for (Py_ssize_t kw = kw_lo; kw < kw_hi; kw++) {                        \
+                        const T* xp[PB];                                                   \
+                        for (int p = 0; p < PB; p++)                                       \
+                            xp[p] = img[p] + (ih * W + iw0 + kw * dw) * Cx;                \
+                        CNET_DIRECT_FMAS(T, VT, VTU, xp, w + (kh * KW + kw) * C * Cw + co, C, \
+                                         NV, PB, VW);                                      \
+                    }                                                                      \
+                }                                                                          \
+                CNET_DIRECT_STORE(T, VTU, VW, NV, nimg, yrow[p] + ow * Cy + co, Cout, co);   \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+    CNET_DIRECT_BLOCKS(CNET_DIRECT_IMAGES, cnet_direct_img)
 
     /* Weight gradient of one kernel tap (kh, kw) over images [n0, n1):
        gw[ci, co] (+)= sum over output pixels of x[n, ih, iw, ci] * dy[n, oh, ow, co].
@@ -389,12 +460,7 @@ cdef extern from *:
         }                                                                                  \
     }
 
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad6_f32, float, cnet_w16f, cnet_w16fu, 16, 1, 6)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad6_f64, double, cnet_w8d, cnet_w8du, 8, 1, 6)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f32, float, cnet_w16f8, cnet_w16fu8, 16, 1, 8)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad8_f64, double, cnet_w8d8, cnet_w8du8, 8, 1, 8)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad8x2_f32, float, cnet_w16f2, cnet_w16fu2, 16, 2, 8)
-    CNET_DIRECT_WGRAD(cnet_direct_wgrad8x2_f64, double, cnet_w8d2, cnet_w8du2, 8, 2, 8)
+    CNET_DIRECT_BLOCKS(CNET_DIRECT_WGRAD, cnet_direct_wgrad)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad6x4_f32, float, cnet_w16f4, cnet_w16fu4, 16, 4, 6)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad6x4_f64, double, cnet_w8d4, cnet_w8du4, 8, 4, 6)
 
@@ -413,6 +479,17 @@ cdef extern from *:
     {                                                                                      \
         CNET_DIRECT_PICK(cnet_direct_row, SFX)(x, w, bias, zeros, yrow, n, oh, H, W, C,    \
                                                Cx, OW, Cout, Cy, Cw, KH, KW, sh, sw, ph,   \
+                                               pw, dh, dw);                                \
+    }                                                                                      \
+    static inline void cnet_direct_img_##SFX(                                              \
+        int variant, const T* x, const T* w, const T* bias, T* y, Py_ssize_t n,            \
+        Py_ssize_t nimg, Py_ssize_t oh, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,          \
+        Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy,       \
+        Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,         \
+        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                        \
+    {                                                                                      \
+        CNET_DIRECT_PICK(cnet_direct_img, SFX)(x, w, bias, y, n, nimg, oh, H, W, C, Cx,    \
+                                               OH, OW, Cout, Cy, Cw, KH, KW, sh, sw, ph,   \
                                                pw, dh, dw);                                \
     }                                                                                      \
     static inline void cnet_direct_wgrad_##SFX(                                            \
@@ -466,6 +543,20 @@ cdef extern from *:
                                Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
                                Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                                Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+    void cnet_direct_img_f32(int variant, const float* x, const float* w, const float* bias,
+                             float* y, Py_ssize_t n, Py_ssize_t nimg, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t Cx,
+                             Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy,
+                             Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
+    void cnet_direct_img_f64(int variant, const double* x, const double* w, const double* bias,
+                             double* y, Py_ssize_t n, Py_ssize_t nimg, Py_ssize_t oh,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t Cx,
+                             Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy,
+                             Py_ssize_t Cw, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                             Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                             Py_ssize_t dw) noexcept nogil
     int cnet_wide_vectors() noexcept nogil
 
 
@@ -735,6 +826,77 @@ def conv_small_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                                  sh, sw, ph, pw, dh, dw)
 
 
+cdef inline void _direct_images(const floating* x, const floating* w, const floating* bias,
+                                floating* y, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t task,
+                                Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw,
+                                Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                                Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                                int variant, Py_ssize_t co_block, bint packed) noexcept nogil:
+    """One block of output channels of one row of an image block: task =
+    ((g * blocks_per_group + cb) * OH + oh) * n_image_blocks + b.  Channel blocks
+    outermost, so that a block's weights stay in L2 across the chunk's rows and
+    images; ``packed`` weights (direct_weight_blocks) hold each block contiguously:
+    as HWIO rows, a block is one 64-128 B piece every C_out values, which maps
+    onto 1/16 of L2's sets at 512 outputs and does not stay."""
+    cdef Py_ssize_t pb = 6 if variant == 0 else 8
+    cdef Py_ssize_t nblocks = (n1 - n0 + pb - 1) // pb
+    cdef Py_ssize_t Cg = C // G, Cog = Cout // G
+    cdef Py_ssize_t per_group = (Cog + co_block - 1) // co_block
+    cdef Py_ssize_t b = task % nblocks
+    cdef Py_ssize_t r = task // nblocks
+    cdef Py_ssize_t oh = r % OH
+    cdef Py_ssize_t cb = (r // OH) % per_group, g = r // OH // per_group
+    cdef Py_ssize_t n = n0 + b * pb
+    cdef Py_ssize_t co0 = g * Cog + cb * co_block
+    if packed:
+        w = w + (g * per_group + cb) * KH * KW * Cg * co_block
+        Cw = co_block
+    else:
+        w = w + co0
+    if bias != NULL:
+        bias = bias + co0
+    if floating is float:
+        cnet_direct_img_f32(variant, x + g * Cg, w, bias, y + co0, n, min(pb, n1 - n), oh,
+                            H, W, Cg, C, OH, OW, min(co_block, Cog - cb * co_block), Cout, Cw,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_direct_img_f64(variant, x + g * Cg, w, bias, y + co0, n, min(pb, n1 - n), oh,
+                            H, W, Cg, C, OH, OW, min(co_block, Cog - cb * co_block), Cout, Cw,
+                            KH, KW, sh, sw, ph, pw, dh, dw)
+
+
+cdef inline Py_ssize_t _image_co_block(Py_ssize_t cout_g, Py_ssize_t lanes) noexcept nogil:
+    return lanes * (2 if _direct_variant(cout_g, lanes) == 2 else 1)
+
+
+def direct_weight_blocks(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads):
+    """The HWIO weight (KH, KW, C_in/G, C_out) as conv_direct(by_images=True)'s
+    ``packed`` operand: (G, C_out/G / B, KH*KW*C_in/G, B) with B output channels per
+    register block, each block contiguous.  Needs C_out/G a multiple of the lanes."""
+    cdef Py_ssize_t K = w.shape[0] * w.shape[1] * w.shape[2], Cout = w.shape[3]
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    if groups < 1 or Cout % groups or (Cout // groups) % lanes:
+        raise ValueError(f"direct_weight_blocks: C_out {Cout} in {groups} groups is not "
+                         f"whole vectors of {lanes}")
+    cdef Py_ssize_t B = _image_co_block(Cout // groups, lanes)
+    cdef Py_ssize_t nb = Cout // B, j, k
+    out = np.empty((nb, K, B), np.asarray(w).dtype)
+    cdef floating[:, :, ::1] o = out
+    cdef const floating* src = &w[0, 0, 0, 0]
+    cdef int nt = effective_threads(K * Cout, n_threads)
+    with nogil:
+        for j in prange(nb, num_threads=nt, schedule="static"):
+            for k in range(K):
+                memcpy(&o[j, k, 0], src + k * Cout + j * B, B * sizeof(floating))
+    return out
+
+
+def direct_image_block(dtype):
+    """Images per block of conv_direct(..., by_images=True) on this machine."""
+    return 8 if _WIDE else 6
+
+
 def direct_lanes(dtype):
     """Output channels per vector of the direct kernels: the weight gradient needs C_out
     to be a multiple; the forward also takes C_out < lanes (one partial vector)."""
@@ -744,8 +906,14 @@ def direct_lanes(dtype):
 def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
                 floating[:, :, :, ::1] y, Py_ssize_t n0, Py_ssize_t n1,
                 Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1):
+                Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
+                bint by_images=False, packed=None):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
+
+    by_images: register blocks of direct_image_block() images at one output pixel
+    instead of consecutive pixels of one row (small maps: no padding products, no
+    half-empty blocks); the same sums in the same order either way.  ``packed``:
+    direct_weight_blocks(w, groups) for by_images (wide layers: see _direct_images).
 
     C_out/groups must be a multiple of direct_lanes(dtype); with groups == 1 C_out
     may also be smaller than it (LeNet's 6 channels): then the weight and bias are
@@ -796,8 +964,27 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
         raise MemoryError()
     memset(zeros, 0, C * sizeof(floating))
     nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
+    cdef Py_ssize_t co_block = _image_co_block(Cout // G, lanes)
+    cdef floating[:, :, ::1] pk
+    if by_images:
+        tasks = ((n1 - n0 + direct_image_block(None) - 1) // direct_image_block(None) * OH * G
+                 * ((Cout // G + co_block - 1) // co_block))
+        if packed is not None:
+            pk = packed
+            if (pk.shape[0] * pk.shape[2] != Cout or pk.shape[2] != co_block
+                    or pk.shape[1] != KH * KW * (C // G)):
+                raise ValueError(f"conv_direct: packed weight of shape {tuple(pk.shape)[:3]} is "
+                                 f"not direct_weight_blocks of {(KH, KW, C // G, Cout)}")
+            wp = &pk[0, 0, 0]
+    elif packed is not None:
+        raise ValueError("conv_direct: a packed weight needs by_images=True")
     with nogil:
-        if nt == 1:
+        if by_images:
+            for t in prange(tasks, num_threads=nt, schedule="static"):
+                _direct_images(&x[0, 0, 0, 0], wp, bp, &y[0, 0, 0, 0], n0, n1, t, G, H, W, C,
+                               OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
+                               co_block, packed is not None)
+        elif nt == 1:
             for t in range(tasks):
                 _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, t, G,
                             H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)

@@ -75,3 +75,22 @@ def hwio_to_oihw(w):
 
 def oihw_to_hwio(w):
     return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def torch_conv_grads(m, x, dy):
+    """(y, dx, dW in HWIO, db or None) of torch.nn.Conv2d with cnet Conv2d m's geometry
+    and weights, for NHWC x and dy (torch must be importable)."""
+    import torch
+    t = torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                        padding=m.padding, dilation=m.dilation, groups=m.groups,
+                        bias=m.bias is not None)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(hwio_to_oihw(m.weight.data)))
+        if m.bias is not None:
+            t.bias.copy_(torch.from_numpy(m.bias.data))
+    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
+    yt = t(xt)
+    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
+    return (nchw_to_nhwc(yt.detach().numpy()), nchw_to_nhwc(xt.grad.numpy()),
+            oihw_to_hwio(t.weight.grad.numpy()),
+            None if m.bias is None else t.bias.grad.numpy())

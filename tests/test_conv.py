@@ -8,7 +8,19 @@ import pytest
 import cnet
 from cnet import nn
 from cnet.nn import conv as conv_mod
-from helpers import check_gradients, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
+from helpers import check_gradients, torch_conv_grads
+
+
+
+@pytest.fixture(autouse=True, params=["image blocks", "row blocks"])
+def direct_blocking(request, monkeypatch):
+    """Every test twice: small maps (most configs here) take the image-blocked direct
+    kernels by default; "row blocks" switches them off, so the row kernels and the
+    im2col paths they replace stay covered."""
+    if request.param == "row blocks":
+        monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)
+    return request.param
+
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, input (N, H, W))
 CONFIGS = {
@@ -117,6 +129,7 @@ def test_chunked_batch_matches_reference_and_gradients(cfg, rng, monkeypatch):
     # Budgets of one byte force one chunk per image (and several stripes in backward).
     monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1)
     monkeypatch.setattr(conv_mod, "_KERNEL_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)    # chunks of one image
     m = make(cfg).double()
     x = make_input(cfg, rng, np.float64)
     y = m(x)
@@ -152,6 +165,7 @@ def test_chunk_plan_is_balanced(cores, monkeypatch):
                                  (8, 16, 3, 1, 1, 1, 1, True, (7, 6, 5))])    # direct kernels
 def test_unequal_chunks_match_reference_and_gradients(cfg, rng, monkeypatch):
     # 7 images in 4 chunks of 1, 2, 2, 2 and 2 stripes of 2 chunks.
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)
     monkeypatch.setattr(conv_mod, "_MIN_TASKS", 2)
     monkeypatch.setattr(conv_mod, "_STRIPE_UNIT", 2)
     m = make(cfg).double()
@@ -177,28 +191,21 @@ def _close(a, b, what):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_torch_parity(name, rng):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     cfg = CONFIGS[name]
-    cin, cout, k, s, p, d, g, b, _ = cfg
-    m = make(cfg)
-    x = make_input(cfg, rng)
+    _check_torch_parity(make(cfg), make_input(cfg, rng), rng)
+
+
+def _check_torch_parity(m, x, rng):
     y = m(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = m.backward(dy)
-
-    t = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=b)
-    with torch.no_grad():
-        t.weight.copy_(torch.from_numpy(hwio_to_oihw(m.weight.data)))
-        if b:
-            t.bias.copy_(torch.from_numpy(m.bias.data))
-    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
-    yt = t(xt)
-    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
-    _close(y, nchw_to_nhwc(yt.detach().numpy()), "output")
-    _close(dx, nchw_to_nhwc(xt.grad.numpy()), "input gradient")
-    _close(m.weight.grad, oihw_to_hwio(t.weight.grad.numpy()), "weight gradient")
-    if b:
-        _close(m.bias.grad, t.bias.grad.numpy(), "bias gradient")
+    ty, tdx, tdw, tdb = torch_conv_grads(m, x, dy)
+    _close(y, ty, "output")
+    _close(dx, tdx, "input gradient")
+    _close(m.weight.grad, tdw, "weight gradient")
+    if m.bias is not None:
+        _close(m.bias.grad, tdb, "bias gradient")
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("gemm-")])
@@ -209,6 +216,88 @@ def test_torch_parity_region_path(name, rng, monkeypatch):
     m(make_input(cfg, rng))
     assert m._ws["regions"] is not None
     test_torch_parity(name, rng)
+
+
+# -- image-blocked direct kernels ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
+    from cnet_ext import _conv
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    # (N, H, W, C_in, C_out, k, stride, pad, dilation, groups); C_out < lanes: one
+    # partial vector; batches that leave a partial image block
+    for n, h, w, c, cout, k, st, pad, dil, g in [
+            (13, 4, 4, 32, 4 * lanes, 3, 1, 1, 1, 1), (9, 2, 2, 16, 2 * lanes, 3, 1, 1, 1, 1),
+            (5, 7, 5, 8, lanes, 3, 2, 1, 1, 1), (10, 6, 6, 16, 2 * lanes, 3, 1, 2, 2, 2),
+            (3, 5, 5, 4, 6, 3, 1, 1, 1, 1), (11, 3, 3, 16, lanes, 5, 1, 2, 1, 1),
+            (6, 4, 6, 32, 4 * lanes, 3, 2, 0, 1, 2), (4, 5, 4, 8, 3 * lanes, (2, 3), 1, 1, 1, 1)]:
+        kh, kw = pair(k)
+        x = rng.standard_normal((n, h, w, c)).astype(dtype)
+        wt = rng.standard_normal((kh, kw, c // g, cout)).astype(dtype)
+        b = rng.standard_normal(cout).astype(dtype)
+        oh = (h + 2 * pad - dil * (kh - 1) - 1) // st + 1
+        ow = (w + 2 * pad - dil * (kw - 1) - 1) // st + 1
+        packable = (cout // g) % lanes == 0
+        for n0, n1 in [(0, n), (1, n - 1)]:
+            for threads in (1, 2):
+                rows = np.full((n, oh, ow, cout), 7, dtype)
+                images, packed = rows.copy(), rows.copy()
+                args = (n0, n1, st, st, pad, pad, dil, dil, threads, g)
+                _conv.conv_direct(x, wt, b, rows, *args)
+                _conv.conv_direct(x, wt, b, images, *args, True)
+                np.testing.assert_array_equal(images, rows)     # untouched outside [n0, n1)
+                if packable:
+                    blocks = _conv.direct_weight_blocks(wt, g, threads)
+                    _conv.conv_direct(x, wt, b, packed, *args, True, blocks)
+                    np.testing.assert_array_equal(packed, rows)
+    assert np.array_equal(images[0], np.full_like(images[0], 7))
+
+
+def test_packed_weight_errors():
+    from cnet_ext import _conv
+    x = np.zeros((2, 4, 4, 16), np.float32)
+    w = np.zeros((3, 3, 16, 32), np.float32)
+    y = np.zeros((2, 4, 4, 32), np.float32)
+    good = _conv.direct_weight_blocks(w, 1, 1)
+    with pytest.raises(ValueError, match="packed weight of shape"):
+        _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, True,
+                          _conv.direct_weight_blocks(np.zeros((3, 3, 8, 32), np.float32), 1, 1))
+    with pytest.raises(ValueError, match="needs by_images"):
+        _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, False, good)
+    with pytest.raises(ValueError, match="whole vectors"):
+        _conv.direct_weight_blocks(np.zeros((3, 3, 16, 24), np.float32), 1, 1)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_image_blocked_layer_gradients(pack, rng, monkeypatch, direct_blocking):
+    # 4x4 and 2x2 maps with 3x3 kernels: most taps are padding; 11 images: a partial
+    # block; packing forced on small weights to check it in float64.
+    if pack:
+        monkeypatch.setattr(conv_mod, "_PACK_WEIGHT_BYTES", 0)
+    for hw, cin, cout in [((4, 4), 8, 16), ((2, 3), 16, 8)]:
+        m = nn.Conv2d(cin, cout, 3, padding=1).double()
+        x = rng.standard_normal((11,) + hw + (cin,))
+        y = m(x)
+        if direct_blocking == "image blocks":
+            assert m._ws["paths"] == ("direct", "direct", "direct", True)
+        np.testing.assert_allclose(y, reference_conv(x, m.weight.data, m.bias.data, 1, 1, 1, 1),
+                                   rtol=1e-12, atol=1e-12)
+        check_gradients(m, x, max_checks=60)
+
+
+@pytest.mark.parametrize("shape", [(10, 4, 4, 128, 256, 1), (9, 2, 2, 256, 256, 1),
+                                   (10, 8, 8, 64, 128, 2), (5, 4, 4, 64, 128, 1)])
+def test_image_blocked_wide_layers_match_torch(shape, rng, direct_blocking):
+    # Wide weights (>= 1 MB: packed) and a strided layer (dx through col2im).
+    pytest.importorskip("torch")
+    n, h, w, cin, cout, stride = shape
+    m = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    m(x)
+    if direct_blocking == "image blocks":
+        assert m._ws["paths"][0] == "direct" and m._ws["paths"][3]
+    assert (m.weight.data.nbytes >= conv_mod._PACK_WEIGHT_BYTES) == (cin * cout >= 128 * 256)
+    _check_torch_parity(m, x, rng)
 
 
 def test_repr_and_init_match_torch():
@@ -378,7 +467,8 @@ def test_region_path_gradients_float64(rng, monkeypatch):
     check_gradients(m, x, max_checks=40)
 
 
-def test_region_path_only_where_its_gemms_have_rows(rng):
+def test_region_path_only_where_its_gemms_have_rows(rng, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)   # (they would take 4x4)
     m = nn.Conv2d(256, 256, 3, padding=1)
     m(np.zeros((2, 4, 4, 256), np.float32))
     assert m._ws["regions"] is None                 # a corner GEMM would have 1 row
@@ -688,6 +778,7 @@ def test_wide_layer_direct_weight_gradient_matches_gemm(args, kwargs, hw, region
                                                         monkeypatch):
     from cnet_ext import _conv
     monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0 if regions else 10 ** 9)
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)   # the GEMM paths
     fast = nn.Conv2d(*args, **kwargs)
     general = nn.Conv2d(*args, **kwargs)
     general._paths = lambda dtype: (fast._paths(dtype)[0], "gemm", fast._paths(dtype)[2])

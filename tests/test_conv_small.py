@@ -7,7 +7,7 @@ import pytest
 import cnet
 from cnet import nn
 from cnet_ext import _conv
-from helpers import check_gradients, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw
+from helpers import check_gradients, torch_conv_grads
 
 CASES = [((1, 6, 5), {}),                                    # LeNet conv1 (small wgrad)
          ((3, 6, 3), dict(stride=2, padding=1)),
@@ -56,23 +56,16 @@ def test_partial_vector_gradients(args, kwargs, rng):
 
 @pytest.mark.parametrize("args,kwargs", CASES[:2])
 def test_partial_vector_torch_parity(args, kwargs, rng):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     m = nn.Conv2d(*args, **kwargs)
     x = rng.standard_normal((4, 12, 12, args[0])).astype(np.float32)
     y = m(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = m.backward(dy)
-    t = torch.nn.Conv2d(*args, **kwargs)
-    with torch.no_grad():
-        t.weight.copy_(torch.from_numpy(hwio_to_oihw(m.weight.data)))
-        t.bias.copy_(torch.from_numpy(m.bias.data))
-    xt = torch.from_numpy(nhwc_to_nchw(x)).requires_grad_()
-    yt = t(xt)
-    yt.backward(torch.from_numpy(nhwc_to_nchw(dy)))
-    np.testing.assert_allclose(y, nchw_to_nhwc(yt.detach().numpy()), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dx, nchw_to_nhwc(xt.grad.numpy()), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(m.weight.grad, np.transpose(t.weight.grad.numpy(), (2, 3, 1, 0)),
-                               rtol=1e-4, atol=1e-4)
+    ty, tdx, tdw, _ = torch_conv_grads(m, x, dy)
+    np.testing.assert_allclose(y, ty, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, tdx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.weight.grad, tdw, rtol=1e-4, atol=1e-4)
 
 
 def test_partial_vector_threads_identical(rng):

@@ -90,6 +90,14 @@ _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
 # 0.86; batch 32 (16 rows): 8x8x128 s2 1.07, 4x4x256 1.24, 2x2x512 1.11.
 _REGION_MIN_ZEROS = 0.05
 _REGION_MIN_ROWS = 32
+# Output widths up to this run the direct kernels over blocks of images
+# (Conv2d._shape_paths), for any channel count.
+_IMAGE_BLOCK_MAX_WIDTH = 8
+# Weights of at least this size are repacked for the image-blocked kernel, one
+# contiguous piece per block of output channels: as HWIO rows a block is 64 B
+# every C_out values, which at 512 outputs maps onto 1/16 of L2's sets and is
+# evicted between images (VGG 4x4x512, batch 64, one thread: 40 -> 31 ms).
+_PACK_WEIGHT_BYTES = 1 << 20
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
 # Stripes per backward at most: _STRIPES in whole rounds of the cores.
@@ -414,8 +422,7 @@ class Conv2d(Module):
         cin_g, cout_g = cin // g, cout // g
         # (C_in < lanes would fit the dx kernel too, but LeNet's 6 measured slower
         # than col2im: 6.6 vs 4.6 ms.)
-        direct_dx = (self.stride == (1, 1) and cin_g <= _DIRECT_MAX_CHANNELS
-                     and cin_g % lanes == 0 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+        direct_dx = cin_g <= _DIRECT_MAX_CHANNELS and self._flipped_dx_fits(lanes)
         # A 1x1 is a plain GEMM with K = C_in: BLAS catches up sooner (ResNeXt's
         # 64 -> 128 at 32x32, 2 threads: direct 31.7 ms, GEMM 22.8; 64 -> 64 a tie).
         max_direct = (_DIRECT_MAX_POINTWISE if pointwise and g == 1
@@ -443,6 +450,36 @@ class Conv2d(Module):
             return "direct", "small" if small else "gemm", "direct" if direct_dx else "col2im"
         return "im2col", wide_dw, "col2im"
 
+    def _flipped_dx_fits(self, lanes):
+        """Whether dx can run as a convolution of dy with the flipped kernel (stride 1,
+        padding within the dilated kernel, C_in per group in whole vectors)."""
+        (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
+        return (self.stride == (1, 1) and (self.in_channels // self.groups) % lanes == 0
+                and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
+
+    def _shape_paths(self, ow, dtype):
+        """(forward, weight gradient, input gradient, by_images) for an output width.
+
+        On maps at most _IMAGE_BLOCK_MAX_WIDTH wide the direct kernels block over
+        images instead of a row's pixels (conv_direct's by_images), for any
+        number of channels: a row is shorter than the 8-pixel block, and every
+        image of a block has the same in-bounds taps, so the padding is skipped
+        (3x3: 16% of the products at 8x8, 31% at 4x4, 56% at 2x2) where im2col
+        multiplies it.  One thread, forward, ms (im2col or row kernel / by
+        images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5; VGG 4x4x512
+        (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not for 1x1
+        (no padding: the GEMM) nor depthwise.
+        """
+        paths = self._paths(dtype)
+        lanes = _conv.direct_lanes(np.dtype(dtype))
+        by_images = (ow <= _IMAGE_BLOCK_MAX_WIDTH and paths[0] in ("direct", "im2col")
+                     and self.kernel_size != (1, 1)
+                     and (self.out_channels // self.groups) % lanes == 0)
+        if not by_images:
+            return paths + (False,)
+        dx = "direct" if self._flipped_dx_fits(lanes) else paths[2]
+        return "direct", paths[1], dx, True
+
     def _workspace(self, x, out_shape):
         """Buffers for this input shape, allocated once and reused.
 
@@ -460,7 +497,7 @@ class Conv2d(Module):
             kh, kw = self.kernel_size
             k_total = kh * kw * self.in_channels
             per_image = oh * ow * k_total
-            paths = self._paths(x.dtype)
+            paths = self._shape_paths(ow, x.dtype)
             if paths[0] != "im2col" and paths[1] != "gemm":     # no column buffers
                 budget = _KERNEL_CHUNK_BYTES
             elif self.out_channels // self.groups >= _WIDE_CHANNELS:
@@ -468,7 +505,13 @@ class Conv2d(Module):
             else:
                 budget = _COL_CHUNK_BYTES
             chunk = max(1, min(n, budget // max(1, per_image * x.itemsize)))
-            n_chunks = _balanced_chunks(n, -(-n // chunk))
+            # Chunks of whole image blocks for the image-blocked kernels; one per
+            # core for wide weights, which each chunk streams once per channel block.
+            unit = _conv.direct_image_block(x.dtype) if paths[3] else 1
+            if paths[3] and self.weight.data.nbytes >= _PACK_WEIGHT_BYTES:
+                chunk = n
+            units = -(-n // unit)
+            n_chunks = _balanced_chunks(units, -(-units // max(1, chunk // unit)))
             regions = None
             if (paths[0] == "im2col" and paths[2] == "col2im" and self.groups == 1
                     and self.dilation == (1, 1)):
@@ -484,11 +527,22 @@ class Conv2d(Module):
                 else:
                     n_chunks = min(n, _MIN_TASKS)
             stripes = _stripes(n_chunks, self.weight.data.nbytes)
-            chunk = -(-n // n_chunks)      # the largest chunk: buffers are sized for it
-            self._ws = {"chunk": chunk, "n_chunks": n_chunks, "stripes": stripes,
+            # the largest chunk: buffers are sized for it
+            chunk = min(n, -(-units // n_chunks) * unit)
+            self._ws = {"paths": paths, "chunk": chunk, "n_chunks": n_chunks, "stripes": stripes,
+                        "bounds": [(min(n, t * units // n_chunks * unit),
+                                    min(n, (t + 1) * units // n_chunks * unit))
+                                   for t in range(n_chunks)],
                         "col_shape": (chunk * oh * ow, k_total), "regions": regions}
             self._ws_key = key
         return self._ws
+
+    def _packed(self, w, by_images, n_threads):
+        """The image-blocked kernel's weight operand, repacked once per call where the
+        HWIO rows are too far apart to stay in cache (see _PACK_WEIGHT_BYTES)."""
+        if not by_images or w.nbytes < _PACK_WEIGHT_BYTES:
+            return None
+        return _conv.direct_weight_blocks(w, self.groups, n_threads)
 
     @staticmethod
     def _worker_buffers(name, n_workers, shape, dtype):
@@ -600,8 +654,9 @@ class Conv2d(Module):
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
-        chunk, n_chunks, rows = ws["chunk"], ws["n_chunks"], oh * ow
-        path = self._paths(w.dtype)[0]
+        chunk, n_chunks, bounds, rows = ws["chunk"], ws["n_chunks"], ws["bounds"], oh * ow
+        path, _, _, by_images = ws["paths"]
+        packed = self._packed(w, by_images, nt)
         if path == "im2col":
             n_workers = min(nt, ws["n_chunks"])
             cols = self._worker_buffers("col", n_workers, ws["col_shape"], x.dtype)
@@ -618,10 +673,11 @@ class Conv2d(Module):
         y2 = y.reshape(-1, cout)
 
         def task(t, wid, kt):
-            n0, n1 = t * n // n_chunks, (t + 1) * n // n_chunks
+            n0, n1 = bounds[t]
             yc = y2[n0 * rows:n1 * rows]
             if path == "direct":
-                _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt, self.groups)
+                _conv.conv_direct(x, w, bias, y, n0, n1, *geom[2:8], kt, self.groups,
+                                  by_images, packed)
             elif path == "depthwise":
                 _conv.depthwise_forward(x, w, bias, y, n0, n1, *geom[2:8], kt)
             elif path == "region":
@@ -662,7 +718,8 @@ class Conv2d(Module):
             _elementwise.relu_backward(dy, self._y, masked, nt)
             dy = masked
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
-        _, dw_path, dx_path = self._paths(w.dtype)
+        bounds = ws["bounds"]
+        _, dw_path, dx_path, by_images = ws["paths"]
         if ws["regions"] is not None:
             dx_path = "region"
             if dw_path == "gemm":
@@ -700,6 +757,7 @@ class Conv2d(Module):
             wflip = _scratch("wflip", (kh, kw, cout // g, self.in_channels), w.dtype)
             np.copyto(wflip.reshape(kh, kw, cout // g, g, cin_g),
                       w.reshape(kh, kw, cin_g, g, cout // g)[::-1, ::-1].transpose(0, 1, 4, 3, 2))
+            packed_flip = self._packed(wflip, by_images, nt)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = None if dx_path is None else np.empty_like(x)
@@ -709,7 +767,7 @@ class Conv2d(Module):
             acc = slots[s]
             first = s * n_chunks // stripes
             for t in range(first, (s + 1) * n_chunks // stripes):
-                n0, n1 = t * n // n_chunks, (t + 1) * n // n_chunks
+                n0, n1 = bounds[t]
                 r0, r1 = n0 * rows, n1 * rows
                 if "region" in (dw_path, dx_path):
                     if dw_path == "direct":
@@ -744,7 +802,7 @@ class Conv2d(Module):
                 # input gradient of this chunk
                 if dx_path == "direct":
                     _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, *dx_pad, dh, dw, kt,
-                                      self.groups)
+                                      self.groups, by_images, packed_flip)
                 elif dx_path == "depthwise":
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise":
