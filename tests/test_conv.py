@@ -153,6 +153,9 @@ def test_chunk_plan_is_balanced(cores, monkeypatch):
                 assert k % (unit if k > unit else cores) == 0
             sizes = np.diff([t * n // k for t in range(k + 1)])
             assert sizes.sum() == n and sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+            if n % k:       # unequal: no allowed count up to 1.5x would have been equal
+                assert not [j for j in range(k + 1, min(n, k * 3 // 2) + 1)
+                            if n % j == 0 and j % (unit if j > unit else cores) == 0]
             for weight_bytes in (4, 1 << 20, conv_mod._STRIPE_BYTES // 3, 1 << 30):
                 s = conv_mod._stripes(k, weight_bytes)
                 assert k % s == 0 and s <= unit

@@ -91,8 +91,13 @@ _DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
 _REGION_MIN_ZEROS = 0.05
 _REGION_MIN_ROWS = 32
 # Output widths up to this run the direct kernels over blocks of images
-# (Conv2d._shape_paths), for any channel count.
-_IMAGE_BLOCK_MAX_WIDTH = 8
+# (Conv2d._shape_paths), for any channel count.  2 threads, fwd+bwd / forward ms,
+# row blocks -> image blocks: 32x32x16 (batch 128) 11.9 -> 11.0 / 3.75 -> 3.41,
+# 16x16x32 10.7 -> 10.3 / 3.44 -> 3.19, LeNet's 10x10x16 5.1 -> 4.7 / 1.43 -> 0.88.
+# Grouped layers only up to 8: their channel blocks are outermost, so each group
+# streams the chunk's input again (ResNeXt 32x32x128 g8 fwd+bwd 64 -> 81 ms).
+_IMAGE_BLOCK_MAX_WIDTH = 32
+_IMAGE_BLOCK_MAX_WIDTH_GROUPED = 8
 # Weights of at least this size are repacked for the image-blocked kernel, one
 # contiguous piece per block of output channels: as HWIO rows a block is 64 B
 # every C_out values, which at 512 outputs maps onto 1/16 of L2's sets and is
@@ -143,13 +148,17 @@ def _balanced_chunks(n, wanted):
     are shared.  A multiple of the cores, and beyond _STRIPES a multiple of the
     stripe count, so that the threads and the backward's stripes all get the
     same number of images (chunk t is images [t*n // n_chunks, (t+1)*n // n_chunks):
-    sizes differ by at most one).  ResNet-20 stage 1 (batch 128) had 19 chunks of
-    7 images (one 2) in 8 stripes of 2 or 3 chunks: a thread idled ~10% of the
-    layer's backward (bench/RESULTS.md, third session).
+    sizes differ by at most one, and are equal where up to 1.5x the chunks do it).
+    ResNet-20 stage 1 (batch 128) had 19 chunks of 7 images (one 2) in 8 stripes
+    of 2 or 3 chunks: a thread idled ~10% of the layer's backward.
     """
     n_chunks = min(n, max(wanted, _MIN_TASKS))
     unit = _STRIPE_UNIT if n_chunks > _STRIPE_UNIT else _MIN_TASKS
-    return min(n, -(-n_chunks // unit) * unit)
+    n_chunks = min(n, -(-n_chunks // unit) * unit)
+    # Up to half again as many chunks where that makes them all the same size.
+    exact = [k for k in range(n_chunks, min(n, n_chunks * 3 // 2) + 1, unit)
+             if n % k == 0 and k % (_STRIPE_UNIT if k > _STRIPE_UNIT else _MIN_TASKS) == 0]
+    return exact[0] if exact else n_chunks
 
 
 def _stripes(n_chunks, weight_bytes):
@@ -462,17 +471,19 @@ class Conv2d(Module):
 
         On maps at most _IMAGE_BLOCK_MAX_WIDTH wide the direct kernels block over
         images instead of a row's pixels (conv_direct's by_images), for any
-        number of channels: a row is shorter than the 8-pixel block, and every
-        image of a block has the same in-bounds taps, so the padding is skipped
-        (3x3: 16% of the products at 8x8, 31% at 4x4, 56% at 2x2) where im2col
-        multiplies it.  One thread, forward, ms (im2col or row kernel / by
+        number of channels: every image of a block has the same in-bounds taps,
+        so the padding is skipped (3x3: 16% of the products at 8x8, 31% at 4x4,
+        56% at 2x2) where im2col and the row blocks multiply it, and small maps
+        do not leave row blocks half empty (a 4x4 map fills half of 8 pixels).  One thread, forward, ms (im2col or row kernel / by
         images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5; VGG 4x4x512
         (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not for 1x1
         (no padding: the GEMM) nor depthwise.
         """
         paths = self._paths(dtype)
         lanes = _conv.direct_lanes(np.dtype(dtype))
-        by_images = (ow <= _IMAGE_BLOCK_MAX_WIDTH and paths[0] in ("direct", "im2col")
+        widest = min(_IMAGE_BLOCK_MAX_WIDTH,
+                     _IMAGE_BLOCK_MAX_WIDTH if self.groups == 1 else _IMAGE_BLOCK_MAX_WIDTH_GROUPED)
+        by_images = (ow <= widest and paths[0] in ("direct", "im2col")
                      and self.kernel_size != (1, 1)
                      and (self.out_channels // self.groups) % lanes == 0)
         if not by_images:
