@@ -32,6 +32,12 @@ cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 cdef enum:
+    # Elements per thread below which a pass runs on one thread.  Each pass is a
+    # parallel region, and waking a sleeping core (OMP_WAIT_POLICY=PASSIVE) takes
+    # ~80 us on the 2-core VM, as long as a pass over 0.5M elements (AVX-512):
+    # forward, ms at 1 / 2 threads: 0.5M elements 0.14 / 0.28, 1M 0.29-0.39 /
+    # 0.28-0.35, 2M 0.6-0.96 / 0.5-0.6.
+    _BN_MIN_PER_THREAD = 1 << 19
     # Elements per row chunk (the fixed partition), and a cap on the chunk count
     # so the serial merge stays negligible.
     _CHUNK_ELEMS = 16384
@@ -69,6 +75,7 @@ cdef extern from *:
     #include <stddef.h>
     #include <stdint.h>
     #include <string.h>
+    #include "_simd.h"
     #define CNET_R __restrict__
     /* Rows summed in the dtype before a double accumulation; channels per
        register-resident column; the largest C that takes the register path. */
@@ -99,7 +106,7 @@ cdef extern from *:
        of BN_W, at most BN_REG_C): BN_W-channel columns with their accumulators in              \
        vector registers; otherwise whole rows against block sums in scratch (2*C                \
        values), where a small C would chain every row through memory. */                        \
-    static void bn_moments_##SFX(const T* CNET_R x, ptrdiff_t n, ptrdiff_t C,                   \
+    CNET_CLONES static void bn_moments_##SFX(const T* CNET_R x, ptrdiff_t n, ptrdiff_t C,                   \
                                  double* CNET_R mean, double* CNET_R m2, T* CNET_R scratch) {   \
         for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }                       \
         if (C % BN_W == 0 && C <= BN_REG_C) {                                                   \
@@ -147,7 +154,7 @@ cdef extern from *:
     }                                                                                           \
     /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
        false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
-    static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
+    CNET_CLONES static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
                                 const T* CNET_R alpha, const T* CNET_R shift, int relu) {       \
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
             const T* CNET_R xr = x + r * C;                                                     \
@@ -168,7 +175,7 @@ cdef extern from *:
        The mask is recomputed from x with the forward's expression, so it matches               \
        the forward bit for bit without keeping the output alive; it drops g where               \
        v <= 0 (torch's threshold_backward), so a NaN output passes its gradient. */             \
-    static void bn_grad_sums_##SFX(const T* CNET_R x, const T* CNET_R dy, ptrdiff_t n,          \
+    CNET_CLONES static void bn_grad_sums_##SFX(const T* CNET_R x, const T* CNET_R dy, ptrdiff_t n,          \
                                    ptrdiff_t C, const T* CNET_R mean, const T* CNET_R alpha,    \
                                    const T* CNET_R shift, int relu, double* CNET_R sdy,         \
                                    double* CNET_R sdyx, T* CNET_R scratch) {                    \
@@ -227,7 +234,7 @@ cdef extern from *:
         }                                                                                       \
     }                                                                                           \
     /* dx = a*g + k*(x - mean) + b per channel, g = dy masked by the fused ReLU. */             \
-    static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx, ptrdiff_t n,   \
+    CNET_CLONES static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx, ptrdiff_t n,   \
                             ptrdiff_t C, const T* CNET_R mean, const T* CNET_R a,               \
                             const T* CNET_R k, const T* CNET_R b, const T* CNET_R alpha,        \
                             const T* CNET_R shift, int relu) {                                  \
@@ -386,7 +393,7 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads)
+    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     # Per chunk: first moment, second moment, 2*C scratch values in the dtype.
@@ -455,7 +462,7 @@ def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, run
     cdef const floating* rv = _cptr(running_var, <const floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
-    cdef int nt = effective_threads(M * C, n_threads)
+    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     cdef Py_ssize_t j, r0, c
@@ -504,7 +511,7 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads)
+    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
     cdef floating* dxp = &dx[0, 0]

@@ -31,12 +31,14 @@ cdef extern from *:
 cdef enum:
     _MIN_WORK_PER_THREAD = 32768
 
-cdef inline int effective_threads(Py_ssize_t work, int n_threads) noexcept nogil:
-    """Threads worth using for ``work`` scalar operations, at most n_threads."""
+cdef inline int effective_threads(Py_ssize_t work, int n_threads,
+                                  Py_ssize_t min_per_thread=_MIN_WORK_PER_THREAD) noexcept nogil:
+    """Threads worth using for ``work`` scalar operations, at most n_threads; a kernel
+    whose operations are cheap passes its own (larger) minimum per thread."""
     cdef Py_ssize_t useful
     if n_threads <= 1 or CNET_HAVE_OPENMP == 0:
         return 1
-    useful = work // _MIN_WORK_PER_THREAD
+    useful = work // min_per_thread
     if useful < 1:
         return 1
     if useful < n_threads:
