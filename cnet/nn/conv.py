@@ -94,10 +94,12 @@ _REGION_MIN_ROWS = 32
 # (Conv2d._shape_paths), for any channel count.  2 threads, fwd+bwd / forward ms,
 # row blocks -> image blocks: 32x32x16 (batch 128) 11.9 -> 11.0 / 3.75 -> 3.41,
 # 16x16x32 10.7 -> 10.3 / 3.44 -> 3.19, LeNet's 10x10x16 5.1 -> 4.7 / 1.43 -> 0.88.
-# Grouped layers only up to 8: their channel blocks are outermost, so each group
-# streams the chunk's input again (ResNeXt 32x32x128 g8 fwd+bwd 64 -> 81 ms).
+# Not for grouped layers: their channel blocks are outermost, so each group
+# streams the chunk's input again, and chunks of whole 8-image blocks make the
+# column buffers of a strided layer's dx too big for cache (ResNeXt fwd+bwd, 2
+# threads, rows -> images: 32x32x128 g8 64 -> 81 ms, 16x16x512 s2 g8 45 -> 64,
+# 8x8x512 g8 38 -> 40).
 _IMAGE_BLOCK_MAX_WIDTH = 32
-_IMAGE_BLOCK_MAX_WIDTH_GROUPED = 8
 # Weights of at least this size are repacked for the image-blocked kernel, one
 # contiguous piece per block of output channels: as HWIO rows a block is 64 B
 # every C_out values, which at 512 outputs maps onto 1/16 of L2's sets and is
@@ -469,21 +471,21 @@ class Conv2d(Module):
     def _shape_paths(self, ow, dtype):
         """(forward, weight gradient, input gradient, by_images) for an output width.
 
-        On maps at most _IMAGE_BLOCK_MAX_WIDTH wide the direct kernels block over
-        images instead of a row's pixels (conv_direct's by_images), for any
-        number of channels: every image of a block has the same in-bounds taps,
-        so the padding is skipped (3x3: 16% of the products at 8x8, 31% at 4x4,
-        56% at 2x2) where im2col and the row blocks multiply it, and small maps
-        do not leave row blocks half empty (a 4x4 map fills half of 8 pixels).  One thread, forward, ms (im2col or row kernel / by
-        images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5; VGG 4x4x512
-        (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not for 1x1
-        (no padding: the GEMM) nor depthwise.
+        On maps at most _IMAGE_BLOCK_MAX_WIDTH wide, ungrouped layers run the
+        direct kernels over blocks of images instead of a row's pixels
+        (conv_direct's by_images), for any number of channels: every image of a
+        block has the same in-bounds taps, so the padding is skipped (3x3: 16% of
+        the products at 8x8, 31% at 4x4, 56% at 2x2) where im2col and the row
+        blocks multiply it, and small maps do not leave row blocks half empty (a
+        4x4 map fills half of 8 pixels).  One thread, forward, ms (im2col or row
+        kernel / by images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5;
+        VGG 4x4x512 (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not
+        for 1x1 (no padding: the GEMM) nor depthwise.
         """
         paths = self._paths(dtype)
         lanes = _conv.direct_lanes(np.dtype(dtype))
-        widest = min(_IMAGE_BLOCK_MAX_WIDTH,
-                     _IMAGE_BLOCK_MAX_WIDTH if self.groups == 1 else _IMAGE_BLOCK_MAX_WIDTH_GROUPED)
-        by_images = (ow <= widest and paths[0] in ("direct", "im2col")
+        by_images = (ow <= _IMAGE_BLOCK_MAX_WIDTH and self.groups == 1
+                     and paths[0] in ("direct", "im2col")
                      and self.kernel_size != (1, 1)
                      and (self.out_channels // self.groups) % lanes == 0)
         if not by_images:
