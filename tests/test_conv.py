@@ -256,6 +256,27 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
     assert np.array_equal(images[0], np.full_like(images[0], 7))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flip_weight_matches_numpy(dtype, rng):
+    from cnet_ext import _conv
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    for k, cin_g, cout, g in [(3, 4 * lanes, 2 * lanes, 1), (3, lanes, 8 * lanes, 4),
+                              ((2, 5), 2 * lanes, 2 * lanes, 2), (1, 4 * lanes, 40, 1),
+                              (3, 3, 6, 1), (3, 70, 33, 1)]:
+        kh, kw = pair(k)
+        w = rng.standard_normal((kh, kw, cin_g, cout)).astype(dtype)
+        ref = np.empty((kh, kw, cout // g, cin_g * g), dtype)
+        np.copyto(ref.reshape(kh, kw, cout // g, g, cin_g),
+                  w.reshape(kh, kw, cin_g, g, cout // g)[::-1, ::-1].transpose(0, 1, 4, 3, 2))
+        for threads in (1, 2):
+            np.testing.assert_array_equal(_conv.flip_weight(w, g, threads), ref)
+            if cin_g % lanes == 0:
+                np.testing.assert_array_equal(_conv.flip_weight(w, g, threads, True),
+                                              _conv.direct_weight_blocks(ref, g, threads))
+    with pytest.raises(ValueError, match="whole vectors"):
+        _conv.flip_weight(np.zeros((3, 3, 3, 16), dtype), 1, 1, True)
+
+
 def test_packed_weight_errors():
     from cnet_ext import _conv
     x = np.zeros((2, 4, 4, 16), np.float32)
