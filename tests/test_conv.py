@@ -309,6 +309,28 @@ def test_image_blocked_layer_gradients(pack, rng, monkeypatch, direct_blocking):
         check_gradients(m, x, max_checks=60)
 
 
+def test_image_blocked_chunks(monkeypatch):
+    # Whole image blocks per chunk; wide weights: one chunk per core, except where the
+    # strided layer's dx needs column buffers that grow with the chunk.
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 32)
+    monkeypatch.setattr(conv_mod, "_MIN_TASKS", 2)
+    monkeypatch.setattr(conv_mod, "_STRIPE_UNIT", 8)
+    block = conv_mod._conv.direct_image_block(np.float32)
+    for stride, hw, cols in [(1, 4, False), (2, 8, True)]:
+        m = nn.Conv2d(256, 512, 3, stride=stride, padding=1)
+        assert m.weight.data.nbytes >= conv_mod._PACK_WEIGHT_BYTES
+        m(np.zeros((256, hw, hw, 256), np.float32))
+        ws = m._ws
+        assert ws["paths"] == ("direct", "direct", "col2im" if cols else "direct", True)
+        sizes = [n1 - n0 for n0, n1 in ws["bounds"]]
+        assert sum(sizes) == 256 and all(size % block == 0 for size in sizes)
+        if cols:
+            rows = (hw // stride) ** 2
+            assert ws["chunk"] * rows * 9 * 256 * 4 <= conv_mod._KERNEL_CHUNK_BYTES
+        else:
+            assert ws["n_chunks"] == 2
+
+
 @pytest.mark.parametrize("shape", [(10, 4, 4, 128, 256, 1), (9, 2, 2, 256, 256, 1),
                                    (10, 8, 8, 64, 128, 2), (5, 4, 4, 64, 128, 1)])
 def test_image_blocked_wide_layers_match_torch(shape, rng, direct_blocking):

@@ -10,6 +10,11 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
   outputs than one vector (LeNet's 6) run the direct forward with a zero-padded
   weight, and, when a kernel row has KW * C_in <= 8 values, a weight gradient
   that keeps one accumulator per value of the row.
+- Ungrouped spatial layers on maps up to 32 wide, any channel count: the same
+  direct kernels with blocks of 8 images at one output pixel instead of 8
+  pixels of a row (Conv2d._shape_paths): every image of a block has the same
+  in-bounds taps, so the padding products that im2col multiplies (3x3: 31% at
+  4x4) are skipped; wide weights are repacked per channel block.
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
@@ -25,7 +30,8 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 Threads: chunks of whole images are the unit of work.  Each worker thread runs
 a whole chunk (im2col, GEMMs with a one-thread BLAS, col2im) so a layer has one
 hand-off instead of several per chunk; see _run_tasks.  A batch of two or more
-images is split into at least as many equal chunks as the machine has cores.
+images is split into at least as many chunks as the machine has cores, in whole
+rounds for the cores and the backward's stripes (_balanced_chunks).
 Chunking depends only on shapes (and that core count, not the thread count),
 and weight gradients are summed per fixed stripe of chunks and then in stripe
 order, so results are bitwise the same for any thread count.  Linear's small
@@ -519,9 +525,11 @@ class Conv2d(Module):
                 budget = _COL_CHUNK_BYTES
             chunk = max(1, min(n, budget // max(1, per_image * x.itemsize)))
             # Chunks of whole image blocks for the image-blocked kernels; one per
-            # core for wide weights, which each chunk streams once per channel block.
+            # core for wide weights, which each chunk streams once per channel
+            # block, unless column buffers (a strided layer's dx) grow with it.
             unit = _conv.direct_image_block(x.dtype) if paths[3] else 1
-            if paths[3] and self.weight.data.nbytes >= _PACK_WEIGHT_BYTES:
+            if (paths[3] and self.weight.data.nbytes >= _PACK_WEIGHT_BYTES
+                    and "col2im" not in paths and "gemm" not in paths):
                 chunk = n
             units = -(-n // unit)
             n_chunks = _balanced_chunks(units, -(-units // max(1, chunk // unit)))
