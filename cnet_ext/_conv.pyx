@@ -872,8 +872,9 @@ cdef inline Py_ssize_t _image_co_block(Py_ssize_t cout_g, Py_ssize_t lanes) noex
 
 def direct_weight_blocks(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads):
     """The HWIO weight (KH, KW, C_in/G, C_out) as conv_direct(by_images=True)'s
-    ``packed`` operand: (G, C_out/G / B, KH*KW*C_in/G, B) with B output channels per
-    register block, each block contiguous.  Needs C_out/G a multiple of the lanes."""
+    ``packed`` operand: (C_out / B, KH, KW, C_in/G, B), group-major, with B output
+    channels per register block, each block contiguous.  Needs C_out/G a multiple
+    of the lanes."""
     cdef Py_ssize_t K = w.shape[0] * w.shape[1] * w.shape[2], Cout = w.shape[3]
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     if groups < 1 or Cout % groups or (Cout // groups) % lanes:
@@ -881,8 +882,8 @@ def direct_weight_blocks(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_thre
                          f"whole vectors of {lanes}")
     cdef Py_ssize_t B = _image_co_block(Cout // groups, lanes)
     cdef Py_ssize_t nb = Cout // B, j, k
-    out = np.empty((nb, K, B), np.asarray(w).dtype)
-    cdef floating[:, :, ::1] o = out
+    out = np.empty((nb, w.shape[0], w.shape[1], w.shape[2], B), np.asarray(w).dtype)
+    cdef floating[:, :, ::1] o = out.reshape(nb, K, B)
     cdef const floating* src = &w[0, 0, 0, 0]
     cdef int nt = effective_threads(K * Cout, n_threads)
     with nogil:
@@ -935,7 +936,7 @@ def flip_weight(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads, bint
     cdef Py_ssize_t width = _image_co_block(Cg, lanes) if blocked else Cg
     cdef Py_ssize_t tasks = KH * KW * groups * (Cg // width), t
     if blocked:
-        out = np.empty((Cg * groups // width, KH * KW * (Cout // groups), width),
+        out = np.empty((Cg * groups // width, KH, KW, Cout // groups, width),
                        np.asarray(w).dtype)
     else:
         out = np.empty((KH, KW, Cout // groups, Cg * groups), np.asarray(w).dtype)
@@ -958,18 +959,17 @@ def direct_lanes(dtype):
     return 16 if dtype == np.float32 else 8
 
 
-def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
-                floating[:, :, :, ::1] y, Py_ssize_t n0, Py_ssize_t n1,
-                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
-                bint by_images=False, packed=None):
+def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
+                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads,
+                Py_ssize_t groups=1, bint by_images=False, packed=None):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
 
     by_images: register blocks of direct_image_block() images at one output pixel
     instead of consecutive pixels of one row (small maps: no padding products, no
     half-empty blocks); the same sums in the same order either way.  ``packed``:
-    direct_weight_blocks(w, groups) (or flip_weight(..., blocked=True)) for by_images
-    (wide layers: see _direct_images); w then supplies only the shape.
+    the weight as direct_weight_blocks(w, groups) (or flip_weight(..., blocked=True))
+    for by_images (wide layers: see _direct_images); then w may be None.
 
     C_out/groups must be a multiple of direct_lanes(dtype); with groups == 1 C_out
     may also be smaller than it (LeNet's 6 channels): then the weight and bias are
@@ -978,31 +978,49 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
     y[n0:n1].
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], Cout = w.shape[3]
     cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t G = groups, tasks = (n1 - n0) * OH * groups, t
+    cdef Py_ssize_t KH, KW, wcin, Cout
+    cdef floating[:, :, :, ::1] wv
+    cdef floating[:, :, :, :, ::1] pk
     cdef floating[::1] b
     cdef const floating* bp = NULL
     cdef floating* zeros
     cdef const floating* wp = NULL
     cdef floating[::1] wflat
     cdef int nt
+    if packed is not None:
+        if not by_images:
+            raise ValueError("conv_direct: a packed weight needs by_images=True")
+        pk = packed
+        KH, KW, wcin, Cout = pk.shape[1], pk.shape[2], pk.shape[3], pk.shape[0] * pk.shape[4]
+        if w is not None and tuple(np.shape(w)) != (KH, KW, wcin, Cout):
+            raise ValueError(f"conv_direct: packed weight of shape {tuple(pk.shape)[:5]} is "
+                             f"not direct_weight_blocks of {tuple(np.shape(w))}")
+        wp = &pk[0, 0, 0, 0, 0]
+    else:
+        wv = w
+        KH, KW, wcin, Cout = wv.shape[0], wv.shape[1], wv.shape[2], wv.shape[3]
+        wp = &wv[0, 0, 0, 0]
     cdef Py_ssize_t Cw = Cout
     if y.shape[0] != N or y.shape[3] != Cout or (Cout % lanes and Cout > lanes):
         raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
-                         f"{(KH, KW, w.shape[2], Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
+                         f"{(KH, KW, wcin, Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
                          f"do not fit (C_out must be a multiple of {lanes} or less)")
-    _check_direct_groups("conv_direct", C, Cout, w.shape[2], G, lanes)
+    _check_direct_groups("conv_direct", C, Cout, wcin, G, lanes)
     _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
                     KH, KW, sh, sw, ph, pw, dh, dw, G, "conv_direct")
     cdef int variant = _direct_variant(Cout // G, lanes)
+    cdef Py_ssize_t co_block = _image_co_block(Cout // G, lanes)
+    if packed is not None and pk.shape[4] != co_block:
+        raise ValueError(f"conv_direct: packed blocks of {pk.shape[4]} outputs, the kernel's "
+                         f"are {co_block}")
     if bias is not None:
         b = bias
         if b.shape[0] != Cout:
             raise ValueError(f"conv_direct: bias of shape ({b.shape[0]},) for {Cout} outputs")
         bp = &b[0]
-    wp = &w[0, 0, 0, 0]
     if Cout % lanes:
         # One partial vector: the kernel's full-vector loads read a weight zero-padded
         # to `lanes` outputs, with the (padded) bias as one more row.
@@ -1015,25 +1033,14 @@ def conv_direct(floating[:, :, :, ::1] x, floating[:, :, :, ::1] w, bias,
         wp = &wflat[0]
         if bias is not None:
             bp = &wflat[KH * KW * C * lanes]
+    nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
+    if by_images:
+        tasks = ((n1 - n0 + direct_image_block(None) - 1) // direct_image_block(None) * OH * G
+                 * ((Cout // G + co_block - 1) // co_block))
     zeros = <floating*>malloc(C * sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
     memset(zeros, 0, C * sizeof(floating))
-    nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
-    cdef Py_ssize_t co_block = _image_co_block(Cout // G, lanes)
-    cdef floating[:, :, ::1] pk
-    if by_images:
-        tasks = ((n1 - n0 + direct_image_block(None) - 1) // direct_image_block(None) * OH * G
-                 * ((Cout // G + co_block - 1) // co_block))
-        if packed is not None:
-            pk = packed
-            if (pk.shape[0] * pk.shape[2] != Cout or pk.shape[2] != co_block
-                    or pk.shape[1] != KH * KW * (C // G)):
-                raise ValueError(f"conv_direct: packed weight of shape {tuple(pk.shape)[:3]} is "
-                                 f"not direct_weight_blocks of {(KH, KW, C // G, Cout)}")
-            wp = &pk[0, 0, 0]
-    elif packed is not None:
-        raise ValueError("conv_direct: a packed weight needs by_images=True")
     with nogil:
         if by_images:
             for t in prange(tasks, num_threads=nt, schedule="static"):

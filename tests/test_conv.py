@@ -251,7 +251,7 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
                 np.testing.assert_array_equal(images, rows)     # untouched outside [n0, n1)
                 if packable:
                     blocks = _conv.direct_weight_blocks(wt, g, threads)
-                    _conv.conv_direct(x, wt, b, packed, *args, True, blocks)
+                    _conv.conv_direct(x, None, b, packed, *args, True, blocks)
                     np.testing.assert_array_equal(packed, rows)
     assert np.array_equal(images[0], np.full_like(images[0], 7))
 
@@ -288,6 +288,11 @@ def test_packed_weight_errors():
                           _conv.direct_weight_blocks(np.zeros((3, 3, 8, 32), np.float32), 1, 1))
     with pytest.raises(ValueError, match="needs by_images"):
         _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, False, good)
+    with pytest.raises(ValueError, match="blocks of 8 outputs"):     # not the kernel's blocking
+        _conv.conv_direct(x, None, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, True,
+                          np.zeros((4, 3, 3, 16, 8), np.float32))
+    # (blocks, KH, KW, C_in, block width)
+    assert good.shape[1:4] == (3, 3, 16) and good.shape[0] * good.shape[4] == 32
     with pytest.raises(ValueError, match="whole vectors"):
         _conv.direct_weight_blocks(np.zeros((3, 3, 16, 24), np.float32), 1, 1)
 

@@ -429,9 +429,10 @@ class Conv2d(Module):
                    "direct" for spatial kernels whose C_out per group fills the
                    6 x 4 weight-gradient block; on small padded maps the im2col
                    and col2im run by regions (decided per input shape: _workspace).
+        Per input shape, _shape_paths moves small maps to image-blocked kernels.
         """
         cin, cout, g = self.in_channels, self.out_channels, self.groups
-        (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
+        kw = self.kernel_size[1]
         lanes = _conv.direct_lanes(np.dtype(dtype))
         pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if g > 1 and g == cin == cout:
@@ -779,14 +780,11 @@ class Conv2d(Module):
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             # dx = grouped conv of dy with the flipped kernel, inputs and outputs of
             # each group swapped (_conv.flip_weight), packed for the image-blocked
-            # kernel where the weight is wide; then wflip only supplies the shape.
+            # kernel where the weight is wide.
             if self._packed_weight_fits(w, by_images):
-                packed_flip = _conv.flip_weight(w, self.groups, nt, True)
-                wflip = _scratch("wflip", (kh, kw, cout // self.groups, self.in_channels),
-                                 w.dtype)
+                wflip, packed_flip = None, _conv.flip_weight(w, self.groups, nt, True)
             else:
-                packed_flip = None
-                wflip = _conv.flip_weight(w, self.groups, nt)
+                wflip, packed_flip = _conv.flip_weight(w, self.groups, nt), None
         x2 = x.reshape(-1, self.in_channels)
         dy2 = dy.reshape(-1, cout)
         dx = None if dx_path is None else np.empty_like(x)
