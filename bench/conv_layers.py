@@ -182,7 +182,12 @@ def main(argv=None):
     ap.add_argument("--model", default=None,
                     help="time every distinct conv shape of this bench model (bench/common.py) "
                          "instead of the fixed list, with a count-weighted total")
+    ap.add_argument("--no-image-blocks", action="store_true",
+                    help="switch cnet's image-blocked direct kernels off (the row kernels, "
+                         "im2col and regions take those layers), to compare")
     args = ap.parse_args(argv)
+    if args.no_image_blocks:
+        conv_mod._IMAGE_BLOCK_MAX_WIDTH = 0
     layers, counts = (model_layers(args.model) if args.model
                       else (LAYERS, dict.fromkeys(LAYERS, 1)))
     totals = collections.Counter()
@@ -193,7 +198,8 @@ def main(argv=None):
     except ImportError:
         have_torch = False
     print(f"threads={args.threads} repeats={args.repeats} "
-          f"col chunk={conv_mod._COL_CHUNK_BYTES >> 10} KiB")
+          f"col chunk={conv_mod._COL_CHUNK_BYTES >> 10} KiB "
+          f"image blocks up to width {conv_mod._IMAGE_BLOCK_MAX_WIDTH}")
     print(f"{'layer':36s} {'cnet ms':>8s} {'torch nchw':>10s} {'torch cl':>9s} {'ratio':>6s} "
           f"{'min ratio':>9s} {'count':>5s}")
     for name, spec in layers.items():

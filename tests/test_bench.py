@@ -158,3 +158,14 @@ def test_torch_malloc_variant_gets_cnets_thresholds():
     from cnet import _malloc
     assert common.malloc_env() == {"MALLOC_MMAP_THRESHOLD_": str(_malloc.KEEP_BYTES),
                                    "MALLOC_TRIM_THRESHOLD_": str(_malloc.KEEP_BYTES)}
+
+
+def test_conv_layers_can_switch_image_blocks_off(monkeypatch, capsys):
+    import conv_layers
+    conv = conv_layers.conv_mod
+    monkeypatch.setattr(conv, "_IMAGE_BLOCK_MAX_WIDTH", conv._IMAGE_BLOCK_MAX_WIDTH)  # restored
+    conv_layers.main(["--only", "stage3", "--repeats", "1", "--threads", "1",
+                      "--no-image-blocks"])
+    out = capsys.readouterr().out
+    assert "image blocks up to width 0" in out and "8x8x64->64 3x3" in out
+    assert conv._IMAGE_BLOCK_MAX_WIDTH == 0
