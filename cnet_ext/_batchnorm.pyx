@@ -26,18 +26,12 @@ from libc.stdlib cimport free
 
 import numpy as np
 
-from cnet_ext._openmp cimport effective_threads
+from cnet_ext._openmp cimport effective_threads, _MIN_ELEMENTS_PER_THREAD
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 cdef enum:
-    # Elements per thread below which a pass runs on one thread.  Each pass is a
-    # parallel region, and waking a sleeping core (OMP_WAIT_POLICY=PASSIVE) takes
-    # ~80 us on the 2-core VM, as long as a pass over 0.5M elements (AVX-512):
-    # forward, ms at 1 / 2 threads: 0.5M elements 0.14 / 0.28, 1M 0.29-0.39 /
-    # 0.28-0.35, 2M 0.6-0.96 / 0.5-0.6.
-    _BN_MIN_PER_THREAD = 1 << 19
     # Elements per row chunk (the fixed partition), and a cap on the chunk count
     # so the serial merge stays negligible.
     _CHUNK_ELEMS = 16384
@@ -393,7 +387,7 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     # Per chunk: first moment, second moment, 2*C scratch values in the dtype.
@@ -462,7 +456,7 @@ def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, run
     cdef const floating* rv = _cptr(running_var, <const floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
-    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     cdef Py_ssize_t j, r0, c
@@ -511,7 +505,7 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads, _BN_MIN_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
     cdef floating* dxp = &dx[0, 0]

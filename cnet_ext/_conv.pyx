@@ -839,7 +839,7 @@ cdef inline void _direct_images(const floating* x, const floating* w, const floa
     images; ``packed`` weights (direct_weight_blocks) hold each block contiguously:
     as HWIO rows, a block is one 64-128 B piece every C_out values, which maps
     onto 1/16 of L2's sets at 512 outputs and does not stay."""
-    cdef Py_ssize_t pb = 6 if variant == 0 else 8
+    cdef Py_ssize_t pb = _image_block()
     cdef Py_ssize_t nblocks = (n1 - n0 + pb - 1) // pb
     cdef Py_ssize_t Cg = C // G, Cog = Cout // G
     cdef Py_ssize_t per_group = (Cog + co_block - 1) // co_block
@@ -948,9 +948,15 @@ def flip_weight(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads, bint
     return out
 
 
-def direct_image_block(dtype):
-    """Images per block of conv_direct(..., by_images=True) on this machine."""
+cdef inline Py_ssize_t _image_block() noexcept nogil:
+    # the pixel count of _direct_variant's register blocks
     return 8 if _WIDE else 6
+
+
+def direct_image_block(dtype):
+    """Images per block of conv_direct(..., by_images=True) on this machine (the
+    same for both dtypes)."""
+    return _image_block()
 
 
 def direct_lanes(dtype):
@@ -1035,7 +1041,7 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
             bp = &wflat[KH * KW * C * lanes]
     nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
     if by_images:
-        tasks = ((n1 - n0 + direct_image_block(None) - 1) // direct_image_block(None) * OH * G
+        tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
                  * ((Cout // G + co_block - 1) // co_block))
     zeros = <floating*>malloc(C * sizeof(floating))
     if zeros == NULL:

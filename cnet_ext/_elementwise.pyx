@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 
 cimport numpy as cnp
 
-from cnet_ext._openmp cimport effective_threads
+from cnet_ext._openmp cimport effective_threads, _MIN_ELEMENTS_PER_THREAD
 
 import numpy as np
 
@@ -28,11 +28,6 @@ cnp.import_array()
 
 cdef enum:
     _ALIGN = 64  # chunk starts are multiples of this (even: dropout pairs)
-    # Elements per thread below which one thread runs the pass: waking a sleeping
-    # core costs ~80 us on the 2-core VM, what an add of 0.5M elements takes.
-    # ms at 1 / 2 threads: add 0.5M 0.07 / 0.10, 1M 0.17 / 0.15, 2M 0.55 / 0.38;
-    # relu 0.5M 0.05 / 0.10, 1M 0.11 / 0.13, 2M 0.26 / 0.20.
-    _MIN_PER_THREAD = 1 << 19
 
 
 cdef inline Py_ssize_t _chunk(Py_ssize_t n, int nt) noexcept nogil:
@@ -112,7 +107,7 @@ cdef enum _Op:
 cdef void _run(_Op op, const floating* a, const floating* b, floating* out, Py_ssize_t n,
                uint64_t key, uint64_t threshold, floating scale,
                int n_threads) noexcept nogil:
-    cdef int nt = effective_threads(n, n_threads, _MIN_PER_THREAD)
+    cdef int nt = effective_threads(n, n_threads, _MIN_ELEMENTS_PER_THREAD)
     cdef Py_ssize_t chunk = _chunk(n, nt)
     cdef Py_ssize_t t, s, e
     for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
