@@ -5,8 +5,8 @@ apart: ``spec_from_cnet(model)`` walks the cnet module tree into a plain,
 JSON-able description (layer types and hyper-parameters, nothing else), and
 ``build_torch(spec)`` builds the same tree from torch.nn layers.  The spec
 crosses a process boundary as JSON, so a torch benchmark process never imports
-cnet (cnet sets ``OMP_WAIT_POLICY=PASSIVE`` at import, which would also slow
-torch's own OpenMP runtime down).
+cnet (cnet sets its OpenMP wait, ``GOMP_SPINCOUNT``, at import, which would
+also change torch's own OpenMP runtime).
 
 The twin is the same computation in torch's layouts (NCHW, OIHW), written the
 way torchvision writes it: in-place ReLUs, residual ``out += shortcut``.  Two

@@ -213,9 +213,11 @@ def serve(handler):
             break
 
 
-# OMP_WAIT_POLICY as the user set it (cnet sets a default when it is imported).
-_USER_OMP_WAIT_POLICY = (os.environ.get("OMP_WAIT_POLICY") if "cnet" not in sys.modules
-                         else None)
+# The OpenMP wait settings as the user set them (cnet sets GOMP_SPINCOUNT when it
+# is imported).
+_OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_USER_OMP_WAIT = ({k: os.environ[k] for k in _OMP_WAIT_VARS if k in os.environ}
+                  if "cnet" not in sys.modules else {})
 
 
 def malloc_env():
@@ -232,12 +234,10 @@ def malloc_env():
 
 
 def torch_env():
-    """The environment for a torch worker: cnet's OMP_WAIT_POLICY default must
-    not leak into torch's OpenMP runtime (a user's own setting is kept)."""
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if _USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = _USER_OMP_WAIT_POLICY
+    """The environment for a torch worker: cnet's OpenMP wait default must not
+    leak into torch's OpenMP runtime (a user's own setting is kept)."""
+    env = {k: v for k, v in os.environ.items() if k not in _OMP_WAIT_VARS}
+    env.update(_USER_OMP_WAIT)
     return env
 
 

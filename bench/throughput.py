@@ -33,12 +33,12 @@ How it measures:
   then takes ~60 ms to come back to full speed (LeNet-5, cnet, 2 threads: 11-14 ms
   per step back to back; right after a 0.25 s sleep the next steps take 19, 19,
   18, 15, 15, 14 ms: the parallel kernels run at one-core speed).  An engine
-  whose idle threads spin (torch's default OpenMP policy) hides part of it, one
-  that sleeps (cnet's PASSIVE) does not; training runs its steps back to back,
-  so both are timed warm.
-- Worker processes, not threads: cnet sets OMP_WAIT_POLICY=PASSIVE at import
-  (its design choice) and that would also slow torch's OpenMP runtime, so a
-  torch worker never imports cnet and gets the environment without it.
+  whose idle threads spin long (torch's default OpenMP policy) hides part of
+  it, one that sleeps soon (cnet spins ~0.5 ms) does not; training runs its
+  steps back to back, so both are timed warm.
+- Worker processes, not threads: cnet sets its own OpenMP wait (GOMP_SPINCOUNT)
+  at import, which would also change torch's OpenMP runtime, so a torch worker
+  never imports cnet and gets the environment without it.
 """
 import argparse
 import json

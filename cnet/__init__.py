@@ -6,15 +6,19 @@
 import os as _os
 import sys as _sys
 
-# Both are read once, when the library loads, so they must precede the first
+# These are read once, when the library loads, so they must precede the first
 # kernel import (libgomp) and numpy's import (OpenBLAS); see _threads.py.
 # OpenBLAS's idle threads otherwise spin for ~0.1 s (2**28 cycles) after each
 # multithreaded GEMM, stealing a core from the OpenMP kernels that run next:
 # measured on 2 cores, LeNet-5 training at 2 threads 119 -> 34 ms, ResNet-18
 # (64x64) 361 -> 239 ms (bench/RESULTS.md).  A user's own setting wins.
 _BLAS_TIMEOUT_APPLIED = "OPENBLAS_THREAD_TIMEOUT" in _os.environ or "numpy" not in _sys.modules
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# cnet's OpenMP workers spin ~0.5 ms (10000 rounds) before they sleep, so that
+# consecutive kernels and layers find them awake; see _threads.py.  Not when
+# the user chose a wait policy or spin count.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "10000"
 # OpenBLAS's faster sgemm kernels on AMD Zen 4 (see _cpu.openblas_coretype).
 from . import _cpu  # noqa: E402
 if "numpy" not in _sys.modules and _cpu.openblas_coretype():
@@ -48,6 +52,7 @@ def show_config(file=None):
         "numpy": np.__version__,
         "openmp": _openmp_helpers.openmp_enabled(),
         "omp_wait_policy": _os.environ.get("OMP_WAIT_POLICY"),
+        "omp_spin_count": _os.environ.get("GOMP_SPINCOUNT"),
         "openblas_thread_timeout": (_os.environ.get("OPENBLAS_THREAD_TIMEOUT")
                                     if _BLAS_TIMEOUT_APPLIED else None),
         "allocator": _malloc.tune(),
@@ -59,7 +64,7 @@ def show_config(file=None):
     lines = [f"cnet {info['cnet']}  (python {info['python']}, numpy {info['numpy']})",
              f"platform:        {info['platform']}",
              f"OpenMP kernels:  {'on' if info['openmp'] else 'OFF (built without OpenMP: single-threaded)'}"
-             f"  wait policy {info['omp_wait_policy']}",
+             f"  idle workers {_omp_wait(info)}",
              f"threads:         {info['num_threads']} (cores available: {info['available_cores']})",
              f"allocator:       {info['allocator']}"]
     if info["openblas_thread_timeout"] is None:
@@ -73,6 +78,14 @@ def show_config(file=None):
                      + f" ({lib['filepath']})")
     print("\n".join(lines), file=file)
     return info
+
+
+def _omp_wait(info):
+    if info["omp_spin_count"] is not None:
+        return f"spin GOMP_SPINCOUNT={info['omp_spin_count']} rounds, then sleep"
+    if info["omp_wait_policy"] is not None:
+        return f"OMP_WAIT_POLICY={info['omp_wait_policy']}"
+    return "libgomp's default wait"
 
 
 def __getattr__(name):

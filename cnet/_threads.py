@@ -6,11 +6,21 @@ set together here.  Kernels never read a global thread count: every call site
 passes ``num_threads()`` explicitly, so a kernel called from a data-loader
 thread uses the same count as one called from the main thread.
 
-Why OMP_WAIT_POLICY=PASSIVE by default: on a 2-core machine, OpenMP workers
-that spin after a parallel region steal the cores that OpenBLAS needs for the
-next GEMM (and the reverse), which costs several times the work itself.  It
-must be set before libgomp is loaded, so cnet/__init__ sets it before it
-imports any kernel; a user's own setting wins.
+Why cnet's OpenMP workers spin briefly (GOMP_SPINCOUNT=10000, ~0.5 ms here)
+before they sleep: a training step is hundreds of parallel regions (every
+convolution's chunks run on the OpenMP team too, see nn/conv._run_tasks), and
+waking a sleeping worker costs ~50-80 us on the 2-core VM, so with a passive
+wait the small batch-norm and add passes were not worth a second thread at
+all.  Spinning is safe because nothing else competes for the cores in a step:
+the convolutions call BLAS on one thread inside the team, and the BLAS pool
+(multithreaded only for large Linear layers and a batch of one image) sleeps
+after ~16 cycles (OPENBLAS_THREAD_TIMEOUT=4).  Both must be set before the
+libraries load, so cnet/__init__ sets them before it imports any kernel; a
+user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+
+After os.fork() the child runs cnet's kernels on one thread: GNU OpenMP
+cannot start a team in the child of a process that already ran one (it
+waits for the parent's workers forever).
 """
 import contextlib
 import os
@@ -63,6 +73,17 @@ def set_num_threads(n):
         _num_threads = n
         _openmp_helpers.set_max_threads(n)
         _blas_controller().limit(limits=n, user_api="blas")
+
+
+def _one_thread_after_fork():
+    global _num_threads
+    _num_threads = 1
+    from cnet_ext import _openmp_helpers
+    _openmp_helpers.set_max_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def get_num_threads():

@@ -26,7 +26,7 @@ from libc.stdlib cimport free
 
 import numpy as np
 
-from cnet_ext._openmp cimport effective_threads, _MIN_ELEMENTS_PER_THREAD
+from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -387,7 +387,7 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, cnet_min_elements_per_thread())
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     # Per chunk: first moment, second moment, 2*C scratch values in the dtype.
@@ -456,7 +456,7 @@ def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, run
     cdef const floating* rv = _cptr(running_var, <const floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
-    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, cnet_min_elements_per_thread())
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     cdef Py_ssize_t j, r0, c
@@ -505,7 +505,7 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
     cdef Py_ssize_t Cp = _padded(C)
-    cdef int nt = effective_threads(M * C, n_threads, _MIN_ELEMENTS_PER_THREAD)
+    cdef int nt = effective_threads(M * C, n_threads, cnet_min_elements_per_thread())
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
     cdef floating* dxp = &dx[0, 0]

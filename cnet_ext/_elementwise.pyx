@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 
 cimport numpy as cnp
 
-from cnet_ext._openmp cimport effective_threads, _MIN_ELEMENTS_PER_THREAD
+from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
 
 import numpy as np
 
@@ -107,7 +107,7 @@ cdef enum _Op:
 cdef void _run(_Op op, const floating* a, const floating* b, floating* out, Py_ssize_t n,
                uint64_t key, uint64_t threshold, floating scale,
                int n_threads) noexcept nogil:
-    cdef int nt = effective_threads(n, n_threads, _MIN_ELEMENTS_PER_THREAD)
+    cdef int nt = effective_threads(n, n_threads, cnet_min_elements_per_thread())
     cdef Py_ssize_t chunk = _chunk(n, nt)
     cdef Py_ssize_t t, s, e
     for t in prange(nt, nogil=True, schedule="static", num_threads=nt):

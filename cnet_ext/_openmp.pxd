@@ -30,13 +30,38 @@ cdef extern from *:
 # (waking and joining the other threads) than it saves on a 2-core machine.
 cdef enum:
     _MIN_WORK_PER_THREAD = 32768
-    # Cheap per-element passes (batch norm, add, ReLU) stay on one thread below
-    # this many elements per thread: waking the sleeping core of a passive wait
-    # costs ~80 us on the 2-core VM, a pass over 0.5M elements.  ms at 1 / 2
-    # threads: BN forward 0.5M elements 0.14 / 0.28, 1M 0.29-0.39 / 0.28-0.35,
-    # 2M 0.6-0.96 / 0.5-0.6; add 0.5M 0.07 / 0.10, 1M 0.17 / 0.15, 2M 0.55 / 0.38;
-    # relu 0.5M 0.05 / 0.10, 1M 0.11 / 0.13, 2M 0.26 / 0.20.
-    _MIN_ELEMENTS_PER_THREAD = 1 << 19
+
+# Cheap per-element passes (batch norm, add, ReLU) stay on one thread below
+# min_elements_per_thread() elements per thread: what a parallel region costs to
+# start depends on whether the idle OpenMP workers spin (cnet's default, a short
+# GOMP_SPINCOUNT: ~5 us) or sleep (OMP_WAIT_POLICY=PASSIVE: ~80 us to wake the
+# other core on the 2-core VM).  Read from the same environment libgomp reads
+# when it loads (cnet sets it before that), so every module agrees with it.
+# add+ReLU, us at 1 / 2 threads, spinning: 64K elements 8.1 / 5.7, 128K 15 / 8.5,
+# 512K 52 / 28; sleeping: 64K 8.7 / 57, 512K 53 / 95 (BN forward 1M elements
+# 0.29-0.39 / 0.28-0.35 ms).
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #include <string.h>
+    #include <strings.h>
+    /* libgomp's rule: GOMP_SPINCOUNT if set, else OMP_WAIT_POLICY (PASSIVE: no spin). */
+    static int cnet_workers_spin(void) {
+        const char *count = getenv("GOMP_SPINCOUNT");
+        const char *policy = getenv("OMP_WAIT_POLICY");
+        if (count && *count)
+            return strtoll(count, NULL, 10) != 0 || strncasecmp(count, "inf", 3) == 0;
+        return !(policy && strcasecmp(policy, "passive") == 0);
+    }
+    static Py_ssize_t cnet_min_elements_per_thread(void) {
+        static Py_ssize_t cached = 0;   /* a benign race: every thread computes the same */
+        if (!cached)
+            cached = cnet_workers_spin() ? (Py_ssize_t)1 << 15 : (Py_ssize_t)1 << 19;
+        return cached;
+    }
+    """
+    int cnet_workers_spin() noexcept nogil
+    Py_ssize_t cnet_min_elements_per_thread() noexcept nogil
 
 cdef inline int effective_threads(Py_ssize_t work, int n_threads,
                                   Py_ssize_t min_per_thread=_MIN_WORK_PER_THREAD) noexcept nogil:

@@ -151,7 +151,8 @@ def test_gemm_probe_and_helpers():
     t = common.table(["a", "b"], [["x", 1], ["yy", 22]])
     assert t.splitlines()[0].startswith("| a ") and "22 |" in t
     env = common.torch_env()
-    assert env.get("OMP_WAIT_POLICY") == common._USER_OMP_WAIT_POLICY
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        assert env.get(var) == common._USER_OMP_WAIT.get(var)
 
 
 def test_torch_malloc_variant_gets_cnets_thresholds():

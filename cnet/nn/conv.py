@@ -29,7 +29,8 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 
 Threads: chunks of whole images are the unit of work.  Each worker thread runs
 a whole chunk (im2col, GEMMs with a one-thread BLAS, col2im) so a layer has one
-hand-off instead of several per chunk; see _run_tasks.  A batch of two or more
+hand-off instead of several per chunk; the workers are the kernels' OpenMP
+team (see _run_tasks).  A batch of two or more
 images is split into at least as many chunks as the machine has cores, in whole
 rounds for the cores and the backward's stripes (_balanced_chunks).
 Chunking depends only on shapes (and that core count, not the thread count),
@@ -43,15 +44,12 @@ thread (_scratch); outputs and input gradients are fresh arrays.  Training
 mode keeps a reference to the input for backward; eval mode keeps nothing.
 """
 import contextlib
-import itertools
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from cnet_ext import _conv, _elementwise
+from cnet_ext import _conv, _elementwise, _openmp_helpers
 
 from .. import init
 from .. import _threads
@@ -121,8 +119,6 @@ _STRIPE_UNIT = max(_MIN_TASKS, _STRIPES - _STRIPES % _MIN_TASKS)
 # thread, 24-50 ms on two while another process kept the second core busy.
 _SMALL_GEMM_MACS = 1 << 25
 
-_pool = None
-_pool_key = None
 _scratch_store = threading.local()
 
 
@@ -178,55 +174,32 @@ def _stripes(n_chunks, weight_bytes):
     return max(even or divisors)
 
 
-def _executor(n_workers):
-    """The worker threads (one fewer than the thread count: the caller works too).
-    Rebuilt after a fork, whose child has the pool object but not its threads."""
-    global _pool, _pool_key
-    key = (n_workers, os.getpid())
-    if _pool_key != key:
-        if _pool is not None and _pool_key[1] == key[1]:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="cnet-conv")
-        _pool_key = key
-    return _pool
-
-
 def _run_tasks(fn, n_tasks, n_threads):
-    """Call fn(task, worker) for every task in range(n_tasks) on n_threads threads.
+    """Call fn(task, worker, kernel_threads) for every task in range(n_tasks) on
+    n_threads threads.
 
     Why threads over chunks instead of parallel kernels and a multithreaded
     BLAS: each worker runs im2col, its GEMMs and col2im on its own chunk with a
     single-threaded BLAS, so a layer has one hand-off instead of four per chunk
     (every hand-off costs a wake-up, and several milliseconds when the cores are
-    shared).  The kernels and numpy release the GIL.  Tasks are taken
-    dynamically (a slow core takes fewer), which cannot change results: a task
-    writes only its own outputs.  The caller's thread is worker 0.
+    shared).  The workers are the kernels' own OpenMP team
+    (_openmp_helpers.run_tasks), which spins briefly between parallel regions,
+    so the next layer's chunks or the batch norm after them start without
+    waking a sleeping thread.  Tasks are taken dynamically (a slow core takes
+    fewer), which cannot change results: a task writes only its own outputs.
+    The caller's thread is worker 0.
 
-    fn's third argument is the thread count for its own kernels and BLAS: 1 on
-    the worker threads; n_threads when there are fewer tasks than threads (a
-    batch of one large image), where the tasks run in turn on this thread with
-    parallel kernels and BLAS instead.  Task results do not depend on it.
+    kernel_threads is the thread count for fn's own kernels and BLAS: 1 on the
+    team; n_threads when there are fewer tasks than threads (a batch of one
+    large image), where the tasks run in turn on this thread with parallel
+    kernels and BLAS instead.  Task results do not depend on it.
     """
     if n_threads <= 1 or n_tasks < n_threads:
         for t in range(n_tasks):
             fn(t, 0, n_threads)
         return
-    counter = itertools.count()
-
-    def work(wid):
-        for t in iter(counter.__next__, None):
-            if t >= n_tasks:
-                return
-            fn(t, wid, 1)
-
     with _one_thread_blas():
-        futures = [_executor(n_threads - 1).submit(work, wid) for wid in range(1, n_threads)]
-        try:
-            work(0)
-        finally:
-            wait(futures)
-        for f in futures:
-            f.result()
+        _openmp_helpers.run_tasks(lambda t, worker: fn(t, worker, 1), n_tasks, n_threads)
 
 
 @contextlib.contextmanager
