@@ -948,6 +948,36 @@ def flip_weight(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads, bint
     return out
 
 
+# The fused ReLU of conv_direct: the elementwise module's loop (one definition).
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #define T float
+    #define U uint32_t
+    #define SFX f32
+    #include "_elementwise_impl.h"
+    #undef T
+    #undef U
+    #undef SFX
+    #define T double
+    #define U uint64_t
+    #define SFX f64
+    #include "_elementwise_impl.h"
+    #undef T
+    #undef U
+    #undef SFX
+    """
+    void cnet_relu_f32(const float*, float*, Py_ssize_t) noexcept nogil
+    void cnet_relu_f64(const double*, double*, Py_ssize_t) noexcept nogil
+
+
+cdef inline void _relu_inplace(floating* y, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        cnet_relu_f32(y, y, n)
+    else:
+        cnet_relu_f64(y, y, n)
+
+
 cdef inline Py_ssize_t _image_block() noexcept nogil:
     # the pixel count of _direct_variant's register blocks
     return 8 if _WIDE else 6
@@ -968,7 +998,8 @@ def direct_lanes(dtype):
 def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                 Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads,
-                Py_ssize_t groups=1, bint by_images=False, packed=None):
+                Py_ssize_t groups=1, bint by_images=False, packed=None, chunks=None,
+                bint relu=False):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
 
     by_images: register blocks of direct_image_block() images at one output pixel
@@ -981,7 +1012,12 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     may also be smaller than it (LeNet's 6 channels): then the weight and bias are
     zero-padded to one vector here and the kernel stores the C_out valid lanes.
     ``bias`` is None or a contiguous (C_out,) array of the same dtype.  Overwrites
-    y[n0:n1].
+    y[n0:n1]; ``relu``: then applies ReLU to it, a chunk at a time while in cache.
+
+    ``chunks``: (c0, c1) image ranges covering [n0, n1) (image-block aligned for
+    by_images), each run by one thread of an n_threads team, taken in turn as
+    threads free up: a layer's chunks in one parallel region, without the GIL
+    hand-offs of Python tasks.  The same sums as without them.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
@@ -996,6 +1032,23 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     cdef const floating* wp = NULL
     cdef floating[::1] wflat
     cdef int nt
+    cdef Py_ssize_t[:, ::1] ck
+    cdef Py_ssize_t n_chunks = 0, ci
+    if chunks is not None:
+        ck = np.ascontiguousarray(chunks, dtype=np.intp).reshape(-1, 2)
+        n_chunks = ck.shape[0]
+        covered = n0
+        for ci in range(n_chunks):
+            if ck[ci, 0] != covered or ck[ci, 1] <= ck[ci, 0] or (
+                    by_images and (ck[ci, 0] - n0) % _image_block()):
+                raise ValueError(f"conv_direct: chunks {np.asarray(ck).tolist()} do not split "
+                                 f"[{n0}, {n1}) in order" + (
+                                     f" at multiples of {_image_block()} images"
+                                     if by_images else ""))
+            covered = ck[ci, 1]
+        if covered != n1:
+            raise ValueError(f"conv_direct: chunks {np.asarray(ck).tolist()} do not split "
+                             f"[{n0}, {n1}) in order")
     if packed is not None:
         if not by_images:
             raise ValueError("conv_direct: a packed weight needs by_images=True")
@@ -1040,28 +1093,61 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
         if bias is not None:
             bp = &wflat[KH * KW * C * lanes]
     nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
-    if by_images:
-        tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
-                 * ((Cout // G + co_block - 1) // co_block))
     zeros = <floating*>malloc(C * sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
     memset(zeros, 0, C * sizeof(floating))
     with nogil:
-        if by_images:
-            for t in prange(tasks, num_threads=nt, schedule="static"):
-                _direct_images(&x[0, 0, 0, 0], wp, bp, &y[0, 0, 0, 0], n0, n1, t, G, H, W, C,
-                               OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
-                               co_block, packed is not None)
-        elif nt == 1:
-            for t in range(tasks):
-                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, t, G,
-                            H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
+        if n_chunks:
+            for ci in prange(n_chunks, num_threads=min(n_threads, n_chunks),
+                             schedule="dynamic", chunksize=1):
+                _direct_range(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], ck[ci, 0],
+                              ck[ci, 1], 1, G, H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph,
+                              pw, dh, dw, variant, co_block, by_images, packed is not None,
+                              relu)
         else:
-            for t in prange(tasks, num_threads=nt, schedule="static"):
-                _direct_row(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, t, G,
-                            H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant)
+            _direct_range(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G, H, W,
+                          C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
+                          co_block, by_images, packed is not None, relu)
     free(zeros)
+
+
+cdef void _direct_range(const floating* x, const floating* w, const floating* bias,
+                        const floating* zeros, floating* y, Py_ssize_t n0, Py_ssize_t n1,
+                        int nt, Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cw,
+                        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                        Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int variant,
+                        Py_ssize_t co_block, bint by_images, bint packed,
+                        bint relu) noexcept nogil:
+    """conv_direct's y[n0:n1] on nt threads (1: this thread alone), then its ReLU."""
+    cdef Py_ssize_t t, n, per_image = OH * OW * Cout
+    cdef Py_ssize_t tasks = (n1 - n0) * OH * G
+    if by_images:
+        tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
+                 * ((Cout // G + co_block - 1) // co_block))
+    if nt == 1:
+        for t in range(tasks):
+            if by_images:
+                _direct_images(x, w, bias, y, n0, n1, t, G, H, W, C, OH, OW, Cout, Cw, KH, KW,
+                               sh, sw, ph, pw, dh, dw, variant, co_block, packed)
+            else:
+                _direct_row(x, w, bias, zeros, y, n0, t, G, H, W, C, OH, OW, Cout, Cw, KH, KW,
+                            sh, sw, ph, pw, dh, dw, variant)
+        if relu:
+            _relu_inplace(y + n0 * per_image, (n1 - n0) * per_image)
+        return
+    if by_images:
+        for t in prange(tasks, num_threads=nt, schedule="static"):
+            _direct_images(x, w, bias, y, n0, n1, t, G, H, W, C, OH, OW, Cout, Cw, KH, KW,
+                           sh, sw, ph, pw, dh, dw, variant, co_block, packed)
+    else:
+        for t in prange(tasks, num_threads=nt, schedule="static"):
+            _direct_row(x, w, bias, zeros, y, n0, t, G, H, W, C, OH, OW, Cout, Cw, KH, KW,
+                        sh, sw, ph, pw, dh, dw, variant)
+    if relu:
+        for n in prange(n0, n1, num_threads=nt, schedule="static"):
+            _relu_inplace(y + n * per_image, per_image)
 
 
 # ---------------------------------------------------------------------------

@@ -253,7 +253,34 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
                     blocks = _conv.direct_weight_blocks(wt, g, threads)
                     _conv.conv_direct(x, None, b, packed, *args, True, blocks)
                     np.testing.assert_array_equal(packed, rows)
+                # chunks on the team (image-block aligned), and the fused ReLU
+                block = _conv.direct_image_block(np.dtype(dtype))
+                cut = min(n1, n0 + block)
+                chunks = [(n0, cut), (cut, n1)] if cut < n1 else [(n0, n1)]
+                relu = np.where(rows < 0, 0, rows)
+                relu[:n0], relu[n1:] = 7, 7
+                for by_images in (False, True):
+                    for fused in (False, True):
+                        out = np.full_like(rows, 7)
+                        _conv.conv_direct(x, wt, b, out, *args, by_images, None, chunks, fused)
+                        np.testing.assert_array_equal(out, relu if fused else rows)
     assert np.array_equal(images[0], np.full_like(images[0], 7))
+
+
+def test_direct_chunks_must_split_the_range():
+    from cnet_ext import _conv
+    x = np.zeros((20, 4, 4, 16), np.float32)
+    w = np.zeros((3, 3, 16, 32), np.float32)
+    y = np.zeros((20, 4, 4, 32), np.float32)
+    args = (1, 1, 1, 1, 1, 1, 2, 1)
+    for chunks, by_images in [([(0, 8), (9, 20)], False), ([(0, 8), (8, 19)], False),
+                              ([(0, 7), (7, 20)], True), ([(0, 20), (0, 20)], False),
+                              ([(8, 0)], False)]:
+        with pytest.raises(ValueError, match="do not split"):
+            _conv.conv_direct(x, w, None, y, 0, 20, *args, by_images, None, chunks)
+    block = _conv.direct_image_block(np.dtype(np.float32))
+    _conv.conv_direct(x, w, None, y, 0, 20, *args, True, None,
+                      [(0, block), (block, 2 * block), (2 * block, 20)])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
