@@ -67,7 +67,10 @@ _COL_CHUNK_BYTES = 1 << 20
 # while a chunk of few rows makes skinny GEMMs and a K x N weight-gradient
 # product written and summed per chunk.  One thread, fwd+bwd, 1 MB -> 8 MB:
 # VGG 512 ch at 4x4 (batch 64) 228 -> 155 ms, at 2x2 59 -> 41 ms; 256 ch at
-# 8x8 190 -> 155 ms; ResNet-18 512 ch at 2x2 (batch 32) 30 -> 22 ms.
+# 8x8 190 -> 155 ms; ResNet-18 512 ch at 2x2 (batch 32) 30 -> 22 ms.  Not for 1x1
+# layers, whose GEMM reads the input in place: OpenBLAS runs their forward faster
+# with fewer rows (ResNeXt 32x32x128->256, batch 64, 2 threads, 8 MB -> 1 MB:
+# forward 27.4 -> 24.8 ms, fwd+bwd 75.1 -> 72.3; 16x16 and 8x8 layers a tie).
 _WIDE_CHANNELS = 256
 _WIDE_CHUNK_BYTES = 8 << 20
 # Layers whose forward and weight gradient need no column buffer (direct and
@@ -493,7 +496,8 @@ class Conv2d(Module):
             paths = self._shape_paths(ow, x.dtype)
             if paths[0] != "im2col" and paths[1] != "gemm":     # no column buffers
                 budget = _KERNEL_CHUNK_BYTES
-            elif self.out_channels // self.groups >= _WIDE_CHANNELS:
+            elif (self.out_channels // self.groups >= _WIDE_CHANNELS
+                  and paths[0] != "pointwise"):
                 budget = _WIDE_CHUNK_BYTES
             else:
                 budget = _COL_CHUNK_BYTES
