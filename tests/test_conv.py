@@ -803,6 +803,23 @@ def test_linear_threads_identical_and_accumulates(rng):
     np.testing.assert_allclose(m.weight.grad, 2 * two[2], rtol=1e-6)
 
 
+@pytest.mark.parametrize("m,k,n", [(513, 256, 64), (7, 4096, 300), (64, 64, 64), (3000, 50, 40)])
+def test_small_gemm_row_parts_match_one_thread(m, k, n, rng, monkeypatch):
+    from cnet.nn import conv as conv_mod
+    monkeypatch.setattr(conv_mod, "_MIN_PART_MACS", 1 << 12)    # split even small ones
+    a = rng.standard_normal((k, m)).astype(np.float32).T        # a transposed view, as dW's
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.full((m, n), np.nan, np.float32)
+        with cnet.threads(threads):
+            conv_mod._gemm(a, b, out)
+        outs.append(out)
+    np.testing.assert_allclose(outs[0], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 def test_linear_bad_inputs(rng):
     m = nn.Linear(7, 5)
     name = r"Linear\(in_features=7, out_features=5, bias=True\)"

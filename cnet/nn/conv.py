@@ -36,7 +36,7 @@ rounds for the cores and the backward's stripes (_balanced_chunks).
 Chunking depends only on shapes (and that core count, not the thread count),
 and weight gradients are summed per fixed stripe of chunks and then in stripe
 order, so results are bitwise the same for any thread count.  Linear's small
-GEMMs also run on one BLAS thread (_small_gemm).
+GEMMs run in row parts on the same team, one BLAS thread each (_gemm).
 
 The chunking plan is made once per input shape and dtype; scratch buffers
 (column buffers, gradient slots) are shared by all layers of the calling
@@ -117,10 +117,17 @@ _MIN_TASKS = _threads.available_cores()
 # Stripes per backward at most: _STRIPES in whole rounds of the cores.
 _STRIPE_UNIT = max(_MIN_TASKS, _STRIPES - _STRIPES % _MIN_TASKS)
 
-# GEMMs under this many multiply-adds (~0.7 ms on one core) run on one BLAS
-# thread (Linear): ResNet-18's classifier (32 x 512 x 200) took 0.07 ms on one
+# GEMMs under this many multiply-adds (~0.7 ms on one core) do not use BLAS's own
+# threads (Linear): ResNet-18's classifier (32 x 512 x 200) took 0.07 ms on one
 # thread, 24-50 ms on two while another process kept the second core busy.
+# Instead they are split by rows over the OpenMP team, in parts of at least
+# _MIN_PART_MACS (~80 us on one core), each part on one BLAS thread: a part is a
+# Python task, and a worker that waits for the GIL sleeps (~50-100 us to wake).
+# Linear fwd+bwd, 2 threads, ms, one thread -> split: LeNet's fc1 (256 x 400 x
+# 120) 0.76 -> 0.60; with 1M-MAC parts fc2 (256 x 120 x 84) 0.20 -> 0.29 and
+# 32 x 512 x 200 0.28 -> 0.37.
 _SMALL_GEMM_MACS = 1 << 25
+_MIN_PART_MACS = 1 << 22
 
 _scratch_store = threading.local()
 
@@ -223,11 +230,30 @@ def _one_thread_blas(enabled=True):
             lib.set_num_threads(n)
 
 
-def _small_gemm(m, k, n):
-    """Whether an (m, k) x (k, n) GEMM is too small to split across BLAS threads:
-    one thread does it in well under a millisecond, and waking the others (a
-    time slice each when the cores are shared) costs more than it saves."""
-    return m * k * n < _SMALL_GEMM_MACS and num_threads() > 1
+def _gemm(a, b, out):
+    """out = a @ b (2-D).  Large GEMMs use BLAS's threads; small ones (waking BLAS's
+    sleeping pool costs more than they take) run in row parts on the OpenMP team
+    (or on this thread), each part on one BLAS thread.  Each element's sum is
+    over k in the same order however the rows are split."""
+    m, k = a.shape
+    n = b.shape[1]
+    nt = num_threads()
+    macs = m * k * n
+    if nt == 1 or macs >= _SMALL_GEMM_MACS:
+        np.matmul(a, b, out=out)
+        return
+    parts = min(nt, m, max(1, macs // _MIN_PART_MACS))
+    if parts < nt:
+        with _one_thread_blas():
+            np.matmul(a, b, out=out)
+        return
+    bounds = [(m * i // parts, m * (i + 1) // parts) for i in range(parts)]
+
+    def part(t, worker, kernel_threads):
+        r0, r1 = bounds[t]
+        np.matmul(a[r0:r1], b, out=out[r0:r1])
+
+    _run_tasks(part, parts, nt)
 
 
 def _bias_grad(dy2d, bias_grad):
@@ -869,8 +895,7 @@ class Linear(Module):
         x2 = x.reshape(-1, self.in_features)
         y = np.empty(x.shape[:-1] + (self.out_features,), x.dtype)
         y2 = y.reshape(-1, self.out_features)
-        with _one_thread_blas(_small_gemm(*x2.shape, self.out_features)):
-            np.matmul(x2, w, out=y2)
+        _gemm(x2, w, y2)
         if self.bias is not None:
             np.add(y2, self.bias.data, out=y2)
         if self.training:
@@ -885,15 +910,12 @@ class Linear(Module):
         dy2 = dy.reshape(-1, self.out_features)
         if self._dw is None or self._dw.dtype != w.dtype:
             self._dw = np.empty_like(w)
-        small = _small_gemm(*x2.shape, self.out_features)
-        with _one_thread_blas(small):
-            np.matmul(x2.T, dy2, out=self._dw)
+        _gemm(x2.T, dy2, self._dw)
         np.add(self.weight.grad, self._dw, out=self.weight.grad)
         if self.bias is not None:
             _bias_grad(dy2, self.bias.grad)
         if not self.input_grad:
             return None                     # requires_input_grad_(False)
         dx = np.empty_like(x)
-        with _one_thread_blas(small):
-            np.matmul(dy2, w.T, out=dx.reshape(-1, self.in_features))
+        _gemm(dy2, w.T, dx.reshape(-1, self.in_features))
         return dx
