@@ -20,7 +20,7 @@ The wrappers are the only shape checks (bounds checking is off).
 """
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 
 cimport cython
 from cython cimport floating
@@ -627,6 +627,42 @@ def _check_direct_groups(str what, Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t wci
                          f"channels per group, got {Cout // groups}")
 
 
+def _wgrad_variant_checked(str what, tuple xshape, tuple dyshape, tuple gwshape,
+                           Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw,
+                           Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                           Py_ssize_t G, Py_ssize_t lanes):
+    """Checks the direct weight gradient's shapes; returns its kernel variant."""
+    N, H, W, C = xshape
+    KH, KW, wcin, Cout = gwshape
+    if dyshape[0] != N or dyshape[3] != Cout or Cout % lanes:
+        raise ValueError(f"{what}: input {xshape}, output gradient {dyshape}, weight "
+                         f"gradient {gwshape} do not fit (C_out must be a multiple of {lanes})")
+    _check_direct_groups(what, C, Cout, wcin, G, lanes)
+    _check_geometry(xshape, ((n1 - n0) * dyshape[1] * dyshape[2], KH * KW * C), n0, n1,
+                    dyshape[1], dyshape[2], KH, KW, sh, sw, ph, pw, dh, dw, G, what)
+    return _wgrad_variant(Cout // G, lanes)
+
+
+cdef void _direct_wgrad_range(const floating* x, const floating* dy, floating* gw,
+                              int accumulate, Py_ssize_t n0, Py_ssize_t n1, int nt,
+                              Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                              Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
+                              Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                              Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                              int variant) noexcept nogil:
+    """The weight gradient of images [n0, n1) on nt threads (1: this thread alone).
+    (tap, group) pairs write disjoint blocks of gw: no reduction between threads."""
+    cdef Py_ssize_t task
+    if nt == 1:
+        for task in range(KH * KW * G):
+            _direct_wgrad_task(x, dy, gw, accumulate, n0, n1, task, G, H, W, C, OH, OW, Cout,
+                               KW, sh, sw, ph, pw, dh, dw, variant)
+    else:
+        for task in prange(KH * KW * G, num_threads=nt, schedule="dynamic"):
+            _direct_wgrad_task(x, dy, gw, accumulate, n0, n1, task, G, H, W, C, OH, OW, Cout,
+                               KW, sh, sw, ph, pw, dh, dw, variant)
+
+
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                       floating[:, :, :, ::1] gw, bint accumulate, Py_ssize_t n0, Py_ssize_t n1,
                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
@@ -637,31 +673,122 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = gw.shape[0], KW = gw.shape[1], Cout = gw.shape[3]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2]
-    cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t task, G = groups
-    cdef int nt
-    if dy.shape[0] != N or dy.shape[3] != Cout or Cout % lanes:
-        raise ValueError(f"conv_direct_wgrad: input {(N, H, W, C)}, output gradient "
-                         f"{(dy.shape[0], OH, OW, dy.shape[3])}, weight gradient "
-                         f"{(KH, KW, gw.shape[2], Cout)} do not fit "
-                         f"(C_out must be a multiple of {lanes})")
-    _check_direct_groups("conv_direct_wgrad", C, Cout, gw.shape[2], G, lanes)
-    _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
-                    KH, KW, sh, sw, ph, pw, dh, dw, G, "conv_direct_wgrad")
-    cdef int variant = _wgrad_variant(Cout // G, lanes)
-    # (tap, group) pairs write disjoint blocks of gw: no reduction between threads.
-    nt = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout, n_threads)
+    cdef int variant = _wgrad_variant_checked(
+        "conv_direct_wgrad", (N, H, W, C), (dy.shape[0], OH, OW, dy.shape[3]),
+        (KH, KW, gw.shape[2], Cout), n0, n1,
+        sh, sw, ph, pw, dh, dw, groups, 16 if floating is float else 8)
+    cdef int nt = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // groups) * Cout,
+                                    n_threads)
     with nogil:
-        if nt == 1:
-            for task in range(KH * KW * G):
-                _direct_wgrad_task(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                   n0, n1, task, G, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw,
-                                   dh, dw, variant)
+        _direct_wgrad_range(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate, n0,
+                            n1, nt, groups, H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh,
+                            dw, variant)
+
+
+def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
+                         floating[:, :, :, :, ::1] slots, chunks, Py_ssize_t stripes,
+                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                         Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
+                         dx=None, wflip=None, packed_flip=None, bint by_images=False):
+    """A direct layer's backward over image chunks, in one parallel region.
+
+    Stripe s (chunks [s * k // stripes, (s + 1) * k // stripes) of the k
+    ``chunks`` covering the batch) sums its chunks' weight gradients, in chunk
+    order, into ``slots[s]`` (HWIO, overwritten).  With ``dx``, each chunk's
+    input gradient is written too: conv_direct of dy with the flipped kernel
+    (``wflip`` = flip_weight(w, groups), or ``packed_flip`` = flip_weight(...,
+    blocked=True) for by_images) at stride 1, padding dilation * (k - 1) - padding;
+    that needs stride 1 (sh, sw describe the forward).  Stripes run on an n_threads
+    team, taken in turn (each with one-thread kernels); with fewer stripes than
+    threads they run one after another with parallel kernels.  The same sums as
+    conv_direct_wgrad / conv_direct called chunk by chunk.
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3]
+    cdef Py_ssize_t KH = slots.shape[1], KW = slots.shape[2], G = groups
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef Py_ssize_t[:, ::1] ck = _direct_chunks("conv_direct_backward", chunks, 0, N, by_images)
+    cdef Py_ssize_t n_chunks = ck.shape[0], s, Cw = 0, co_block = 0
+    cdef Py_ssize_t pdh = dh * (KH - 1) - ph, pdw = dw * (KW - 1) - pw
+    cdef int wg_variant, dx_variant = 0
+    cdef floating[:, :, :, ::1] dxv
+    cdef floating[::1] wflat
+    cdef floating* dxp = NULL
+    cdef const floating* wfp = NULL
+    cdef floating* zeros = NULL
+    cdef bint parallel_stripes = n_threads > 1 and stripes >= n_threads
+    if not 1 <= stripes <= n_chunks or slots.shape[0] < stripes:
+        raise ValueError(f"conv_direct_backward: {stripes} stripes of {n_chunks} chunks "
+                         f"into {slots.shape[0]} slots")
+    wg_variant = _wgrad_variant_checked("conv_direct_backward", (N, H, W, C), (N, OH, OW, Cout),
+                                        (KH, KW, slots.shape[3], slots.shape[4]), 0, N, sh, sw,
+                                        ph, pw, dh, dw,
+                                        G, lanes)
+    if dx is not None:
+        if (sh, sw) != (1, 1):
+            raise ValueError("conv_direct_backward: the flipped-kernel input gradient "
+                             "needs stride 1")
+        dxv = dx
+        if (dxv.shape[0], dxv.shape[1], dxv.shape[2], dxv.shape[3]) != (N, H, W, C):
+            raise ValueError(f"conv_direct_backward: dx of shape {np.shape(dx)} for "
+                             f"an input of {(N, H, W, C)}")
+        weight, _, Cw, _, _, dx_variant, co_block = _direct_operands(
+            "conv_direct_backward", (N, OH, OW, Cout), wflip, None, (N, H, W, C),
+            np.float32 if floating is float else np.float64, 0, N, 1, 1, pdh, pdw, dh, dw, G,
+            by_images, packed_flip)
+        wflat = weight
+        wfp = &wflat[0]
+        dxp = &dxv[0, 0, 0, 0]
+        zeros = <floating*>calloc(Cout, sizeof(floating))
+        if zeros == NULL:
+            raise MemoryError()
+    with nogil:
+        if parallel_stripes:
+            for s in prange(stripes, num_threads=n_threads, schedule="dynamic", chunksize=1):
+                _direct_backward_stripe(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0],
+                                        ck, s * n_chunks // stripes,
+                                        (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH, OW,
+                                        Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant,
+                                        dxp, wfp, zeros, Cw, pdh, pdw, dx_variant, co_block,
+                                        by_images, packed_flip is not None)
         else:
-            for task in prange(KH * KW * G, num_threads=nt, schedule="dynamic"):
-                _direct_wgrad_task(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0], accumulate,
-                                   n0, n1, task, G, H, W, C, OH, OW, Cout, KW, sh, sw, ph, pw,
-                                   dh, dw, variant)
+            for s in range(stripes):
+                _direct_backward_stripe(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0],
+                                        ck, s * n_chunks // stripes,
+                                        (s + 1) * n_chunks // stripes, n_threads, G, H, W, C,
+                                        OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw,
+                                        wg_variant, dxp, wfp, zeros, Cw, pdh, pdw, dx_variant,
+                                        co_block, by_images, packed_flip is not None)
+    free(zeros)
+
+
+cdef void _direct_backward_stripe(const floating* x, const floating* dy, floating* slot,
+                                  Py_ssize_t[:, ::1] ck, Py_ssize_t first, Py_ssize_t last,
+                                  int n_threads, Py_ssize_t G, Py_ssize_t H, Py_ssize_t W,
+                                  Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
+                                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
+                                  Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
+                                  int wg_variant, floating* dx, const floating* wflip,
+                                  const floating* zeros, Py_ssize_t Cw, Py_ssize_t pdh,
+                                  Py_ssize_t pdw, int dx_variant, Py_ssize_t co_block,
+                                  bint by_images, bint packed) noexcept nogil:
+    """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
+    then each chunk's dx (if dx), with n_threads-thread kernels."""
+    cdef Py_ssize_t t, n0, n1, wg_work, dx_work
+    cdef int nt_wg, nt_dx
+    for t in range(first, last):
+        n0, n1 = ck[t, 0], ck[t, 1]
+        wg_work = (n1 - n0) * OH * OW * KH * KW * (C // G) * Cout
+        nt_wg = effective_threads(wg_work, n_threads)
+        _direct_wgrad_range(x, dy, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW, Cout,
+                            KH, KW, sh, sw, ph, pw, dh, dw, wg_variant)
+        if dx != NULL:
+            # dx = conv(dy, flipped kernel): dy is its input (OH x OW x Cout), dx its output
+            nt_dx = effective_threads((n1 - n0) * H * W * KH * KW * (Cout // G) * Cw // G,
+                                      n_threads)
+            _direct_range(dy, wflip, NULL, zeros, dx, n0, n1, nt_dx, G, OH, OW, Cout, H, W, C,
+                          Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block, by_images,
+                          packed, False)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
@@ -995,6 +1122,83 @@ def direct_lanes(dtype):
     return 16 if dtype == np.float32 else 8
 
 
+def _direct_chunks(str what, chunks, Py_ssize_t n0, Py_ssize_t n1, bint by_images):
+    """``chunks`` as an (k, 2) intp array, checked to split [n0, n1) in order (at
+    multiples of the image block for by_images)."""
+    ck = np.ascontiguousarray(chunks, dtype=np.intp).reshape(-1, 2)
+    block = _image_block() if by_images else 1
+    covered = n0
+    for c0, c1 in ck.tolist():
+        if c0 != covered or c1 <= c0 or (c0 - n0) % block:
+            covered = -1
+            break
+        covered = c1
+    if covered != n1:
+        raise ValueError(f"{what}: chunks {ck.tolist()} do not split [{n0}, {n1}) in order"
+                         + (f" at multiples of {block} images" if by_images else ""))
+    return ck
+
+
+def _direct_operands(str what, tuple xshape, w, bias, tuple yshape, dtype, Py_ssize_t n0,
+                     Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                     Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t G, bint by_images, packed):
+    """Checks conv_direct's operands; returns (weight, bias, Cw, KH, KW, variant,
+    co_block): the weight the kernel reads as one flat array (HWIO, packed blocks,
+    or zero-padded to one vector with the padded bias as its last row; Cw its row
+    pitch) and the bias as a flat array or None."""
+    N, H, W, C = xshape
+    OH, OW = yshape[1], yshape[2]
+    lanes = 16 if dtype == np.float32 else 8
+    if packed is not None:
+        if not by_images:
+            raise ValueError(f"{what}: a packed weight needs by_images=True")
+        pk = np.asarray(packed)
+        if pk.ndim != 5:
+            raise ValueError(f"{what}: a packed weight has 5 axes, got shape {pk.shape}")
+        KH, KW, wcin, Cout = pk.shape[1], pk.shape[2], pk.shape[3], pk.shape[0] * pk.shape[4]
+        if w is not None and tuple(np.shape(w)) != (KH, KW, wcin, Cout):
+            raise ValueError(f"{what}: packed weight of shape {pk.shape} is "
+                             f"not direct_weight_blocks of {tuple(np.shape(w))}")
+        weight = pk
+    else:
+        weight = np.asarray(w)
+        if weight.ndim != 4:
+            raise ValueError(f"{what}: the weight has 4 axes (HWIO), got shape {weight.shape}")
+        KH, KW, wcin, Cout = weight.shape
+    if weight.dtype != dtype or not weight.flags.c_contiguous:
+        raise ValueError(f"{what}: the weight must be a contiguous {np.dtype(dtype)} array, "
+                         f"got {weight.dtype}")
+    if yshape[0] != N or yshape[3] != Cout or (Cout % lanes and Cout > lanes):
+        raise ValueError(f"{what}: input {xshape}, weight {(KH, KW, wcin, Cout)}, "
+                         f"output {yshape} do not fit "
+                         f"(C_out must be a multiple of {lanes} or less)")
+    _check_direct_groups(what, C, Cout, wcin, G, lanes)
+    _check_geometry(xshape, ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
+                    KH, KW, sh, sw, ph, pw, dh, dw, G, what)
+    variant = _direct_variant(Cout // G, lanes)
+    co_block = _image_co_block(Cout // G, lanes)
+    if packed is not None and weight.shape[4] != co_block:
+        raise ValueError(f"{what}: packed blocks of {weight.shape[4]} outputs, the kernel's "
+                         f"are {co_block}")
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (Cout,) or bias.dtype != dtype:
+            raise ValueError(f"{what}: bias of shape {bias.shape} ({bias.dtype}) for {Cout} "
+                             f"{np.dtype(dtype)} outputs")
+    if Cout % lanes:
+        # One partial vector: the kernel's full-vector loads read a weight zero-padded
+        # to `lanes` outputs, with the (padded) bias as one more row.
+        pad = np.zeros((KH * KW * C + 1, lanes), dtype)
+        pad[:-1, :Cout] = weight.reshape(-1, Cout)
+        if bias is not None:
+            pad[-1, :Cout] = bias
+        flat = pad.reshape(-1)
+        return (flat, None if bias is None else flat[KH * KW * C * lanes:], lanes, KH, KW,
+                variant, co_block)
+    return (weight.reshape(-1), None if bias is None else np.ascontiguousarray(bias), Cout,
+            KH, KW, variant, co_block)
+
+
 def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                 Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads,
@@ -1020,79 +1224,25 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     hand-offs of Python tasks.  The same sums as without them.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2]
-    cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t G = groups, tasks = (n1 - n0) * OH * groups, t
-    cdef Py_ssize_t KH, KW, wcin, Cout
-    cdef floating[:, :, :, ::1] wv
-    cdef floating[:, :, :, :, ::1] pk
-    cdef floating[::1] b
+    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2], Cout = y.shape[3]
+    cdef Py_ssize_t G = groups, Cw, KH, KW, co_block, ci, n_chunks = 0
+    cdef int variant, nt
+    cdef floating[::1] wflat, bflat
     cdef const floating* bp = NULL
     cdef floating* zeros
-    cdef const floating* wp = NULL
-    cdef floating[::1] wflat
-    cdef int nt
     cdef Py_ssize_t[:, ::1] ck
-    cdef Py_ssize_t n_chunks = 0, ci
     if chunks is not None:
-        ck = np.ascontiguousarray(chunks, dtype=np.intp).reshape(-1, 2)
+        ck = _direct_chunks("conv_direct", chunks, n0, n1, by_images)
         n_chunks = ck.shape[0]
-        covered = n0
-        for ci in range(n_chunks):
-            if ck[ci, 0] != covered or ck[ci, 1] <= ck[ci, 0] or (
-                    by_images and (ck[ci, 0] - n0) % _image_block()):
-                raise ValueError(f"conv_direct: chunks {np.asarray(ck).tolist()} do not split "
-                                 f"[{n0}, {n1}) in order" + (
-                                     f" at multiples of {_image_block()} images"
-                                     if by_images else ""))
-            covered = ck[ci, 1]
-        if covered != n1:
-            raise ValueError(f"conv_direct: chunks {np.asarray(ck).tolist()} do not split "
-                             f"[{n0}, {n1}) in order")
-    if packed is not None:
-        if not by_images:
-            raise ValueError("conv_direct: a packed weight needs by_images=True")
-        pk = packed
-        KH, KW, wcin, Cout = pk.shape[1], pk.shape[2], pk.shape[3], pk.shape[0] * pk.shape[4]
-        if w is not None and tuple(np.shape(w)) != (KH, KW, wcin, Cout):
-            raise ValueError(f"conv_direct: packed weight of shape {tuple(pk.shape)[:5]} is "
-                             f"not direct_weight_blocks of {tuple(np.shape(w))}")
-        wp = &pk[0, 0, 0, 0, 0]
-    else:
-        wv = w
-        KH, KW, wcin, Cout = wv.shape[0], wv.shape[1], wv.shape[2], wv.shape[3]
-        wp = &wv[0, 0, 0, 0]
-    cdef Py_ssize_t Cw = Cout
-    if y.shape[0] != N or y.shape[3] != Cout or (Cout % lanes and Cout > lanes):
-        raise ValueError(f"conv_direct: input {(N, H, W, C)}, weight "
-                         f"{(KH, KW, wcin, Cout)}, output {(y.shape[0], OH, OW, y.shape[3])} "
-                         f"do not fit (C_out must be a multiple of {lanes} or less)")
-    _check_direct_groups("conv_direct", C, Cout, wcin, G, lanes)
-    _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW,
-                    KH, KW, sh, sw, ph, pw, dh, dw, G, "conv_direct")
-    cdef int variant = _direct_variant(Cout // G, lanes)
-    cdef Py_ssize_t co_block = _image_co_block(Cout // G, lanes)
-    if packed is not None and pk.shape[4] != co_block:
-        raise ValueError(f"conv_direct: packed blocks of {pk.shape[4]} outputs, the kernel's "
-                         f"are {co_block}")
-    if bias is not None:
-        b = bias
-        if b.shape[0] != Cout:
-            raise ValueError(f"conv_direct: bias of shape ({b.shape[0]},) for {Cout} outputs")
-        bp = &b[0]
-    if Cout % lanes:
-        # One partial vector: the kernel's full-vector loads read a weight zero-padded
-        # to `lanes` outputs, with the (padded) bias as one more row.
-        Cw = lanes
-        pad = np.zeros((KH * KW * C + 1, lanes), np.asarray(w).dtype)
-        pad[:-1, :Cout] = np.asarray(w).reshape(-1, Cout)
-        if bias is not None:
-            pad[-1, :Cout] = np.asarray(b)
-        wflat = pad.reshape(-1)
-        wp = &wflat[0]
-        if bias is not None:
-            bp = &wflat[KH * KW * C * lanes]
-    nt = effective_threads(tasks * OW * KH * KW * (C // G) * Cw // G, n_threads)
+    weight, bias_flat, Cw, KH, KW, variant, co_block = _direct_operands(
+        "conv_direct", (N, H, W, C), w, bias, (y.shape[0], OH, OW, Cout),
+        np.float32 if floating is float else np.float64, n0, n1, sh, sw, ph, pw, dh, dw, G,
+        by_images, packed)
+    wflat = weight
+    if bias_flat is not None:
+        bflat = bias_flat
+        bp = &bflat[0]
+    nt = effective_threads((n1 - n0) * OH * G * OW * KH * KW * (C // G) * Cw // G, n_threads)
     zeros = <floating*>malloc(C * sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
@@ -1101,13 +1251,13 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
         if n_chunks:
             for ci in prange(n_chunks, num_threads=min(n_threads, n_chunks),
                              schedule="dynamic", chunksize=1):
-                _direct_range(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], ck[ci, 0],
+                _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], ck[ci, 0],
                               ck[ci, 1], 1, G, H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph,
                               pw, dh, dw, variant, co_block, by_images, packed is not None,
                               relu)
         else:
-            _direct_range(&x[0, 0, 0, 0], wp, bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G, H, W,
-                          C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
+            _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G,
+                          H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
                           co_block, by_images, packed is not None, relu)
     free(zeros)
 

@@ -267,6 +267,30 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
     assert np.array_equal(images[0], np.full_like(images[0], 7))
 
 
+def test_direct_backward_errors():
+    from cnet_ext import _conv
+    x = np.zeros((16, 4, 4, 16), np.float32)
+    dy = np.zeros((16, 4, 4, 32), np.float32)
+    w = np.zeros((3, 3, 16, 32), np.float32)
+    slots = np.zeros((2, 3, 3, 16, 32), np.float32)
+    chunks = [(0, 8), (8, 16)]
+    geom = (1, 1, 1, 1, 1, 1, 2, 1)
+    with pytest.raises(ValueError, match="3 stripes of 2 chunks"):
+        _conv.conv_direct_backward(x, dy, slots, chunks, 3, *geom)
+    with pytest.raises(ValueError, match="needs stride 1"):
+        _conv.conv_direct_backward(x, np.zeros((16, 2, 2, 32), np.float32), slots, chunks, 2,
+                                   2, 2, 1, 1, 1, 1, 2, 1,
+                                   np.zeros_like(x), _conv.flip_weight(w, 1, 1))
+    with pytest.raises(ValueError, match="dx of shape"):
+        _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, np.zeros((16, 4, 4, 8),
+                                   np.float32), _conv.flip_weight(w, 1, 1))
+    with pytest.raises(ValueError, match="do not split"):
+        _conv.conv_direct_backward(x, dy, slots, [(0, 8), (9, 16)], 2, *geom)
+    dx = np.full_like(x, np.nan)
+    _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, dx, _conv.flip_weight(w, 1, 1))
+    assert not np.isnan(dx).any() and not slots.any()
+
+
 def test_direct_chunks_must_split_the_range():
     from cnet_ext import _conv
     x = np.zeros((20, 4, 4, 16), np.float32)

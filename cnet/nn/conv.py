@@ -784,7 +784,8 @@ class Conv2d(Module):
             # GEMM has read them: one buffer per worker instead of two.
             dcols = cols if dw_path == "gemm" else self._worker_buffers(
                 "dcol", n_workers, ws["col_shape"], x.dtype)
-        elif dx_path == "direct":
+        wflip = packed_flip = None
+        if dx_path == "direct":
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             # dx = grouped conv of dy with the flipped kernel, inputs and outputs of
             # each group swapped (_conv.flip_weight), packed for the image-blocked
@@ -847,7 +848,12 @@ class Conv2d(Module):
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
-        _run_tasks(stripe, stripes, nt)
+        if dw_path == "direct" and dx_path in ("direct", None):
+            # All stripes in one parallel region of the kernels (no Python per chunk).
+            _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
+                                       self.groups, dx, wflip, packed_flip, by_images)
+        else:
+            _run_tasks(stripe, stripes, nt)
         for s in range(stripes):            # fixed order: same bits for any thread count
             if target.flags.c_contiguous:   # (VGG's 9.4 MB slots: ~0.5 ms each on one core)
                 _elementwise.add(target, slots[s], target, False, nt)
