@@ -923,3 +923,47 @@ def test_wide_layer_direct_weight_gradient_float64(kwargs, wide, rng):
         check_gradients(m, x, max_checks=40)
     finally:
         _conv._wide_vectors(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fold_direct_bytes", [0, None])
+def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fold_direct_bytes,
+                                                       rng, monkeypatch):
+    if fold_direct_bytes is not None:     # direct layers fold too (ResNeXt-sized maps)
+        monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", fold_direct_bytes)
+    # (N, H, C_in, C_out, kwargs): direct rows/images, wide im2col/regions, 1x1,
+    # grouped, depthwise, strided, with a bias
+    cases = [(9, 12, 8, 32, dict(kernel_size=3, padding=1)), (1, 12, 8, 32, dict(kernel_size=3)),
+             (10, 4, 64, 512, dict(kernel_size=3, padding=1, bias=False)),
+             (5, 36, 16, 256, dict(kernel_size=3, padding=1)),
+             (6, 6, 32, 256, dict(kernel_size=1)),
+             (7, 8, 32, 64, dict(kernel_size=3, padding=1, groups=4)),
+             (4, 8, 32, 32, dict(kernel_size=3, padding=1, groups=32)),
+             (5, 9, 16, 48, dict(kernel_size=3, stride=2, padding=1))]
+    for n, hw, cin, cout, kwargs in cases:
+        conv = nn.Conv2d(cin, cout, dtype=dtype, **kwargs)
+        bn = nn.BatchNorm2d(cout).to(dtype)
+        bn.running_mean[:] = rng.standard_normal(cout)
+        bn.running_var[:] = rng.uniform(0.5, 2.0, cout)
+        bn.weight.data[:] = rng.standard_normal(cout)
+        bn.bias.data[:] = rng.standard_normal(cout)
+        layers = [conv, bn] + ([nn.ReLU()] if relu else [])
+        model = nn.Sequential(*layers).eval()
+        x = rng.standard_normal((n, hw, hw, cin)).astype(dtype)
+        with cnet.threads(threads):
+            want = bn(conv(x))
+            if relu:
+                want = np.maximum(want, 0)
+            assert conv.folds_batchnorm(bn)
+            got = model(x)
+        np.testing.assert_array_equal(got, want)
+    # not in training mode, nor for a batch norm without running statistics
+    model.train()
+    assert not conv.folds_batchnorm(bn)
+    with pytest.raises(ValueError, match="cannot apply"):
+        conv.forward_with_batchnorm(x, bn)
+    conv.eval()
+    assert not conv.folds_batchnorm(nn.BatchNorm2d(cout, track_running_stats=False).to(dtype))
+    assert not conv.folds_batchnorm(nn.BatchNorm2d(cout + 1).to(dtype).eval())

@@ -13,7 +13,9 @@ class Sequential(Module):
     Fusion: when a child is directly followed by a ``ReLU`` and the child's
     ``fuse_relu()`` returns True (BatchNorm, Add, ...), the child applies the
     ReLU inside its own kernel and the ReLU is skipped: one pass over the
-    activations instead of two.  The result is identical.
+    activations instead of two.  In eval mode a Conv2d followed by a BatchNorm2d
+    applies it to each output chunk while in cache (folds_batchnorm).  The
+    result is identical.
     """
 
     def __init__(self, *layers):
@@ -69,8 +71,20 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        for layer in self._plan or self._build_plan():
-            x = layer.forward(x)
+        plan = self._plan or self._build_plan()
+        i = 0
+        while i < len(plan):
+            layer = plan[i]
+            nxt = plan[i + 1] if i + 1 < len(plan) else None
+            # Eval mode: a convolution applies the batch norm after it to each chunk
+            # of its output while in cache (Conv2d.forward_with_batchnorm).
+            if (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
+                    and layer.folds_batchnorm(nxt)):
+                x = layer.forward_with_batchnorm(x, nxt)
+                i += 2
+            else:
+                x = layer.forward(x)
+                i += 1
         return x
 
     def backward(self, grad):

@@ -109,10 +109,16 @@ class _BatchNorm(Module):
                 factor, num_threads())
             self._cache = x if self.training else None
         else:
-            _batchnorm.forward_eval(x2, y2, weight, bias, self.running_mean, self.running_var,
-                                    self.eps, self._relu, alpha, shift, num_threads())
+            self._forward_eval_rows(x2, y2, alpha, shift, num_threads())
             self._cache = None
         return y
+
+    def _forward_eval_rows(self, x2, y2, alpha, shift, n_threads):
+        """y2 = the eval-mode forward (ReLU included when fused) of rows x2 (M, C),
+        with alpha / shift as scratch (also Conv2d.forward_with_batchnorm's, per chunk)."""
+        _batchnorm.forward_eval(x2, y2, self.weight.data if self.affine else None,
+                                self.bias.data if self.affine else None, self.running_mean,
+                                self.running_var, self.eps, self._relu, alpha, shift, n_threads)
 
     def backward(self, grad_out):
         x = require_cache(self, self._cache)
