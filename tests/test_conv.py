@@ -958,6 +958,10 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
                 want = np.maximum(want, 0)
             assert conv.folds_batchnorm(bn)
             got = model(x)
+            fused = conv.forward_with_batchnorm(x, bn)   # whatever Sequential chose
+            if relu:
+                fused = np.maximum(fused, 0)
+        np.testing.assert_array_equal(fused, want)
         np.testing.assert_array_equal(got, want)
     # not in training mode, nor for a batch norm without running statistics
     model.train()
@@ -967,3 +971,10 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
     conv.eval()
     assert not conv.folds_batchnorm(nn.BatchNorm2d(cout, track_running_stats=False).to(dtype))
     assert not conv.folds_batchnorm(nn.BatchNorm2d(cout + 1).to(dtype).eval())
+    # given the input: not for a small direct layer, unless told to
+    small = nn.Conv2d(8, 32, 3, padding=1).to(dtype).eval()
+    bn32 = nn.BatchNorm2d(32).to(dtype).eval()
+    x = rng.standard_normal((4, 8, 8, 8)).astype(dtype)
+    assert small.folds_batchnorm(bn32, x) == (fold_direct_bytes == 0)
+    assert not small.folds_batchnorm(bn32, x[..., :4])      # wrong channels: forward raises
+

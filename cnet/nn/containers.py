@@ -79,7 +79,7 @@ class Sequential(Module):
             # Eval mode: a convolution applies the batch norm after it to each chunk
             # of its output while in cache (Conv2d.forward_with_batchnorm).
             if (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
-                    and layer.folds_batchnorm(nxt)):
+                    and layer.folds_batchnorm(nxt, x)):
                 x = layer.forward_with_batchnorm(x, nxt)
                 i += 2
             else:

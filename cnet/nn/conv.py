@@ -112,8 +112,9 @@ _IMAGE_BLOCK_MAX_WIDTH = 32
 # every C_out values, which at 512 outputs maps onto 1/16 of L2's sets and is
 # evicted between images (VGG 4x4x512, batch 64, one thread: 40 -> 31 ms).
 _PACK_WEIGHT_BYTES = 1 << 20
-# Eval mode: a direct layer applies the next batch norm per chunk (Python tasks,
-# Conv2d.forward_with_batchnorm) only when its output is at least this big; below,
+# Eval mode: Sequential lets a direct layer apply the next batch norm per chunk
+# (Python tasks, Conv2d.forward_with_batchnorm) only when its output is at least
+# this big (Conv2d.folds_batchnorm); below,
 # the kernel runs all chunks without Python and the batch norm's pass stays in
 # L3.  2 threads, inference, two calls -> per chunk: ResNet-20 (8 MB maps)
 # 52 -> 55 ms; ResNeXt-29 (32-67 MB maps) 733-765 -> 691-708 ms.
@@ -685,16 +686,30 @@ class Conv2d(Module):
     def forward(self, x):
         return self._forward(x, None)
 
-    def folds_batchnorm(self, bn):
+    def folds_batchnorm(self, bn, x=None):
         """Whether forward_with_batchnorm(x, bn) may stand for bn(self(x)): both in
         eval mode, bn a BatchNorm2d over this layer's outputs with running
         statistics, neither forward replaced on the instance (a profiler's wrapper
-        must see its own call)."""
+        must see its own call).  Given the input x, also whether it pays: not for
+        a direct layer with an output under _FOLD_DIRECT_BYTES."""
         from .normalization import BatchNorm2d
-        return (not self.training and isinstance(bn, BatchNorm2d) and not bn.training
+        w = self.weight.data
+        if not (not self.training and isinstance(bn, BatchNorm2d) and not bn.training
                 and bn.track_running_stats and bn.num_features == self.out_channels
-                and bn._dtype() == self.weight.data.dtype
-                and "forward" not in self.__dict__ and "forward" not in bn.__dict__)
+                and bn._dtype() == w.dtype
+                and "forward" not in self.__dict__ and "forward" not in bn.__dict__):
+            return False
+        if x is None:
+            return True
+        if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[3] == self.in_channels
+                and x.dtype == w.dtype):
+            return False                     # forward's own checks will say why
+        try:
+            out_shape = self.output_shape(x.shape)
+        except ValueError:
+            return False
+        direct = self._workspace(x, out_shape)["paths"][0] == "direct"
+        return not direct or math.prod(out_shape) * x.itemsize >= _FOLD_DIRECT_BYTES
 
     def forward_with_batchnorm(self, x, bn):
         """bn(self(x)) for an eval-mode BatchNorm2d (see folds_batchnorm), the batch
@@ -702,8 +717,8 @@ class Conv2d(Module):
         still in cache: the raw output never goes to memory, and one pass over
         the activations is saved (ResNeXt-29 inference at 2 threads: 58 ms of
         batch norm per 742 ms step, the 64x32x32x256 maps being larger than L3;
-        733-765 -> 691-708 ms).  Direct layers with smaller outputs run the two
-        calls (_FOLD_DIRECT_BYTES).  The same values as the two calls (eval mode has no batch statistics)."""
+        733-765 -> 691-708 ms); Sequential does it where folds_batchnorm(bn, x)
+        says it pays.  The same values as the two calls (eval mode has no batch statistics)."""
         if not self.folds_batchnorm(bn):
             raise ValueError(f"{self._describe()}: cannot apply {bn._describe()} to its chunks "
                              "(both must be in eval mode, a BatchNorm2d with running "
@@ -720,9 +735,6 @@ class Conv2d(Module):
         ws = self._workspace(x, out_shape)
         chunk, n_chunks, bounds, rows = ws["chunk"], ws["n_chunks"], ws["bounds"], oh * ow
         path, _, _, by_images = ws["paths"]
-        if (bn is not None and path == "direct"
-                and n * oh * ow * cout * x.itemsize < _FOLD_DIRECT_BYTES):
-            return bn.forward(self._forward(x, None))
         packed = self._packed(w, by_images, nt)
         n_workers = min(nt, n_chunks)
         if path == "im2col":
