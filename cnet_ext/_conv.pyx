@@ -774,12 +774,11 @@ cdef void _direct_backward_stripe(const floating* x, const floating* dy, floatin
                                   bint by_images, bint packed) noexcept nogil:
     """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
     then each chunk's dx (if dx), with n_threads-thread kernels."""
-    cdef Py_ssize_t t, n0, n1, wg_work, dx_work
+    cdef Py_ssize_t t, n0, n1
     cdef int nt_wg, nt_dx
     for t in range(first, last):
         n0, n1 = ck[t, 0], ck[t, 1]
-        wg_work = (n1 - n0) * OH * OW * KH * KW * (C // G) * Cout
-        nt_wg = effective_threads(wg_work, n_threads)
+        nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout, n_threads)
         _direct_wgrad_range(x, dy, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW, Cout,
                             KH, KW, sh, sw, ph, pw, dh, dw, wg_variant)
         if dx != NULL:
