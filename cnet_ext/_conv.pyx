@@ -1242,10 +1242,9 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
         bflat = bias_flat
         bp = &bflat[0]
     nt = effective_threads((n1 - n0) * OH * G * OW * KH * KW * (C // G) * Cw // G, n_threads)
-    zeros = <floating*>malloc(C * sizeof(floating))
+    zeros = <floating*>calloc(C, sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
-    memset(zeros, 0, C * sizeof(floating))
     with nogil:
         if n_chunks:
             for ci in prange(n_chunks, num_threads=min(n_threads, n_chunks),
