@@ -185,6 +185,11 @@ def test_unequal_chunks_match_reference_and_gradients(cfg, rng, monkeypatch):
     check_gradients(m, x, max_checks=60)
 
 
+def no_scatter(monkeypatch):
+    """Layers with few inputs take col2im for dx instead of conv_scatter_dx."""
+    monkeypatch.setattr(conv_mod._conv, "scatter_dx_fits", lambda *args: False)
+
+
 # -- torch parity (float32) ---------------------------------------------------------
 
 def _close(a, b, what):
@@ -214,6 +219,7 @@ def _check_torch_parity(m, x, rng):
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("gemm-")])
 def test_torch_parity_region_path(name, rng, monkeypatch):
     monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0)    # regions at any batch size
+    no_scatter(monkeypatch)                                 # (few inputs: scatter dx)
     cfg = CONFIGS[name]
     m = make(cfg)
     m(make_input(cfg, rng))
@@ -476,6 +482,7 @@ def test_direct_kernel_matches_im2col_path(args, kwargs, rng, monkeypatch):
     assert direct._paths(x.dtype)[:2] == ("direct", "direct")
     assert (direct._paths(x.dtype)[2] == "direct") == (direct.stride == (1, 1))
     monkeypatch.setattr(conv_mod, "_DIRECT_MAX_CHANNELS", 0)
+    no_scatter(monkeypatch)
     general = nn.Conv2d(*args, **kwargs)
     general.load_state_dict(direct.state_dict())
     np.testing.assert_allclose(general(x), y, rtol=1e-5, atol=1e-5)
@@ -556,6 +563,7 @@ def test_direct_kernels_refuse_bad_groups(rng):
 def test_region_path_matches_im2col_path(args, kwargs, hw, n_regions, rng, monkeypatch):
     # Small batches: allow regions whatever their GEMMs' row count (a speed rule).
     monkeypatch.setattr(conv_mod, "_REGION_MIN_ROWS", 0)
+    no_scatter(monkeypatch)
     region = nn.Conv2d(*args, **kwargs)
     general = nn.Conv2d(*args, **kwargs)
     x = rng.standard_normal((3,) + hw + (args[0],)).astype(np.float32)

@@ -1,6 +1,8 @@
 """Small-channel convolution paths (LeNet-5): C_out below one SIMD vector takes the
 direct forward kernel with zero-padded weights and a partial store, and with
-KW * C_in <= 8 the weight gradient blocked over a kernel row's (kw, c) pairs."""
+KW * C_in <= 8 the weight gradient blocked over a kernel row's (kw, c) pairs.
+With one input channel, stride and dilation 1 along the width (and AVX-512),
+both are the narrow kernels instead, whose vector lanes are pixels."""
 import numpy as np
 import pytest
 
@@ -15,6 +17,25 @@ CASES = [((1, 6, 5), {}),                                    # LeNet conv1 (smal
          ((2, 1, 2), dict(stride=(1, 2), padding=(0, 1))),         # small wgrad
          ((1, 6, 3), dict(stride=2, padding=1)),                   # small wgrad, edges
          ((2, 4, 3), dict(stride=(2, 1), padding=2, dilation=2))]  # small wgrad, edges
+
+# One input channel, C_out below a float32 vector, stride/dilation 1 along the width:
+# the narrow kernels (_conv._narrow_fits) where the machine has AVX-512.  Widths
+# past one and two vectors of pixels, padding on either side, channel passes of 6
+# (C_out 10, 15), kernels wider than a tap block of 3 (KW 5, 7, 9).
+NARROW_CASES = [((1, 6, 5), dict(padding=2)),
+                ((1, 10, 3), dict(stride=(2, 1), padding=1, dilation=(2, 1))),
+                ((1, 15, (2, 7)), dict(padding=(1, 3), bias=False)),
+                ((1, 3, (3, 9)), dict(padding=(0, 4))),
+                ((1, 7, 1), dict(padding=1))]
+
+# Few input channels (KW * C_in within two vectors, dilation 1 along the width): dx
+# by conv_scatter_dx instead of col2im.  Kernel rows in blocks of 5 (3 up to KH 3):
+# KH 7 has a padded block; strides, padding past the edges, dilation along H.
+SCATTER_CASES = [((6, 16, 5), {}),                                     # LeNet conv2
+                 ((3, 8, 3), dict(stride=2, padding=1)),
+                 ((2, 20, 7), dict(padding=3, dilation=(2, 1))),
+                 ((4, 5, (1, 7)), dict(stride=(1, 3), padding=(0, 3), bias=False)),
+                 ((10, 3, 3), dict(padding=2))]
 
 
 def reference(x, w, b, stride, padding, dilation):
@@ -54,7 +75,7 @@ def test_partial_vector_gradients(args, kwargs, rng):
     check_gradients(m, x)
 
 
-@pytest.mark.parametrize("args,kwargs", CASES[:2])
+@pytest.mark.parametrize("args,kwargs", CASES[:2] + NARROW_CASES[:1] + SCATTER_CASES[:2])
 def test_partial_vector_torch_parity(args, kwargs, rng):
     pytest.importorskip("torch")
     m = nn.Conv2d(*args, **kwargs)
@@ -156,3 +177,140 @@ def test_fused_relu_gradients_threads_and_eval(rng):
     m.eval()
     m(x)
     assert m[0]._y is None and m[0]._x is None
+
+
+def narrow_runs(m, dtype):
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    return _conv._narrow_fits(m.in_channels, m.out_channels, m.kernel_size[1], m.stride[1],
+                              m.dilation[1], m.groups, lanes, False)
+
+
+@pytest.mark.parametrize("args,kwargs", NARROW_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [5, 19, 40])
+def test_narrow_forward_and_weight_gradient_match_reference(args, kwargs, dtype, width, rng):
+    m = nn.Conv2d(*args, **kwargs).to(dtype)
+    assert narrow_runs(m, dtype) == (_conv._wide_vectors() and m.out_channels
+                                     < _conv.direct_lanes(np.dtype(dtype)))
+    x = rng.standard_normal((3, 9, width, 1)).astype(dtype)
+    y = m(x)
+    b = None if m.bias is None else m.bias.data
+    ref = reference(x, m.weight.data, b, m.stride, m.padding, m.dilation)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
+    # weight gradient: sum over pixels of the input window times dy (float64 loops)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    m.backward(dy)
+    (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
+    xp = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    oh, ow = y.shape[1:3]
+    kh, kw = m.kernel_size
+    gw = np.zeros(m.weight.data.shape)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            gw[i, j] = np.einsum("nhwc,nhwo->co", patch, dy.astype(np.float64))
+    np.testing.assert_allclose(m.weight.grad, gw, rtol=tol, atol=tol * 10)
+    if m.bias is not None:
+        np.testing.assert_allclose(m.bias.grad, dy.astype(np.float64).sum(axis=(0, 1, 2)),
+                                   rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("args,kwargs", NARROW_CASES[:3])
+def test_narrow_gradients(args, kwargs, rng):
+    m = nn.Conv2d(*args, **kwargs)
+    check_gradients(m, rng.standard_normal((2, 7, 11, 1)))
+
+
+@pytest.mark.parametrize("args,kwargs", NARROW_CASES)
+def test_narrow_equals_the_row_block_kernels(args, kwargs, rng):
+    """The narrow kernels against the 8 x 1 row blocks and the small / GEMM weight
+    gradient (two-vector blocks switched off), float32, two threads and one."""
+    x = rng.standard_normal((16, 12, 30, 1)).astype(np.float32)
+    runs = []
+    for wide in (True, False):
+        previous = _conv._wide_vectors(wide)
+        try:
+            for nt in (1, 2):
+                cnet.manual_seed(0)
+                m = nn.Conv2d(*args, **kwargs)
+                with cnet.threads(nt):
+                    y = m(x)
+                    m.backward(np.cos(y))
+                runs.append((wide, nt, y, m.weight.grad.copy()))
+        finally:
+            _conv._wide_vectors(previous)
+    for wide, nt, y, gw in runs[1:]:
+        same = runs[0] if wide else runs[2]
+        np.testing.assert_array_equal(y, same[2])       # bitwise for any thread count
+        np.testing.assert_array_equal(gw, same[3])
+        np.testing.assert_allclose(y, runs[0][2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gw, runs[0][3], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels", [1, 6, 15, 16, 40])
+@pytest.mark.parametrize("rows", [7, 16, 1000, 4099])
+def test_bias_grad_matches_float64_sum(channels, rows, rng):
+    """bias_grad (flat runs of 16 rows below 16 channels) against numpy's float64 sum,
+    added to what the gradient held, and bitwise the same on 1 and 2 threads."""
+    dy = rng.standard_normal((rows, channels)).astype(np.float32)
+    start = rng.standard_normal(channels).astype(np.float32)
+    got = []
+    for nt in (1, 2):
+        db = start.copy()
+        _conv.bias_grad(dy, db, nt)
+        got.append(db)
+    np.testing.assert_array_equal(got[0], got[1])
+    want = start.astype(np.float64) + dy.astype(np.float64).sum(axis=0)
+    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,kwargs", SCATTER_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_dx_matches_col2im(args, kwargs, dtype, rng, monkeypatch):
+    x = rng.standard_normal((5, 11, 13, args[0])).astype(dtype)
+    runs = []
+    for scatter in (True, False):
+        with monkeypatch.context() as patch:
+            if not scatter:
+                patch.setattr(_conv, "scatter_dx_fits", lambda *a: False)
+            cnet.manual_seed(0)
+            m = nn.Conv2d(*args, **kwargs).to(dtype)
+            y = m(x)
+            assert (m._ws["paths"][2] == "scatter") == (
+                scatter and _conv._wide_vectors()
+                and m.kernel_size[1] * args[0] <= 2 * _conv.direct_lanes(np.dtype(dtype)))
+            runs.append(m.backward(np.sin(y)))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(runs[0], runs[1], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("args,kwargs", SCATTER_CASES[:3])
+def test_scatter_dx_gradients_and_threads(args, kwargs, rng):
+    m = nn.Conv2d(*args, **kwargs)
+    check_gradients(m, rng.standard_normal((2, 9, 10, args[0])), check_params=False)
+    x = rng.standard_normal((32, 14, 14, args[0])).astype(np.float32)
+    m.float()
+    dxs = []
+    for nt in (1, 2):
+        with cnet.threads(nt):
+            y = m(x)
+            dxs.append(m.backward(np.cos(y)))
+    np.testing.assert_array_equal(dxs[0], dxs[1])
+
+
+def test_conv_scatter_dx_errors():
+    dy = np.zeros((2, 6, 6, 4), np.float32)
+    dx = np.zeros((2, 10, 10, 6), np.float32)
+    w = np.zeros((5, 5, 6, 4), np.float32)
+    if not _conv._wide_vectors():
+        pytest.skip("conv_scatter_dx needs AVX-512")
+    with pytest.raises(ValueError, match="scatter_weight of a 5x5 kernel"):
+        _conv.conv_scatter_dx(dy, np.zeros((5, 4, 30), np.float32), dx, 0, 2, 5, 5,
+                              1, 1, 0, 0, 1, 1, 1)
+    with pytest.raises(ValueError, match="does not fit"):     # 7 * 6 > 32
+        _conv.conv_scatter_dx(dy, _conv.scatter_weight(w), np.zeros((2, 12, 12, 6),
+                              np.float32), 0, 2, 5, 7, 1, 1, 0, 0, 1, 1, 1)
+    with pytest.raises(ValueError, match="output size"):
+        _conv.conv_scatter_dx(dy, _conv.scatter_weight(w), dx, 0, 2, 5, 5, 1, 1, 1, 0,
+                              1, 1, 1)

@@ -15,6 +15,12 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
   pixels of a row (Conv2d._shape_paths): every image of a block has the same
   in-bounds taps, so the padding products that im2col multiplies (3x3: 31% at
   4x4) are skipped; wide weights are repacked per channel block.
+- One input channel and few outputs (LeNet's conv1, 1 -> 6; AVX-512): the
+  narrow kernels put pixels, not channels, in the vector lanes (forward and
+  weight gradient; the channel-vector kernels would fill 6 of 16 lanes).
+- Few inputs (a kernel row's KW * C_in values within two vectors, LeNet's conv2):
+  dx without col2im, each output pixel's dy scattered onto its input window
+  (_conv.conv_scatter_dx).
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
@@ -434,6 +440,8 @@ class Conv2d(Module):
                    with zero-padded weights; its weight gradient is "small" (blocked
                    over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
+        scatter:   dx of layers with few inputs (_conv.scatter_dx_fits) in place of
+                   col2im.
         otherwise im2col / batched GEMM / col2im, with the weight gradient
                    "direct" for spatial kernels whose C_out per group fills the
                    6 x 4 weight-gradient block; on small padded maps the im2col
@@ -450,6 +458,11 @@ class Conv2d(Module):
         # (C_in < lanes would fit the dx kernel too, but LeNet's 6 measured slower
         # than col2im: 6.6 vs 4.6 ms.)
         direct_dx = cin_g <= _DIRECT_MAX_CHANNELS and self._flipped_dx_fits(lanes)
+        # Few inputs (a kernel row's KW * C_in values within two vectors): each
+        # output pixel scatters its dy onto dx without col2im's K = C_out GEMM
+        # (LeNet's conv2, 6 -> 16, batch 256 in 8 chunks, one thread: 2.8 -> 2.0 ms).
+        col2im = ("scatter" if _conv.scatter_dx_fits(cin, kw, self.dilation[1], g, dtype)
+                  else "col2im")
         # A 1x1 is a plain GEMM with K = C_in: BLAS catches up sooner (ResNeXt's
         # 64 -> 128 at 32x32, 2 threads: direct 31.7 ms, GEMM 22.8; 64 -> 64 a tie).
         max_direct = (_DIRECT_MAX_POINTWISE if pointwise and g == 1
@@ -457,7 +470,7 @@ class Conv2d(Module):
         if cout_g <= max_direct and cout_g % lanes == 0:
             # (a 1x1 with too many inputs for the direct dx kernel: one GEMM into dx)
             return "direct", "direct", ("direct" if direct_dx else
-                                        "pointwise" if pointwise else "col2im")
+                                        "pointwise" if pointwise else col2im)
         # Wide layers keep their GEMM forward and input gradient, but the direct
         # kernel's 6 x 4 block beats im2col + sgemm for the weight gradient of a
         # spatial kernel (and skips the padding): see _conv._wgrad_variant.  Not
@@ -474,8 +487,8 @@ class Conv2d(Module):
             # and with KW * C_in <= 8 so does a weight gradient that blocks over
             # the kernel row's (kw, c) pairs (conv1: 1.9 vs 6.7 ms).
             small = _conv.small_wgrad_fits(cin, cout, kw, np.dtype(dtype))
-            return "direct", "small" if small else "gemm", "direct" if direct_dx else "col2im"
-        return "im2col", wide_dw, "col2im"
+            return "direct", "small" if small else "gemm", "direct" if direct_dx else col2im
+        return "im2col", wide_dw, col2im
 
     def _flipped_dx_fits(self, lanes):
         """Whether dx can run as a convolution of dy with the flipped kernel (stride 1,
@@ -853,6 +866,8 @@ class Conv2d(Module):
             dcols = cols if dw_path == "gemm" else self._worker_buffers(
                 "dcol", n_workers, ws["col_shape"], x.dtype)
         wflip = packed_flip = None
+        if dx_path == "scatter":
+            wscatter = _conv.scatter_weight(w)
         if dx_path == "direct":
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             # dx = grouped conv of dy with the flipped kernel, inputs and outputs of
@@ -911,6 +926,8 @@ class Conv2d(Module):
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
+                elif dx_path == "scatter":
+                    _conv.conv_scatter_dx(dy, wscatter, dx, n0, n1, kh, kw, *geom[2:8], kt)
                 elif dx_path == "col2im":
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
