@@ -60,6 +60,7 @@ def show_config(file=None):
         "available_cores": _threads.available_cores(),
         "blas": _threads.blas_info(),
         "openblas_coretype": _os.environ.get("OPENBLAS_CORETYPE"),
+        "cblas_from_kernels": _threads.cblas_gemm() is not None,
     }
     lines = [f"cnet {info['cnet']}  (python {info['python']}, numpy {info['numpy']})",
              f"platform:        {info['platform']}",
@@ -71,6 +72,10 @@ def show_config(file=None):
         lines.append("note:            numpy was imported before cnet, so OpenBLAS keeps its idle "
                      "threads spinning ~0.1 s after each GEMM; import cnet first or set "
                      "OPENBLAS_THREAD_TIMEOUT=4 for better multi-thread speed")
+    lines.append("small GEMMs:     " + ("row parts call the BLAS from the OpenMP team"
+                                         if info["cblas_from_kernels"] else
+                                         "row parts run as Python tasks (no cblas symbols "
+                                         "found in numpy's BLAS)"))
     for lib in info["blas"]:
         lines.append(f"{lib['api']:<16} {lib['internal_api']} {lib['version']}, "
                      f"{lib['num_threads']} threads"

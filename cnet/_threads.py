@@ -49,6 +49,44 @@ def _blas_controller():
     return _controller
 
 
+_CBLAS_NAMES = [("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_", True),   # numpy >= 2 wheels
+                ("cblas_sgemm64_", "cblas_dgemm64_", True),
+                ("cblas_sgemm", "cblas_dgemm", None)]     # int width from the build config
+_cblas = None
+
+
+def cblas_gemm():
+    """(sgemm address, dgemm address, 64-bit integers) of the cblas GEMMs in the BLAS
+    numpy uses, or None: OpenBLAS only, where its symbols can be found and their
+    integer width is known.  Cached; the library stays loaded with numpy."""
+    global _cblas
+    if _cblas is not None:
+        return _cblas or None
+    import ctypes
+    found = ()
+    for lib in _blas_controller().lib_controllers:
+        if lib.user_api != "blas" or lib.internal_api != "openblas" or found:
+            continue
+        try:
+            dll = ctypes.CDLL(lib.filepath)
+        except OSError:
+            continue
+        for sname, dname, int64 in _CBLAS_NAMES:
+            if not (hasattr(dll, sname) and hasattr(dll, dname)):
+                continue
+            if int64 is None:         # plain names: ILP64 builds say so in their config
+                get_config = getattr(dll, "openblas_get_config", None)
+                if get_config is None:
+                    break
+                get_config.restype = ctypes.c_char_p
+                int64 = b"USE64BITINT" in (get_config() or b"")
+            found = (ctypes.cast(getattr(dll, sname), ctypes.c_void_p).value,
+                     ctypes.cast(getattr(dll, dname), ctypes.c_void_p).value, int64)
+            break
+    _cblas = found
+    return found or None
+
+
 def num_threads():
     """Thread count for kernels and BLAS (hot path: a global read)."""
     n = _num_threads

@@ -845,20 +845,47 @@ def test_linear_threads_identical_and_accumulates(rng):
 
 
 @pytest.mark.parametrize("m,k,n", [(513, 256, 64), (7, 4096, 300), (64, 64, 64), (3000, 50, 40)])
-def test_small_gemm_row_parts_match_one_thread(m, k, n, rng, monkeypatch):
+@pytest.mark.parametrize("from_c", [True, False], ids=["cblas from C", "Python tasks"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_gemm_row_parts_match_one_thread(m, k, n, from_c, dtype, rng, monkeypatch):
     from cnet.nn import conv as conv_mod
     monkeypatch.setattr(conv_mod, "_MIN_PART_MACS", 1 << 12)    # split even small ones
-    a = rng.standard_normal((k, m)).astype(np.float32).T        # a transposed view, as dW's
-    b = rng.standard_normal((k, n)).astype(np.float32)
+    monkeypatch.setattr(conv_mod, "_MIN_PART_MACS_C", 1 << 12)
+    if from_c and not conv_mod._cblas_ready():
+        pytest.skip("numpy's BLAS has no cblas symbols cnet knows")
+    monkeypatch.setattr(conv_mod, "_cblas_ready", lambda: from_c)
+    a = rng.standard_normal((k, m)).astype(dtype).T            # a transposed view, as dW's
+    b = rng.standard_normal((n, k)).astype(dtype).T            # and as dx's w.T
     outs = []
     for threads in (1, 2, 3):
-        out = np.full((m, n), np.nan, np.float32)
+        out = np.full((m, n), np.nan, dtype)
         with cnet.threads(threads):
             conv_mod._gemm(a, b, out)
         outs.append(out)
-    np.testing.assert_allclose(outs[0], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(outs[0], a.astype(np.float64) @ b, rtol=tol, atol=tol * 10)
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def test_gemm_rows_parts_and_refusals(rng):
+    from cnet_ext import _blas
+    from cnet.nn import conv as conv_mod
+    if not conv_mod._cblas_ready():
+        pytest.skip("numpy's BLAS has no cblas symbols cnet knows")
+    a = rng.standard_normal((37, 20)).astype(np.float32)
+    b = rng.standard_normal((20, 9)).astype(np.float32)
+    out = np.full((37, 9), np.nan, np.float32)
+    assert _blas.gemm_rows(a, b, out, 5, 2)
+    for i in range(5):                      # each part is one BLAS call on its rows
+        r0, r1 = 37 * i // 5, 37 * (i + 1) // 5
+        np.testing.assert_array_equal(out[r0:r1], a[r0:r1] @ b)
+    with pytest.raises(ValueError, match="38 row parts of 37 rows"):
+        _blas.gemm_rows(a, b, out, 38, 2)
+    assert not _blas.gemm_rows(a[:, ::2], b[::2], out, 2, 2)           # strided: declined
+    assert not _blas.gemm_rows(a, b, np.zeros((9, 37), np.float32).T, 2, 2)
+    assert not _blas.gemm_rows(a.astype(np.float64), b, out, 2, 2)       # mixed dtypes
+    assert not _blas.gemm_rows(a, b[:19], out, 2, 2)                     # shapes
 
 
 def test_linear_bad_inputs(rng):

@@ -35,6 +35,7 @@ def test_show_config_reports():
     assert "OpenMP kernels:  on" in text and info["openmp"] is True
     assert info["num_threads"] == cnet.get_num_threads()
     assert any(i["api"] == "blas" for i in info["blas"])
+    assert "small GEMMs:" in text and isinstance(info["cblas_from_kernels"], bool)
 
 
 def _allocator_state(**env):

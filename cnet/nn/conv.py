@@ -55,7 +55,7 @@ import threading
 
 import numpy as np
 
-from cnet_ext import _conv, _elementwise, _openmp_helpers
+from cnet_ext import _blas, _conv, _elementwise, _openmp_helpers
 
 from .. import init
 from .. import _threads
@@ -133,14 +133,17 @@ _STRIPE_UNIT = max(_MIN_TASKS, _STRIPES - _STRIPES % _MIN_TASKS)
 # GEMMs under this many multiply-adds (~0.7 ms on one core) do not use BLAS's own
 # threads (Linear): ResNet-18's classifier (32 x 512 x 200) took 0.07 ms on one
 # thread, 24-50 ms on two while another process kept the second core busy.
-# Instead they are split by rows over the OpenMP team, in parts of at least
-# _MIN_PART_MACS (~80 us on one core), each part on one BLAS thread: a part is a
-# Python task, and a worker that waits for the GIL sleeps (~50-100 us to wake).
-# Linear fwd+bwd, 2 threads, ms, one thread -> split: LeNet's fc1 (256 x 400 x
-# 120) 0.76 -> 0.60; with 1M-MAC parts fc2 (256 x 120 x 84) 0.20 -> 0.29 and
-# 32 x 512 x 200 0.28 -> 0.37.
+# Instead they are split by rows over the OpenMP team, each part on one BLAS
+# thread.  Where the BLAS's cblas symbols are known (_threads.cblas_gemm) every
+# worker calls it from C (_blas.gemm_rows), parts of _MIN_PART_MACS_C (~20 us);
+# else a part is a Python task, and a worker that waits for the GIL sleeps (~50-100
+# us to wake), so parts are _MIN_PART_MACS (~80 us).  Linear fwd+bwd, 2 threads,
+# ms (min of 200), one thread -> Python tasks -> C: LeNet's fc1 (256 x 400 x 120)
+# 0.76 -> 0.60-0.63 -> 0.47; fc2 (256 x 120 x 84) 0.20 -> (1M-MAC tasks 0.29) ->
+# 0.15; 32 x 512 x 200 0.28-0.31 -> (0.37) -> 0.23; 128 x 400 x 120 0.44 -> 0.27-0.32.
 _SMALL_GEMM_MACS = 1 << 25
 _MIN_PART_MACS = 1 << 22
+_MIN_PART_MACS_C = 1 << 20
 
 _scratch_store = threading.local()
 
@@ -246,8 +249,9 @@ def _one_thread_blas(enabled=True):
 def _gemm(a, b, out):
     """out = a @ b (2-D).  Large GEMMs use BLAS's threads; small ones (waking BLAS's
     sleeping pool costs more than they take) run in row parts on the OpenMP team
-    (or on this thread), each part on one BLAS thread.  Each element's sum is
-    over k in the same order however the rows are split."""
+    (called from C where it can, else as Python tasks; or on this thread), each
+    part on one BLAS thread.  Each element's sum is over k in the same order
+    however the rows are split."""
     m, k = a.shape
     n = b.shape[1]
     nt = num_threads()
@@ -255,11 +259,14 @@ def _gemm(a, b, out):
     if nt == 1 or macs >= _SMALL_GEMM_MACS:
         np.matmul(a, b, out=out)
         return
-    parts = min(nt, m, max(1, macs // _MIN_PART_MACS))
-    if parts < nt:
-        with _one_thread_blas():
+    with _one_thread_blas():
+        if (_cblas_ready() and min(nt, m, macs // _MIN_PART_MACS_C) >= nt
+                and _blas.gemm_rows(a, b, out, nt, nt)):
+            return
+        parts = min(nt, m, max(1, macs // _MIN_PART_MACS))
+        if parts < nt:
             np.matmul(a, b, out=out)
-        return
+            return
     bounds = [(m * i // parts, m * (i + 1) // parts) for i in range(parts)]
 
     def part(t, worker, kernel_threads):
@@ -267,6 +274,20 @@ def _gemm(a, b, out):
         np.matmul(a[r0:r1], b, out=out[r0:r1])
 
     _run_tasks(part, parts, nt)
+
+
+_cblas_state = []
+
+
+def _cblas_ready():
+    """Whether _blas.gemm_rows can call numpy's BLAS from the OpenMP team (once: the
+    symbols of the BLAS numpy loaded, see _threads.cblas_gemm)."""
+    if not _cblas_state:
+        found = _threads.cblas_gemm()
+        if found:
+            _blas.set_gemm(*found)
+        _cblas_state.append(bool(found))
+    return _cblas_state[0]
 
 
 def _bias_grad(dy2d, bias_grad):
