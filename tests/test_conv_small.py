@@ -28,14 +28,16 @@ NARROW_CASES = [((1, 6, 5), dict(padding=2)),
                 ((1, 3, (3, 9)), dict(padding=(0, 4))),
                 ((1, 7, 1), dict(padding=1))]
 
-# Few input channels (KW * C_in within two vectors, dilation 1 along the width): dx
-# by conv_scatter_dx instead of col2im.  Kernel rows in blocks of 5 (3 up to KH 3):
-# KH 7 has a padded block; strides, padding past the edges, dilation along H.
+# Few input channels (KW * C_in more than one vector, within two; dilation 1 along
+# the width): dx by conv_scatter_dx instead of col2im.  Kernel rows in blocks of 5
+# (3 up to KH 3): KH 7 has a padded block; strides, padding past the edges,
+# dilation along H.  float64 (8 lanes) takes the cases with 8 < KW * C_in <= 16.
 SCATTER_CASES = [((6, 16, 5), {}),                                     # LeNet conv2
-                 ((3, 8, 3), dict(stride=2, padding=1)),
-                 ((2, 20, 7), dict(padding=3, dilation=(2, 1))),
+                 ((3, 8, 7), dict(stride=2, padding=3)),
                  ((4, 5, (1, 7)), dict(stride=(1, 3), padding=(0, 3), bias=False)),
-                 ((10, 3, 3), dict(padding=2))]
+                 ((10, 3, 3), dict(padding=2)),
+                 ((3, 8, 3), dict(stride=2, padding=1)),
+                 ((2, 20, 7), dict(padding=3, dilation=(2, 1)))]
 
 
 def reference(x, w, b, stride, padding, dilation):
@@ -279,18 +281,25 @@ def test_scatter_dx_matches_col2im(args, kwargs, dtype, rng, monkeypatch):
             y = m(x)
             assert (m._ws["paths"][2] == "scatter") == (
                 scatter and _conv._wide_vectors()
-                and m.kernel_size[1] * args[0] <= 2 * _conv.direct_lanes(np.dtype(dtype)))
+                and 1 < m.kernel_size[1] * args[0] / _conv.direct_lanes(np.dtype(dtype)) <= 2)
             runs.append(m.backward(np.sin(y)))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(runs[0], runs[1], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("args,kwargs", SCATTER_CASES[:3])
-def test_scatter_dx_gradients_and_threads(args, kwargs, rng):
+@pytest.mark.parametrize("args,kwargs", SCATTER_CASES[4:])      # scattered in float64
+def test_scatter_dx_gradients(args, kwargs, rng):
+    m = nn.Conv2d(*args, **kwargs).double()
+    x = rng.standard_normal((2, 9, 10, args[0]))
+    m(x)
+    assert m._ws["paths"][2] == ("scatter" if _conv._wide_vectors() else "col2im")
+    check_gradients(m, x, check_params=False)
+
+
+@pytest.mark.parametrize("args,kwargs", SCATTER_CASES[:4])      # scattered in float32
+def test_scatter_dx_threads_identical(args, kwargs, rng):
     m = nn.Conv2d(*args, **kwargs)
-    check_gradients(m, rng.standard_normal((2, 9, 10, args[0])), check_params=False)
     x = rng.standard_normal((32, 14, 14, args[0])).astype(np.float32)
-    m.float()
     dxs = []
     for nt in (1, 2):
         with cnet.threads(nt):
