@@ -567,13 +567,11 @@ cdef extern from *:
                 for (Py_ssize_t ow = OW; ow < OWp; ow++) o[co * OWp + ow] = 0;             \
             }                                                                              \
         }                                                                                  \
-        for (Py_ssize_t r = 0; r < nimg * H; r++) {                                        \
-            const T* s = x + (n0 * H + r) * W;                                             \
+        for (Py_ssize_t r = 0; r < nimg * H; r++) {    /* xp[j] = x[j - pw] or 0 */       \
             T* o = xp + r * Wp;                                                            \
-            for (Py_ssize_t j = 0; j < Wp; j++) {                                          \
-                Py_ssize_t iw = j - pw;                                                    \
-                o[j] = (iw >= 0 && iw < W) ? s[iw] : 0;                                    \
-            }                                                                              \
+            Py_ssize_t w1 = W < Wp - pw ? W : Wp - pw;                                     \
+            memset(o, 0, Wp * sizeof(T));                                                  \
+            if (w1 > 0) memcpy(o + pw, x + (n0 * H + r) * W, w1 * sizeof(T));              \
         }                                                                                  \
         for (Py_ssize_t kh = 0; kh < KH; kh++)                                             \
         for (Py_ssize_t kw0 = 0; kw0 < KW; kw0 += KB)                                      \
