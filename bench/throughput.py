@@ -2,6 +2,7 @@
 
     python bench/throughput.py [--models resnet20,lenet5] [--threads 1,2]
                                [--repeats 9] [--quick] [--no-torch] [--json out.json]
+    python bench/throughput.py --scaling [--threads 1,2]   # cnet's thread speed-up alone
 
 For every model (bench/common.py MODELS), thread count and mode (train: forward,
 cross-entropy loss, backward, SGD momentum step; infer: eval-mode forward), the
@@ -167,6 +168,70 @@ def worker_main(cfg):
 
 # -- parent side ------------------------------------------------------------------------
 
+def _timed_rounds(workers, args):
+    """Warm-up, then the timed iterations of every worker ({key: Worker}) in interleaved
+    rounds of rotating order; returns ({key: [seconds]}, [min, max load average])."""
+    keys = list(workers)
+    # Warm-up: the first iteration allocates workspaces; one more unless slow.
+    first = {}
+    for k in keys:
+        t = workers[k].call(run=1)["times"][0]
+        first[k] = t
+        if t < args.slow:
+            workers[k].call(run=1)
+    # Repeats: as asked, but at most `budget` seconds of timed steps each.
+    slowest = max(first.values())
+    repeats = max(args.min_repeats, min(args.repeats, int(args.budget / max(slowest, 1e-9))))
+    rounds = min(args.rounds, repeats) if args.rounds > 0 else repeats
+    per_round = math.ceil(repeats / rounds)
+    times = {k: [] for k in keys}
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if args.gap > 0:
+                time.sleep(args.gap)      # let the previous worker's spinning threads stop
+            warm = args.warm if first[k] < args.slow else 0   # see "Warm turns" above
+            times[k] += workers[k].call(run=per_round, warm_s=warm)["times"]
+        load.append(os.getloadavg()[0])
+    return times, [min(load), max(load)]
+
+
+def run_scaling(model, mode, thread_counts, args):
+    """cnet alone at each thread count, interleaved like the frameworks of run_config:
+    the 1 -> N speed-up from one stretch of time (separate configurations, minutes
+    apart on this shared VM, see the machine's speed drift by 10-20%)."""
+    script = os.path.abspath(__file__)
+    workers = {}
+    try:
+        for t in thread_counts:
+            workers[t] = Worker(script, {"model": model, "threads": t, "mode": mode,
+                                         "batch": args.batch, "framework": "cnet"})
+            workers[t].call(hello=True)
+        times, load = _timed_rounds(workers, args)
+        return {"model": model, "mode": mode, "loadavg": load,
+                "times": {str(t): v for t, v in times.items()},
+                "median_s": {str(t): median(v) for t, v in times.items()},
+                "spread": {str(t): spread(v) for t, v in times.items()}}
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def scaling_table(results, thread_counts):
+    """Markdown table of run_scaling results: ms (iqr) per thread count and speed-ups."""
+    base = str(thread_counts[0])
+    header = (["model", "mode"] + [f"{t} thr ms" for t in thread_counts]
+              + [f"{base} -> {t} thr" for t in thread_counts[1:]] + ["load"])
+    rows = []
+    for r in results:
+        med = r["median_s"]
+        rows.append([r["model"], r["mode"]]
+                    + [f"{med[str(t)] * 1e3:.1f} ({r['spread'][str(t)]:.0%})"
+                       for t in thread_counts]
+                    + [f"{med[base] / med[str(t)]:.2f}x" for t in thread_counts[1:]]
+                    + [f"{r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f}"])
+    return table(header, rows)
+
 def run_config(model, threads, mode, frameworks, args, log):
     """Interleaved measurement of one (model, threads, mode) for all frameworks."""
     script = os.path.abspath(__file__)
@@ -186,30 +251,9 @@ def run_config(model, threads, mode, frameworks, args, log):
             workers[fw] = Worker(script, cfg, env=env)
         for fw in frameworks[1:]:
             workers[fw].call(hello=True)
-        # Warm-up: the first iteration allocates workspaces; one more unless slow.
-        first = {}
-        for fw in frameworks:
-            t = workers[fw].call(run=1)["times"][0]
-            first[fw] = t
-            if t < args.slow:
-                workers[fw].call(run=1)
-        # Repeats: as asked, but at most `budget` seconds of timed steps each.
-        slowest = max(first.values())
-        repeats = max(args.min_repeats, min(args.repeats, int(args.budget / max(slowest, 1e-9))))
-        rounds = min(args.rounds, repeats) if args.rounds > 0 else repeats
-        per_round = math.ceil(repeats / rounds)
-        times = {fw: [] for fw in frameworks}
-        load = [os.getloadavg()[0]]
-        for r in range(rounds):
-            order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
-            for fw in order:
-                if args.gap > 0:
-                    time.sleep(args.gap)      # let the previous worker's spinning threads stop
-                warm = args.warm if first[fw] < args.slow else 0   # see "Warm turns" above
-                times[fw] += workers[fw].call(run=per_round, warm_s=warm)["times"]
-            load.append(os.getloadavg()[0])
+        times, load = _timed_rounds(workers, args)
         result = {"model": model, "threads": threads, "mode": mode, "repeats": len(times["cnet"]),
-                  "loadavg": [min(load), max(load)], "frameworks": {}}
+                  "loadavg": load, "frameworks": {}}
         for fw in frameworks:
             fin = workers[fw].call(quit=True)
             result["frameworks"][fw] = {"times": times[fw], "median_s": median(times[fw]),
@@ -341,6 +385,9 @@ def main(argv=None):
                          "torch when other processes share the cores), cl_malloc "
                          "(channels_last with the malloc thresholds cnet sets at import)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
+    ap.add_argument("--scaling", action="store_true",
+                    help="cnet only: its thread counts interleaved in one stretch of time, "
+                         "for the speed-up from the first thread count to the others")
     ap.add_argument("--json", default=None, help="write all results (raw times too) here")
     ap.add_argument("--from-json", default=None,
                     help="print the tables of an earlier --json file instead of measuring")
@@ -377,6 +424,20 @@ def main(argv=None):
     print(format_machine(info))
     print(f"command: python bench/throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(flush=True)
+    if args.scaling:
+        results = []
+        for model in models:
+            for mode in modes:
+                results.append(run_scaling(model, mode, threads, args))
+                print(f"{model} {mode}: " + "  ".join(
+                    f"{t} thr {v * 1e3:.1f} ms" for t, v in results[-1]["median_s"].items()),
+                    flush=True)
+        print()
+        print(scaling_table(results, threads))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "args": vars(args), "scaling": results}, f, indent=1)
+        return results
     probes = {t: [] for t in threads}
     results = []
     t_start = time.time()

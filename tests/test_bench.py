@@ -109,6 +109,20 @@ def test_infer_without_torch_runs():
     assert list(results[0]["frameworks"]) == ["cnet"] and results[0]["mode"] == "infer"
 
 
+def test_scaling_mode_interleaves_thread_counts(tmp_path):
+    out = tmp_path / "s.json"
+    args = ["--scaling", "--models", "lenet5", "--threads", "1,2", "--batch", "4",
+            "--modes", "train", "--repeats", "2", "--rounds", "2", "--min-repeats", "1",
+            "--gap", "0", "--json", str(out)]
+    results = throughput.main(args)
+    (r,) = results
+    assert set(r["times"]) == {"1", "2"} and all(len(v) == 2 for v in r["times"].values())
+    assert json.loads(out.read_text())["scaling"][0]["median_s"] == r["median_s"]
+    text = throughput.scaling_table(results, [1, 2])
+    want = r["median_s"]["1"] / r["median_s"]["2"]
+    assert f"{want:.2f}x" in text and "1 -> 2 thr" in text
+
+
 def test_profile_layers_accounts_the_step():
     before = cnet.get_num_threads()
     res = profile_layers.profile_cnet("lenet5", 1, iters=2, batch=4)
