@@ -849,7 +849,8 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                          floating[:, :, :, :, ::1] slots, chunks, Py_ssize_t stripes,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                          Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
-                         dx=None, wflip=None, packed_flip=None, bint by_images=False):
+                         dx=None, wflip=None, packed_flip=None, bint by_images=False,
+                         wscatter=None):
     """A direct layer's backward over image chunks, in one parallel region.
 
     Stripe s (chunks [s * k // stripes, (s + 1) * k // stripes) of the k
@@ -858,10 +859,14 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     input gradient is written too: conv_direct of dy with the flipped kernel
     (``wflip`` = flip_weight(w, groups), or ``packed_flip`` = flip_weight(...,
     blocked=True) for by_images) at stride 1, padding dilation * (k - 1) - padding;
-    that needs stride 1 (sh, sw describe the forward).  Stripes run on an n_threads
+    that needs stride 1 (sh, sw describe the forward); or, given ``wscatter`` =
+    scatter_weight(w), conv_scatter_dx's (any stride).  Layers with one input
+    channel and C_out below a vector take the narrow weight gradient
+    (_narrow_fits; as conv_small_wgrad).  Stripes run on an n_threads
     team, taken in turn (each with one-thread kernels); with fewer stripes than
     threads they run one after another with parallel kernels.  The same sums as
-    conv_direct_wgrad / conv_direct called chunk by chunk.
+    conv_direct_wgrad (conv_small_wgrad) / conv_direct (conv_scatter_dx) called
+    chunk by chunk.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3]
@@ -876,15 +881,44 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     cdef floating* dxp = NULL
     cdef const floating* wfp = NULL
     cdef floating* zeros = NULL
+    cdef floating[:, :, ::1] wsv
+    cdef const floating* wsp = NULL
     cdef bint parallel_stripes = n_threads > 1 and stripes >= n_threads
+    cdef int failed = 0
     if not 1 <= stripes <= n_chunks or slots.shape[0] < stripes:
         raise ValueError(f"conv_direct_backward: {stripes} stripes of {n_chunks} chunks "
                          f"into {slots.shape[0]} slots")
-    wg_variant = _wgrad_variant_checked("conv_direct_backward", (N, H, W, C), (N, OH, OW, Cout),
-                                        (KH, KW, slots.shape[3], slots.shape[4]), 0, N, sh, sw,
-                                        ph, pw, dh, dw,
-                                        G, lanes)
-    if dx is not None:
+    if _narrow_fits(C, Cout, KW, sw, dw, G, lanes, False):
+        if slots.shape[3] != C:
+            raise ValueError(f"conv_direct_backward: slots {np.shape(slots)} for a "
+                             f"{KH}x{KW} kernel over {C} input channels")
+        _check_geometry((N, H, W, C), (N * OH * OW, KH * KW * C), 0, N, OH, OW, KH, KW,
+                        sh, sw, ph, pw, dh, dw, G, "conv_direct_backward")
+        wg_variant = _NARROW_WGRAD
+    else:
+        wg_variant = _wgrad_variant_checked("conv_direct_backward", (N, H, W, C),
+                                            (N, OH, OW, Cout),
+                                            (KH, KW, slots.shape[3], slots.shape[4]), 0, N, sh,
+                                            sw, ph, pw, dh, dw, G, lanes)
+    if wscatter is not None:
+        if dx is None:
+            raise ValueError("conv_direct_backward: wscatter without dx")
+        wsv = wscatter
+        if not scatter_dx_fits(C, KW, dw, G, np.float32 if floating is float else np.float64):
+            raise ValueError(f"conv_direct_backward: scatter dx does not fit a {KH}x{KW} "
+                             f"kernel over {C} input channels")
+        if (wsv.shape[0] != (KH + _scatter_rows(KH) - 1) // _scatter_rows(KH) * _scatter_rows(KH)
+                or wsv.shape[1] != Cout or wsv.shape[2] != 2 * lanes):
+            raise ValueError(f"conv_direct_backward: wscatter of shape "
+                             f"{(wsv.shape[0], wsv.shape[1], wsv.shape[2])} is not "
+                             f"scatter_weight of a {KH}x{KW}x{C}x{Cout} kernel")
+        dxv = dx
+        if (dxv.shape[0], dxv.shape[1], dxv.shape[2], dxv.shape[3]) != (N, H, W, C):
+            raise ValueError(f"conv_direct_backward: dx of shape {np.shape(dx)} for "
+                             f"an input of {(N, H, W, C)}")
+        dxp = &dxv[0, 0, 0, 0]
+        wsp = &wsv[0, 0, 0]
+    elif dx is not None:
         if (sh, sw) != (1, 1):
             raise ValueError("conv_direct_backward: the flipped-kernel input gradient "
                              "needs stride 1")
@@ -905,24 +939,25 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     with nogil:
         if parallel_stripes:
             for s in prange(stripes, num_threads=n_threads, schedule="dynamic", chunksize=1):
-                _direct_backward_stripe(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0],
-                                        ck, s * n_chunks // stripes,
-                                        (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH, OW,
-                                        Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant,
-                                        dxp, wfp, zeros, Cw, pdh, pdw, dx_variant, co_block,
-                                        by_images, packed_flip is not None)
+                failed += _direct_backward_stripe(
+                    &x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0], ck,
+                    s * n_chunks // stripes, (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH,
+                    OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp, zeros, Cw,
+                    pdh, pdw, dx_variant, co_block, by_images, packed_flip is not None, wsp)
         else:
             for s in range(stripes):
-                _direct_backward_stripe(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0],
-                                        ck, s * n_chunks // stripes,
-                                        (s + 1) * n_chunks // stripes, n_threads, G, H, W, C,
-                                        OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw,
-                                        wg_variant, dxp, wfp, zeros, Cw, pdh, pdw, dx_variant,
-                                        co_block, by_images, packed_flip is not None)
+                failed += _direct_backward_stripe(
+                    &x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0], ck,
+                    s * n_chunks // stripes, (s + 1) * n_chunks // stripes, n_threads, G, H, W,
+                    C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp,
+                    zeros, Cw, pdh, pdw, dx_variant, co_block, by_images,
+                    packed_flip is not None, wsp)
     free(zeros)
+    if failed:
+        raise MemoryError("conv_direct_backward: no memory for the narrow weight gradient")
 
 
-cdef void _direct_backward_stripe(const floating* x, const floating* dy, floating* slot,
+cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating* slot,
                                   Py_ssize_t[:, ::1] ck, Py_ssize_t first, Py_ssize_t last,
                                   int n_threads, Py_ssize_t G, Py_ssize_t H, Py_ssize_t W,
                                   Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
@@ -931,23 +966,36 @@ cdef void _direct_backward_stripe(const floating* x, const floating* dy, floatin
                                   int wg_variant, floating* dx, const floating* wflip,
                                   const floating* zeros, Py_ssize_t Cw, Py_ssize_t pdh,
                                   Py_ssize_t pdw, int dx_variant, Py_ssize_t co_block,
-                                  bint by_images, bint packed) noexcept nogil:
+                                  bint by_images, bint packed,
+                                  const floating* wscatter) noexcept nogil:
     """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
-    then each chunk's dx (if dx), with n_threads-thread kernels."""
-    cdef Py_ssize_t t, n0, n1
+    then each chunk's dx (if dx), with n_threads-thread kernels.  Returns 1 where the
+    narrow weight gradient's scratch could not be allocated (else 0)."""
+    cdef Py_ssize_t t, n0, n1, n
     cdef int nt_wg, nt_dx
     for t in range(first, last):
         n0, n1 = ck[t, 0], ck[t, 1]
-        nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout, n_threads)
-        _direct_wgrad_range(x, dy, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW, Cout,
-                            KH, KW, sh, sw, ph, pw, dh, dw, wg_variant)
-        if dx != NULL:
+        if wg_variant == _NARROW_WGRAD:
+            if not _narrow_wgrad_chunk(x, dy, slot, t != first, n0, n1, H, W, OH, OW, Cout,
+                                       KH, KW, sh, ph, pw, dh):
+                return 1
+        else:
+            nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout,
+                                      n_threads)
+            _direct_wgrad_range(x, dy, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW,
+                                Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant)
+        if dx != NULL and wscatter != NULL:
+            for n in range(n0, n1):
+                _scatter_image(dy, wscatter, dx, n, H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph,
+                               pw, dh)
+        elif dx != NULL:
             # dx = conv(dy, flipped kernel): dy is its input (OH x OW x Cout), dx its output
             nt_dx = effective_threads((n1 - n0) * H * W * KH * KW * (Cout // G) * Cw // G,
                                       n_threads)
             _direct_range(dy, wflip, NULL, zeros, dx, n0, n1, nt_dx, G, OH, OW, Cout, H, W, C,
                           Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block, by_images,
                           packed, False)
+    return 0
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,
@@ -1070,6 +1118,33 @@ cdef inline void _small_wgrad_row(const floating* x, const floating* dy,
                              KW, sh, sw, ph, pw, dh, dw)
 
 
+cdef enum:
+    _NARROW_WGRAD = -1    # conv_direct_backward's weight-gradient variant for narrow layers
+
+
+cdef bint _narrow_wgrad_chunk(const floating* x, const floating* dy, floating* gw,
+                              bint accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H,
+                              Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
+                              Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph,
+                              Py_ssize_t pw, Py_ssize_t dh) noexcept nogil:
+    """CNET_NARROW_WGRAD of images [n0, n1) on this thread, with its scratch (the padded
+    input and planar dy) allocated for the call; False where that failed."""
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef Py_ssize_t OWp = (OW + lanes - 1) // lanes * lanes
+    cdef floating* xp = <floating*>malloc((n1 - n0) * H * (OWp + KW - 1) * sizeof(floating))
+    cdef floating* dyp = <floating*>malloc((n1 - n0) * OH * Cout * OWp * sizeof(floating))
+    if xp != NULL and dyp != NULL:
+        if floating is float:
+            cnet_narrow_wgrad_f32(x, dy, gw, accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW,
+                                  sh, ph, pw, dh, xp, dyp)
+        else:
+            cnet_narrow_wgrad_f64(x, dy, gw, accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW,
+                                  sh, ph, pw, dh, xp, dyp)
+    free(xp)
+    free(dyp)
+    return xp != NULL and dyp != NULL
+
+
 def small_wgrad_fits(Py_ssize_t cin, Py_ssize_t cout, Py_ssize_t kw, dtype):
     """Whether conv_small_wgrad takes this layer: KW * C_in <= 8 and C_out < one vector."""
     return kw * cin <= 8 and cout < direct_lanes(dtype)
@@ -1098,29 +1173,16 @@ def conv_small_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                     KH, KW, sh, sw, ph, pw, dh, dw, 1, "conv_small_wgrad")
     dy_end = &dy[0, 0, 0, 0] + N * OH * OW * Cout
     cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t OWp = (OW + lanes - 1) // lanes * lanes
-    cdef floating* xp
-    cdef floating* dyp
-    if n1 > n0 and _narrow_fits(C, Cout, KW, sw, dw, 1, lanes, False):
+    cdef bint ok
+    if _narrow_fits(C, Cout, KW, sw, dw, 1, lanes, False):
         # One thread: the layer runs this per chunk of images, one chunk per worker.
-        # LeNet's conv1 (batch 256 in 8 chunks), one thread: 3.7 -> 0.9 ms.
-        xp = <floating*>malloc((n1 - n0) * H * (OWp + KW - 1) * sizeof(floating))
-        dyp = <floating*>malloc((n1 - n0) * OH * Cout * OWp * sizeof(floating))
-        if xp == NULL or dyp == NULL:
-            free(xp)
-            free(dyp)
-            raise MemoryError()
+        # LeNet's conv1 (batch 256 in 8 chunks), one thread: 3.7 -> 1.8 ms.
         with nogil:
-            if floating is float:
-                cnet_narrow_wgrad_f32(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0],
-                                      accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW, sh, ph,
-                                      pw, dh, xp, dyp)
-            else:
-                cnet_narrow_wgrad_f64(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0],
-                                      accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW, sh, ph,
-                                      pw, dh, xp, dyp)
-        free(xp)
-        free(dyp)
+            ok = _narrow_wgrad_chunk(&x[0, 0, 0, 0], &dy[0, 0, 0, 0], &gw[0, 0, 0, 0],
+                                     accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW, sh, ph, pw,
+                                     dh)
+        if not ok:
+            raise MemoryError("conv_small_wgrad: no memory for the narrow weight gradient")
         return
     # Kernel rows write disjoint slices of gw: parallel over rows needs no reduction.
     nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C * Cout, n_threads)

@@ -323,3 +323,50 @@ def test_conv_scatter_dx_errors():
     with pytest.raises(ValueError, match="output size"):
         _conv.conv_scatter_dx(dy, _conv.scatter_weight(w), dx, 0, 2, 5, 5, 1, 1, 1, 0,
                               1, 1, 1)
+    # the same dx inside conv_direct_backward (LeNet's conv2: direct weight gradient)
+    x = np.zeros((2, 10, 10, 6), np.float32)
+    dy16 = np.zeros((2, 6, 6, 16), np.float32)
+    slots = np.zeros((2, 5, 5, 6, 16), np.float32)
+    w16 = np.zeros((5, 5, 6, 16), np.float32)
+    with pytest.raises(ValueError, match="wscatter without dx"):
+        _conv.conv_direct_backward(x, dy16, slots, [(0, 1), (1, 2)], 2, 1, 1, 0, 0, 1, 1, 1,
+                                   wscatter=_conv.scatter_weight(w16))
+    with pytest.raises(ValueError, match="is not scatter_weight"):
+        _conv.conv_direct_backward(x, dy16, slots, [(0, 1), (1, 2)], 2, 1, 1, 0, 0, 1, 1, 1,
+                                   dx=np.zeros_like(x), wscatter=_conv.scatter_weight(w))
+
+
+def test_direct_backward_scatter_and_narrow_equal_the_chunk_kernels(rng):
+    """conv_direct_backward's scatter dx and narrow weight gradient (one parallel region)
+    against conv_scatter_dx / conv_small_wgrad called chunk by chunk: bitwise."""
+    if not _conv._wide_vectors():
+        pytest.skip("the scatter and narrow kernels need AVX-512")
+    chunks = [(0, 3), (3, 5), (5, 8), (8, 10)]
+    for dtype in (np.float32, np.float64):
+        for c, cout, k, pad in [(6, 16, 5, 0), (1, 6, 5, 2)]:
+            if c > 1 and not _conv.scatter_dx_fits(c, k, 1, 1, dtype):
+                continue
+            x = rng.standard_normal((10, 12, 12, c)).astype(dtype)
+            oh = 12 + 2 * pad - k + 1
+            dy = rng.standard_normal((10, oh, oh, cout)).astype(dtype)
+            w = rng.standard_normal((k, k, c, cout)).astype(dtype)
+            slots = np.full((2, k, k, c, cout), np.nan, dtype)
+            dx = np.full_like(x, np.nan) if c > 1 else None
+            _conv.conv_direct_backward(x, dy, slots, chunks, 2, 1, 1, pad, pad, 1, 1, 2,
+                                       dx=dx, wscatter=_conv.scatter_weight(w) if c > 1 else None)
+            for s, part in enumerate((chunks[:2], chunks[2:])):
+                want = np.zeros((k, k, c, cout), dtype)
+                for i, (n0, n1) in enumerate(part):
+                    if c == 1:
+                        _conv.conv_small_wgrad(x, dy, want, i > 0, n0, n1, 1, 1, pad, pad,
+                                               1, 1, 1)
+                    else:
+                        _conv.conv_direct_wgrad(x, dy, want, i > 0, n0, n1, 1, 1, pad, pad,
+                                                1, 1, 1)
+                np.testing.assert_array_equal(slots[s], want)
+            if dx is not None:
+                want_dx = np.full_like(x, np.nan)
+                for n0, n1 in chunks:
+                    _conv.conv_scatter_dx(dy, _conv.scatter_weight(w), want_dx, n0, n1, k, k,
+                                          1, 1, pad, pad, 1, 1, 1)
+                np.testing.assert_array_equal(dx, want_dx)

@@ -954,10 +954,14 @@ class Conv2d(Module):
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
-        if dw_path == "direct" and dx_path in ("direct", None):
+        narrow_dw = dw_path == "small" and _conv._narrow_fits(
+            self.in_channels, cout, kw, self.stride[1], dw, self.groups,
+            _conv.direct_lanes(w.dtype), False)
+        if (dw_path == "direct" or narrow_dw) and dx_path in ("direct", "scatter", None):
             # All stripes in one parallel region of the kernels (no Python per chunk).
             _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
-                                       self.groups, dx, wflip, packed_flip, by_images)
+                                       self.groups, dx, wflip, packed_flip, by_images,
+                                       wscatter if dx_path == "scatter" else None)
         else:
             _run_tasks(stripe, stripes, nt)
         for s in range(stripes):            # fixed order: same bits for any thread count
