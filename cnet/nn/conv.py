@@ -18,9 +18,9 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 - One input channel and few outputs (LeNet's conv1, 1 -> 6; AVX-512): the
   narrow kernels put pixels, not channels, in the vector lanes (forward and
   weight gradient; the channel-vector kernels would fill 6 of 16 lanes).
-- Few inputs (a kernel row's KW * C_in values within two vectors, LeNet's conv2):
-  dx without col2im, each output pixel's dy scattered onto its input window
-  (_conv.conv_scatter_dx).
+- Few inputs (a kernel row's KW * C_in values fill more than one vector, at most
+  two; LeNet's conv2): dx without col2im, each output pixel's dy scattered onto
+  its input window (_conv.conv_scatter_dx).
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
@@ -479,7 +479,7 @@ class Conv2d(Module):
         # (C_in < lanes would fit the dx kernel too, but LeNet's 6 measured slower
         # than col2im: 6.6 vs 4.6 ms.)
         direct_dx = cin_g <= _DIRECT_MAX_CHANNELS and self._flipped_dx_fits(lanes)
-        # Few inputs (a kernel row's KW * C_in values within two vectors): each
+        # Few inputs (a kernel row's KW * C_in values fill one to two vectors): each
         # output pixel scatters its dy onto dx without col2im's K = C_out GEMM
         # (LeNet's conv2, 6 -> 16, batch 256 in 8 chunks, one thread: 2.8 -> 2.0 ms).
         col2im = ("scatter" if _conv.scatter_dx_fits(cin, kw, self.dilation[1], g, dtype)
