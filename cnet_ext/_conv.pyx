@@ -893,9 +893,10 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
         raise ValueError(f"conv_direct_backward: {stripes} stripes of {n_chunks} chunks "
                          f"into {slots.shape[0]} slots")
     if _narrow_fits(C, Cout, KW, sw, dw, G, lanes, False):
-        if slots.shape[3] != C:
-            raise ValueError(f"conv_direct_backward: slots {np.shape(slots)} for a "
-                             f"{KH}x{KW} kernel over {C} input channels")
+        if slots.shape[3] != C or slots.shape[4] != Cout or dy.shape[0] != N:
+            raise ValueError(f"conv_direct_backward: slots {np.shape(slots)} and output "
+                             f"gradient {np.shape(dy)} for a {KH}x{KW} kernel over {C} "
+                             f"input channels and a batch of {N}")
         _check_geometry((N, H, W, C), (N * OH * OW, KH * KW * C), 0, N, OH, OW, KH, KW,
                         sh, sw, ph, pw, dh, dw, G, "conv_direct_backward")
         wg_variant = _NARROW_WGRAD
@@ -908,14 +909,11 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
         if dx is None:
             raise ValueError("conv_direct_backward: wscatter without dx")
         wsv = wscatter
-        if not scatter_dx_fits(C, KW, dw, G, np.float32 if floating is float else np.float64):
-            raise ValueError(f"conv_direct_backward: scatter dx does not fit a {KH}x{KW} "
-                             f"kernel over {C} input channels")
-        if (wsv.shape[0] != (KH + _scatter_rows(KH) - 1) // _scatter_rows(KH) * _scatter_rows(KH)
-                or wsv.shape[1] != Cout or wsv.shape[2] != 2 * lanes):
-            raise ValueError(f"conv_direct_backward: wscatter of shape "
-                             f"{(wsv.shape[0], wsv.shape[1], wsv.shape[2])} is not "
-                             f"scatter_weight of a {KH}x{KW}x{C}x{Cout} kernel")
+        if G != 1:
+            raise ValueError(f"conv_direct_backward: the scatter dx needs groups=1, got {G}")
+        _scatter_checked("conv_direct_backward", C, Cout, KH, KW, dw,
+                         (wsv.shape[0], wsv.shape[1], wsv.shape[2]),
+                         np.float32 if floating is float else np.float64)
         dxv = dx
         if (dxv.shape[0], dxv.shape[1], dxv.shape[2], dxv.shape[3]) != (N, H, W, C):
             raise ValueError(f"conv_direct_backward: dx of shape {np.shape(dx)} for "
@@ -2044,6 +2042,25 @@ cdef inline Py_ssize_t _scatter_rows(Py_ssize_t KH) noexcept nogil:
     return 3 if KH <= 3 else 5
 
 
+def _scatter_checked(str what, Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                     Py_ssize_t dw, tuple wtshape, dtype):
+    """conv_scatter_dx's (and conv_direct_backward's) checks of the layer and of its
+    scatter_weight operand."""
+    cdef Py_ssize_t lanes = direct_lanes(np.dtype(dtype))
+    if not scatter_dx_fits(C, KW, dw, 1, dtype):
+        raise ValueError(f"{what}: a {KH}x{KW} kernel over {C} input channels (dilation "
+                         f"{dw} along the width) does not fit the scatter dx (AVX-512, "
+                         f"{lanes} < KW * C_in <= {2 * lanes}, dilation 1)")
+    if wtshape != (_scatter_weight_rows(KH), Cout, 2 * lanes):
+        raise ValueError(f"{what}: weight of shape {wtshape} is not scatter_weight of a "
+                         f"{KH}x{KW} kernel with {Cout} outputs")
+
+
+cdef inline Py_ssize_t _scatter_weight_rows(Py_ssize_t KH) noexcept nogil:
+    """Kernel rows of scatter_weight: KH rounded up to whole register blocks."""
+    return (KH + _scatter_rows(KH) - 1) // _scatter_rows(KH) * _scatter_rows(KH)
+
+
 def scatter_dx_fits(Py_ssize_t C, Py_ssize_t KW, Py_ssize_t dw, Py_ssize_t groups, dtype):
     """Whether conv_scatter_dx takes a layer: AVX-512, groups 1, dilation 1 along the
     width and KW * C_in more than one vector, within two.  (Its two vectors per
@@ -2060,8 +2077,7 @@ def scatter_weight(w):
     w = np.asarray(w)
     KH, KW, C, Cout = w.shape
     lanes = direct_lanes(w.dtype)
-    rows = -(-KH // _scatter_rows(KH)) * _scatter_rows(KH)
-    wt = np.zeros((rows, Cout, 2 * lanes), w.dtype)
+    wt = np.zeros((_scatter_weight_rows(KH), Cout, 2 * lanes), w.dtype)
     wt[:KH, :, :KW * C] = w.reshape(KH, KW * C, Cout).transpose(0, 2, 1)
     return wt
 
@@ -2075,19 +2091,12 @@ def conv_scatter_dx(floating[:, :, :, ::1] dy, floating[:, :, ::1] wt,
     scatter_dx_fits.  Images in parallel on n_threads."""
     cdef Py_ssize_t N = dx.shape[0], H = dx.shape[1], W = dx.shape[2], C = dx.shape[3]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3], n
-    cdef Py_ssize_t lanes = 16 if floating is float else 8
-    cdef Py_ssize_t kb = _scatter_rows(KH)
     cdef int nt
-    if not scatter_dx_fits(C, KW, dw, 1, np.float32 if floating is float else np.float64):
-        raise ValueError(f"conv_scatter_dx: a {KH}x{KW} kernel over {C} input channels "
-                         f"(dilation {dw} along the width) does not fit (AVX-512, {lanes} < "
-                         f"KW * C_in <= {2 * lanes}, dilation 1)")
-    if (dy.shape[0] != N or wt.shape[0] != (KH + kb - 1) // kb * kb or wt.shape[1] != Cout
-            or wt.shape[2] != 2 * lanes):
-        raise ValueError(f"conv_scatter_dx: dy {(dy.shape[0], OH, OW, Cout)}, weight "
-                         f"{(wt.shape[0], wt.shape[1], wt.shape[2])}, dx {(N, H, W, C)} "
-                         f"do not fit "
-                         f"(the weight must be scatter_weight of a {KH}x{KW} kernel)")
+    _scatter_checked("conv_scatter_dx", C, Cout, KH, KW, dw,
+                     (wt.shape[0], wt.shape[1], wt.shape[2]),
+                     np.float32 if floating is float else np.float64)
+    if dy.shape[0] != N:
+        raise ValueError(f"conv_scatter_dx: dy of {dy.shape[0]} images for dx of {N}")
     _check_geometry((N, H, W, C), ((n1 - n0) * OH * OW, KH * KW * C), n0, n1, OH, OW, KH,
                     KW, sh, sw, ph, pw, dh, dw, 1, "conv_scatter_dx")
     nt = effective_threads((n1 - n0) * OH * OW * KH * KW * C * Cout, n_threads)
