@@ -58,35 +58,86 @@ cdef inline bint _coin(uint64_t r, double p) noexcept nogil:
     return <double>(r >> 11) * (1.0 / 9007199254740992.0) < p
 
 
+cdef inline void _fill_pixels(dst_t* d, Py_ssize_t npix, Py_ssize_t C,
+                              const double* fill) noexcept nogil:
+    cdef Py_ssize_t j, c
+    for j in range(npix):
+        for c in range(C):
+            d[j * C + c] = <dst_t>fill[c]
+
+
+cdef inline void _copy_pixels(const src_t* s, dst_t* d, Py_ssize_t npix, Py_ssize_t C,
+                              bint affine, const double* a, const double* b) noexcept nogil:
+    """npix consecutive source pixels to consecutive output pixels.  One channel
+    (MNIST) is one flat loop the compiler vectorises; the per-element arithmetic
+    is the same double multiply-add in every branch, so results do not depend on C."""
+    cdef Py_ssize_t k, j, c, n = npix * C
+    cdef double a0, b0
+    if C == 1:
+        if affine:
+            a0 = a[0]
+            b0 = b[0]
+            for k in range(n):
+                d[k] = <dst_t>(<double>s[k] * a0 + b0)
+        else:
+            for k in range(n):
+                d[k] = <dst_t>s[k]
+    elif C == 3:
+        for j in range(npix):
+            for c in range(3):
+                d[j * 3 + c] = <dst_t>(<double>s[j * 3 + c] * a[c] + b[c]) if affine \
+                    else <dst_t>s[j * 3 + c]
+    else:
+        for k in range(n):
+            c = k % C
+            d[k] = <dst_t>(<double>s[k] * a[c] + b[c]) if affine else <dst_t>s[k]
+
+
+cdef inline void _copy_pixels_reversed(const src_t* s, dst_t* d, Py_ssize_t npix,
+                                       Py_ssize_t C, bint affine, const double* a,
+                                       const double* b) noexcept nogil:
+    """Output pixel j reads source pixel -j (s points at the first one read)."""
+    cdef Py_ssize_t j, c
+    for j in range(npix):
+        for c in range(C):
+            d[j * C + c] = (<dst_t>(<double>s[c - j * C] * a[c] + b[c]) if affine
+                            else <dst_t>s[c - j * C])
+
+
+cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    return lo if v < lo else (hi if v > hi else v)
+
+
 cdef void _one_image(const src_t* src, dst_t* dst, Py_ssize_t H, Py_ssize_t W,
                      Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t y0,
                      Py_ssize_t x0, bint flip, bint affine, const double* a,
                      const double* b, const double* fill) noexcept nogil:
-    """Write one (OH, OW, C) output image whose pixel (i, j) reads source (i+y0, x+x0)."""
-    cdef Py_ssize_t i, j, c, y, x
-    cdef const src_t* s
+    """Write one (OH, OW, C) output image whose pixel (i, j) reads source (i+y0, x+x0).
+
+    Row by row as three runs: fill, the source pixels inside the image (a
+    contiguous run, reversed when flipped), fill; no per-pixel bounds tests."""
+    cdef Py_ssize_t i, y, jlo, jhi
     cdef dst_t* d
     for i in range(OH):
         y = i + y0
         d = dst + i * OW * C
         if y < 0 or y >= H:
-            for j in range(OW):
-                for c in range(C):
-                    d[j * C + c] = <dst_t>fill[c]
+            _fill_pixels(d, OW, C, fill)
             continue
-        for j in range(OW):
-            x = (OW - 1 - j if flip else j) + x0
-            if x < 0 or x >= W:
-                for c in range(C):
-                    d[j * C + c] = <dst_t>fill[c]
-                continue
-            s = src + (y * W + x) * C
-            if affine:
-                for c in range(C):
-                    d[j * C + c] = <dst_t>(<double>s[c] * a[c] + b[c])
-            else:
-                for c in range(C):
-                    d[j * C + c] = <dst_t>s[c]
+        if flip:    # output j reads x = OW - 1 - j + x0, inside for j in [jlo, jhi)
+            jlo = _clamp(OW + x0 - W, 0, OW)
+            jhi = _clamp(OW + x0, jlo, OW)
+        else:       # output j reads x = j + x0
+            jlo = _clamp(-x0, 0, OW)
+            jhi = _clamp(W - x0, jlo, OW)
+        _fill_pixels(d, jlo, C, fill)
+        if flip:
+            _copy_pixels_reversed(src + (y * W + OW - 1 - jlo + x0) * C, d + jlo * C,
+                                  jhi - jlo, C, affine, a, b)
+        else:
+            _copy_pixels(src + (y * W + jlo + x0) * C, d + jlo * C, jhi - jlo, C, affine,
+                         a, b)
+        _fill_pixels(d + jhi * C, OW - jhi, C, fill)
 
 
 def _augment_impl(const src_t[:, :, :, ::1] src, dst_t[:, :, :, ::1] dst,

@@ -71,6 +71,48 @@ def test_crop_flip_uint8_exact(batch, pad, out_hw):
     assert fl.any() and not fl.all()
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("pad,out_hw", [((3, 5), (8, 14)), ((0, 0), (6, 9)), ((1, 0), (7, 3)),
+                                        ((0, 1), (4, 12))])
+def test_rows_of_every_channel_count(rng, channels, pad, out_hw):
+    # The kernel copies a row as fill / source run / fill, with its own loops for one
+    # and three channels: crops wider than the source (fill on both sides), flips,
+    # uint8 and normalised output, against a pixel-by-pixel reference.
+    x = rng.integers(0, 256, size=(24, 6, 9, channels), dtype=np.uint8)
+    n = x.shape[0]
+    ry = max(x.shape[1] + 2 * pad[0] - out_hw[0], 0)
+    rx = max(x.shape[2] + 2 * pad[1] - out_hw[1], 0)
+    oy, ox, fl = ref_params(5, n, ry, rx, 0.5)
+    out = np.empty((n,) + out_hw + (channels,), np.uint8)
+    _augment.augment(x, out, pad[0], pad[1], ry, rx, 0.5, seed=5, fill=9)
+    want = _ref_with_fill(x, out_hw, pad, oy, ox, fl, 9)
+    np.testing.assert_array_equal(out, want)
+    mean, std = np.linspace(0.2, 0.5, channels), np.linspace(0.3, 0.1, channels)
+    for dtype in (np.float32, np.float64):
+        got = np.empty(out.shape, dtype)
+        _augment.augment(x, got, pad[0], pad[1], ry, rx, 0.5, seed=5, fill=9,
+                         scale=1 / 255, mean=mean, std=std)
+        tol = 1e-6 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(got, ref_normalize(want, mean, std, 1 / 255),
+                                   rtol=tol, atol=tol)
+
+
+def _ref_with_fill(x, out_hw, pad, oy, ox, flip, fill):
+    """Pixel by pixel: output (i, j) of image n reads source (i + oy - pad_y,
+    jj + ox - pad_x), jj mirrored when flipped, `fill` outside the image."""
+    n, h, w, c = x.shape
+    out = np.full((n,) + tuple(out_hw) + (c,), fill, x.dtype)
+    for k in range(n):
+        for i in range(out_hw[0]):
+            for j in range(out_hw[1]):
+                y = i + oy[k] - pad[0]
+                jj = out_hw[1] - 1 - j if flip[k] else j
+                xx = jj + ox[k] - pad[1]
+                if 0 <= y < h and 0 <= xx < w:
+                    out[k, i, j] = x[k, y, xx]
+    return out
+
+
 def test_each_output_is_a_valid_crop_or_flip(rng):
     # Independent of the RNG transcription: search every offset and flip.
     x = rng.integers(0, 256, size=(40, 8, 8, 2), dtype=np.uint8)
