@@ -626,6 +626,60 @@ def test_direct_kernel_block_variants(name, wide, rng):
         _conv._wide_vectors(previous)
 
 
+def reference_wgrad(x, dy, kernel, stride, padding, dilation):
+    """dW[i, j, c, o] = sum over output pixels of the tapped input times dy (float64)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, h, wd, c = x.shape
+    _, oh, ow, cout = dy.shape
+    xp = np.zeros((n, h + 2 * ph, wd + 2 * pw, c))
+    xp[:, ph:ph + h, pw:pw + wd] = x
+    gw = np.zeros(kernel + (c, cout))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            gw[i, j] = np.einsum("nhwc,nhwo->co", patch, dy.astype(np.float64))
+    return gw
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,dilation", [
+    (6, 16, (5, 5), (1, 1), (0, 0), (1, 1)),        # LeNet's conv2: 5 x 6 channels per row
+    (3, 32, (3, 3), (2, 2), (1, 0), (1, 1)),        # height padding only, stride 2
+    (5, 16, (2, 4), (1, 2), (0, 0), (2, 1)),        # dilated rows, strided columns
+    (6, 16, (3, 3), (1, 1), (1, 1), (1, 1)),        # width padding: tap by tap
+    (16, 16, (3, 3), (1, 1), (0, 0), (1, 1)),       # channels fill the block: tap by tap
+])
+def test_direct_weight_gradient_by_kernel_rows(cin, cout, kernel, stride, padding, dilation,
+                                               wide, rng):
+    # On one thread a layer without width padding whose channels leave the register
+    # block part empty sums a kernel row (KW * C_in consecutive values) as one tap.
+    # Against float64, and bitwise against the tap-by-tap tasks of two threads:
+    # each element sums the same products in the same order.
+    from cnet_ext import _conv
+    previous = _conv._wide_vectors(wide)
+    try:
+        x = rng.standard_normal((6, 13, 15, cin)).astype(np.float32)
+        oh = (13 + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        ow = (15 + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        dy = rng.standard_normal((6, oh, ow, cout)).astype(np.float32)
+        want = reference_wgrad(x, dy, kernel, stride, padding, dilation)
+        by_rows, by_taps = (np.full(kernel + (cin, cout), 7, np.float32) for _ in range(2))
+        geometry = stride + padding + dilation
+        _conv.conv_direct_wgrad(x, dy, by_rows, False, 1, 6, *geometry, 1)
+        _conv.conv_direct_wgrad(x, dy, by_taps, False, 1, 6, *geometry, 2)
+        np.testing.assert_array_equal(by_rows, by_taps)
+        want_part = reference_wgrad(x[1:], dy[1:], kernel, stride, padding, dilation)
+        np.testing.assert_allclose(by_rows, want_part, rtol=1e-4, atol=1e-4)
+        _conv.conv_direct_wgrad(x, dy, by_rows, True, 0, 1, *geometry, 1)
+        np.testing.assert_allclose(by_rows, want, rtol=1e-4, atol=1e-4)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        gw64 = np.empty(kernel + (cin, cout))
+        _conv.conv_direct_wgrad(x64, dy64, gw64, False, 0, 6, *geometry, 1)
+        np.testing.assert_allclose(gw64, want, rtol=1e-12, atol=1e-12)
+    finally:
+        _conv._wide_vectors(previous)
+
+
 def _run_fwd_bwd(m, x, dy, n):
     m.zero_grad()
     with cnet.threads(n):
