@@ -16,7 +16,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
 
@@ -267,3 +267,89 @@ def concat_last(list parts, out, int n_threads):
 def split_last(x, list parts, int n_threads):
     """parts[i] = x[..., off_i:off_i + C_i] (parts preallocated, C-contiguous)."""
     _concat_split(parts, x, True, n_threads)
+
+
+# -- strided subsample with zero channel padding (ResNet option-A shortcut) -------
+
+cdef void _subsample_pad_rows(char* x, char* y, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
+                              Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t stride,
+                              Py_ssize_t pixel_in, Py_ssize_t pixel_out, Py_ssize_t before,
+                              bint backward, int n_threads) noexcept nogil:
+    """Forward: y[n, oh, ow] = (0 * before, x[n, oh*s, ow*s], 0 ...), pixels of
+    pixel_in / pixel_out bytes.  Backward (x the input gradient, y the output
+    gradient): x[n, ih, iw] = y[n, ih/s, iw/s][before:before + pixel_in] where s
+    divides both, else 0.  Rows of the written array are split over the threads."""
+    cdef Py_ssize_t r, n, i, j, rows = N * (H if backward else OH)
+    cdef char* xr
+    cdef char* yr
+    cdef int nt = effective_threads(rows * (W if backward else OW) * pixel_out // 4,
+                                    n_threads, cnet_min_elements_per_thread())
+    for r in prange(rows, nogil=True, schedule="static", num_threads=nt):
+        if backward:
+            n = r // H
+            i = r - n * H
+            xr = x + r * W * pixel_in
+            if i % stride:
+                memset(xr, 0, W * pixel_in)
+                continue
+            yr = y + (n * OH + i // stride) * OW * pixel_out + before
+            for j in range(W):
+                if j % stride:
+                    memset(xr + j * pixel_in, 0, pixel_in)
+                else:
+                    memcpy(xr + j * pixel_in, yr + (j // stride) * pixel_out, pixel_in)
+        else:
+            n = r // OH
+            i = r - n * OH
+            xr = x + (n * H + i * stride) * W * pixel_in
+            yr = y + r * OW * pixel_out
+            for j in range(OW):
+                memset(yr + j * pixel_out, 0, before)
+                memcpy(yr + j * pixel_out + before, xr + j * stride * pixel_in, pixel_in)
+                memset(yr + j * pixel_out + before + pixel_in, 0,
+                       pixel_out - before - pixel_in)
+
+
+def _subsample_pad(x, y, Py_ssize_t stride, Py_ssize_t before, bint backward, int n_threads):
+    """Checks for subsample_pad_channels(_backward): x the (N, H, W, C) side, y the
+    (N, ceil(H/s), ceil(W/s), C_out) side; the written one must be writeable."""
+    what = "subsample_pad_channels" + ("_backward" if backward else "")
+    for name, a in (("x", x), ("y", y)):
+        if not isinstance(a, np.ndarray) or a.ndim != 4 or not a.flags.c_contiguous:
+            raise ValueError(f"{what}: {name} must be a C-contiguous NHWC array, got "
+                             f"{getattr(a, 'shape', type(a).__name__)}")
+    if x.dtype != y.dtype or x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{what}: float32 or float64 arrays of one dtype, got {x.dtype} "
+                         f"and {y.dtype}")
+    if not (y if not backward else x).flags.writeable:
+        raise ValueError(f"{what}: the output is read-only")
+    if stride < 1:
+        raise ValueError(f"{what}: stride must be >= 1, got {stride}")
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    want = (N, (H + stride - 1) // stride, (W + stride - 1) // stride)
+    if y.shape[:3] != want or before < 0 or before + C > y.shape[3]:
+        raise ValueError(f"{what}: {C} channels at offset {before} of an output "
+                         f"{want + ('C_out',)} with stride {stride}: got x {x.shape}, "
+                         f"y {y.shape}")
+    if x.size == 0:
+        return
+    cdef Py_ssize_t item = x.dtype.itemsize, OH = want[1], OW = want[2]
+    cdef Py_ssize_t pixel_out = y.shape[3] * item
+    cdef char* xp = <char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+    cdef char* yp = <char*>cnp.PyArray_DATA(<cnp.ndarray>y)
+    with nogil:
+        _subsample_pad_rows(xp, yp, N, H, W, OH, OW, stride, C * item, pixel_out,
+                            before * item, backward, n_threads)
+
+
+def subsample_pad_channels(x, out, Py_ssize_t stride, Py_ssize_t before, int n_threads):
+    """out = x[:, ::stride, ::stride, :] with zero channels around it: ``before``
+    zeros, x's C channels, zeros up to out's C_out (the option-A shortcut)."""
+    _subsample_pad(x, out, stride, before, False, n_threads)
+
+
+def subsample_pad_channels_backward(grad, grad_in, Py_ssize_t stride, Py_ssize_t before,
+                                    int n_threads):
+    """grad_in (N, H, W, C) = zeros with grad[..., before:before + C] at every
+    stride-th row and column: subsample_pad_channels' input gradient."""
+    _subsample_pad(grad_in, grad, stride, before, True, n_threads)

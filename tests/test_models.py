@@ -194,6 +194,48 @@ def test_shortcut_a_forward_backward(rng, dtype):
     check_gradients(ShortcutA(3, 7, stride=2), rng.standard_normal((2, 4, 5, 3)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cin,cout,stride,hw", [(16, 32, 2, (32, 32)), (3, 8, 3, (7, 8)),
+                                                (5, 5, 1, (4, 3)), (6, 13, 2, (9, 6))])
+def test_shortcut_a_kernel_against_numpy(rng, dtype, cin, cout, stride, hw):
+    # The parallel kernels against numpy's strided assignments, on 1 and 2 threads
+    # (sizes big enough for both threads), odd sizes and strides that do not divide.
+    x = rng.standard_normal((9,) + hw + (cin,)).astype(dtype)
+    lo = (cout - cin) // 2
+    sub = x[:, ::stride, ::stride]
+    want = np.zeros(sub.shape[:3] + (cout,), dtype)
+    want[..., lo:lo + cin] = sub
+    g = rng.standard_normal(want.shape).astype(dtype)
+    want_dx = np.zeros_like(x)
+    want_dx[:, ::stride, ::stride] = g[..., lo:lo + cin]
+    for threads in (1, 2):
+        layer = ShortcutA(cin, cout, stride=stride)
+        with cnet.threads(threads):
+            np.testing.assert_array_equal(layer(x), want)
+            np.testing.assert_array_equal(layer.backward(g), want_dx)
+            g_strided = np.swapaxes(np.swapaxes(g, 1, 2).copy(), 1, 2)   # same values
+            assert not g_strided.flags.c_contiguous
+            np.testing.assert_array_equal(layer.backward(g_strided), want_dx)
+
+
+def test_shortcut_a_kernel_refuses_bad_operands():
+    from cnet_ext import _elementwise
+    x = np.zeros((2, 5, 5, 4), np.float32)
+    for out, match in [(np.zeros((2, 3, 3, 8), np.float64), "dtype"),
+                       (np.zeros((2, 2, 3, 8), np.float32), r"\(2, 3, 3, 'C_out'\)"),
+                       (np.zeros((2, 3, 3, 5), np.float32), "offset 2"),
+                       (np.zeros((2, 3, 3, 8), np.float32)[..., ::2], "C-contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            _elementwise.subsample_pad_channels(x, out, 2, 2, 1)
+    with pytest.raises(ValueError, match="stride"):
+        _elementwise.subsample_pad_channels(x, np.zeros((2, 3, 3, 8), np.float32), 0, 2, 1)
+    read_only = np.zeros((2, 5, 5, 4), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _elementwise.subsample_pad_channels_backward(np.zeros((2, 3, 3, 8), np.float32),
+                                                     read_only, 2, 2, 1)
+
+
 def test_shortcut_a_errors(rng):
     layer = ShortcutA(4, 8)
     with pytest.raises(ValueError, match=r"ShortcutA.*channels.*\(2, 4, 4, 3\)"):
@@ -202,6 +244,10 @@ def test_shortcut_a_errors(rng):
     layer(np.zeros((1, 4, 4, 4), np.float32))
     with pytest.raises(RuntimeError, match="ShortcutA"):
         layer.backward(np.zeros((1, 2, 2, 8), np.float32))
+    layer.train()
+    layer(np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"ShortcutA.*\(1, 2, 2, 8\).*\(1, 2, 2, 6\)"):
+        layer.backward(np.zeros((1, 2, 2, 6), np.float32))
     with pytest.raises(ValueError):
         ShortcutA(8, 4)
 

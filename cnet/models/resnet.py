@@ -23,7 +23,10 @@ block starts as the identity (Goyal et al. 2017).
 """
 import numpy as np
 
+from cnet_ext import _elementwise
+
 from .. import init, nn
+from .._threads import num_threads
 from ..nn.module import check_input, require_cache
 from ._registry import check_input_size, init_batchnorm_, named, register_model
 
@@ -58,22 +61,27 @@ class ShortcutA(nn.Module):
 
     def forward(self, x):
         check_input(self, x, 4, channels=self.in_channels)
-        s, lo = self.stride, self.pad_before
-        hi = lo + self.in_channels
-        sub = x[:, ::s, ::s, :]
-        out = np.empty(sub.shape[:3] + (self.out_channels,), dtype=x.dtype)
-        out[..., :lo] = 0
-        out[..., hi:] = 0
-        out[..., lo:hi] = sub
+        s = self.stride
+        n, h, w, _ = x.shape
+        out = np.empty((n, -(-h // s), -(-w // s), self.out_channels), dtype=x.dtype)
+        # one parallel pass (numpy's three strided assignments ran on one thread)
+        _elementwise.subsample_pad_channels(x, out, s, self.pad_before, num_threads())
         if self.training:
             self._in_shape = x.shape
         return out
 
     def backward(self, grad):
         in_shape = require_cache(self, self._in_shape)
-        s, lo = self.stride, self.pad_before
-        grad_in = np.zeros(in_shape, dtype=grad.dtype)
-        grad_in[:, ::s, ::s, :] = grad[..., lo:lo + self.in_channels]
+        s = self.stride
+        want = (in_shape[0], -(-in_shape[1] // s), -(-in_shape[2] // s), self.out_channels)
+        if not isinstance(grad, np.ndarray) or grad.shape != want \
+                or grad.dtype not in (np.float32, np.float64):
+            raise ValueError(f"{self._describe()}: expected a float32 or float64 gradient of "
+                             f"shape {want}, got {getattr(grad, 'shape', type(grad).__name__)} "
+                             f"{getattr(grad, 'dtype', '')}")
+        grad_in = np.empty(in_shape, dtype=grad.dtype)
+        _elementwise.subsample_pad_channels_backward(np.ascontiguousarray(grad), grad_in, s,
+                                                     self.pad_before, num_threads())
         return grad_in
 
     def flops(self, in_shape, out_shape):
