@@ -1076,3 +1076,68 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
     assert small.folds_batchnorm(bn32, x) == (fold_direct_bytes == 0)
     assert not small.folds_batchnorm(bn32, x[..., :4])      # wrong channels: forward raises
 
+
+
+def _eval_batchnorm(cout, dtype, rng):
+    bn = nn.BatchNorm2d(cout).to(dtype)
+    bn.running_mean[:] = rng.standard_normal(cout)
+    bn.running_var[:] = rng.uniform(0.5, 2.0, cout)
+    bn.weight.data[:] = rng.standard_normal(cout)
+    bn.bias.data[:] = rng.standard_normal(cout)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+def test_eval_residual_block_joins_the_shortcut_per_chunk(threads, dtype, shortcut, rng,
+                                                          monkeypatch):
+    # Eval mode: Add(body ending in conv + batch norm, shortcut) + ReLU adds the
+    # shortcut and applies the ReLU to each chunk of the last convolution's output
+    # (1x1 GEMM and direct 3x3 bodies), bitwise as the layers one after another.
+    monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", 0)
+    cin = 32 if shortcut == "identity" else 16
+    for last in (dict(kernel_size=1), dict(kernel_size=3, padding=1, groups=4)):
+        body = nn.Sequential(nn.Conv2d(cin, 32, 1, bias=False, dtype=dtype),
+                             _eval_batchnorm(32, dtype, rng), nn.ReLU(),
+                             nn.Conv2d(32, 32, bias=False, dtype=dtype, **last),
+                             _eval_batchnorm(32, dtype, rng))
+        short = (nn.Identity() if shortcut == "identity" else
+                 nn.Sequential(nn.Conv2d(cin, 32, 1, bias=False, dtype=dtype),
+                               _eval_batchnorm(32, dtype, rng)))
+        block = nn.Sequential(nn.Add(body, short), nn.ReLU()).eval()
+        x = rng.standard_normal((6, 9, 9, cin)).astype(dtype)
+        residuals = []
+        fold = nn.Conv2d.forward_with_batchnorm
+        monkeypatch.setattr(nn.Conv2d, "forward_with_batchnorm",
+                            lambda self, x, bn, residual=None: (
+                                residuals.append(residual is not None),
+                                fold(self, x, bn, residual))[1])
+        with cnet.threads(threads):
+            got = block(x)
+        monkeypatch.setattr(nn.Conv2d, "forward_with_batchnorm", fold)
+        # every conv + batch norm folded; the body's last one joined the shortcut
+        assert residuals.count(True) == 1 and len(residuals) == (2 if cin == 32 else 3)
+        with cnet.threads(threads):
+            h = x
+            for layer in body:
+                h = layer(h)
+            want = np.maximum(h + short(x), 0)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_residual_join_refusals(rng, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", 0)
+    conv = nn.Conv2d(8, 16, 1).eval()
+    bn = _eval_batchnorm(16, np.float32, rng)
+    x = rng.standard_normal((2, 5, 5, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"Conv2d.*residual.*\(2, 5, 5, 16\).*\(2, 5, 5, 8\)"):
+        conv.forward_with_batchnorm(x, bn, residual=np.zeros((2, 5, 5, 8), np.float32))
+    bn.fuse_relu()
+    with pytest.raises(ValueError, match="must not apply one itself"):
+        conv.forward_with_batchnorm(x, bn, residual=np.zeros((2, 5, 5, 16), np.float32))
+    # A shortcut the body's output cannot join: the Add's own error, as in training.
+    block = nn.Sequential(nn.Add(nn.Sequential(nn.Conv2d(8, 16, 1), _eval_batchnorm(
+        16, np.float32, rng)), nn.Identity()), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="Add: branch outputs differ in shape"):
+        block(x)

@@ -71,6 +71,15 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
+        return self._run(x, None)[0]
+
+    def _forward_residual(self, x, residual):
+        """(relu(self(x) + residual), True) when the last two steps are a convolution
+        and a batch norm folded per chunk (eval mode), which then join the residual
+        in cache; else (self(x), False) and the caller joins it."""
+        return self._run(x, residual)
+
+    def _run(self, x, residual):
         plan = self._plan or self._build_plan()
         i = 0
         while i < len(plan):
@@ -80,12 +89,18 @@ class Sequential(Module):
             # of its output while in cache (Conv2d.forward_with_batchnorm).
             if (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
                     and layer.folds_batchnorm(nxt, x)):
-                x = layer.forward_with_batchnorm(x, nxt)
+                join = (i + 2 == len(plan) and not nxt._relu and not layer._relu
+                        and isinstance(residual, np.ndarray) and residual.dtype == x.dtype
+                        and residual.flags.c_contiguous
+                        and residual.shape == layer.output_shape(x.shape))
+                x = layer.forward_with_batchnorm(x, nxt, residual if join else None)
+                if join:
+                    return x, True
                 i += 2
             else:
                 x = layer.forward(x)
                 i += 1
-        return x
+        return x, False
 
     def backward(self, grad):
         for layer in reversed(self._plan or self._build_plan()):
@@ -111,8 +126,11 @@ class _Branches(Module):
             b.requires_input_grad_(requires_grad)
         return self
 
-    def _branch_outputs(self, x):
-        outs = [b.forward(x) for b in self.branches]
+    def _branch_outputs(self, x, done=None):
+        """The branches' outputs on x, checked; ``done`` maps a branch's index to its
+        output where the caller has computed it already."""
+        done = done or {}
+        outs = [done[i] if i in done else b.forward(x) for i, b in enumerate(self.branches)]
         dtype = outs[0].dtype
         for b, o in zip(self.branches, outs):
             if not isinstance(o, np.ndarray) or o.dtype != dtype or o.ndim < 1:
@@ -170,7 +188,18 @@ class Add(_Branches):
         return "fused_relu=True" if self._relu else ""
 
     def forward(self, x):
-        outs = self._branch_outputs(x)
+        if (not self.training and self._relu and len(self.branches) == 2
+                and isinstance(self.branches[0], Sequential)
+                and "forward" not in self.branches[0].__dict__):
+            # Eval mode: the body's last convolution + batch norm join the shortcut
+            # per chunk (Sequential._forward_residual): no separate add pass.
+            shortcut = self.branches[1].forward(x)
+            out, joined = self.branches[0]._forward_residual(x, shortcut)
+            if joined:
+                return out
+            outs = self._branch_outputs(x, {0: out, 1: shortcut})
+        else:
+            outs = self._branch_outputs(x)
         shape = outs[0].shape
         for b, o in zip(self.branches[1:], outs[1:]):
             if o.shape != shape:

@@ -745,21 +745,38 @@ class Conv2d(Module):
         direct = self._workspace(x, out_shape)["paths"][0] == "direct"
         return not direct or math.prod(out_shape) * x.itemsize >= _FOLD_DIRECT_BYTES
 
-    def forward_with_batchnorm(self, x, bn):
+    def forward_with_batchnorm(self, x, bn, residual=None):
         """bn(self(x)) for an eval-mode BatchNorm2d (see folds_batchnorm), the batch
         norm (and its fused ReLU) applied to each chunk of the output while it is
         still in cache: the raw output never goes to memory, and one pass over
         the activations is saved (ResNeXt-29 inference at 2 threads: 58 ms of
         batch norm per 742 ms step, the 64x32x32x256 maps being larger than L3;
         733-765 -> 691-708 ms); Sequential does it where folds_batchnorm(bn, x)
-        says it pays.  The same values as the two calls (eval mode has no batch statistics)."""
+        says it pays.  The same values as the two calls (eval mode has no batch statistics).
+
+        With ``residual`` (an array of the output's shape and dtype; bn without a
+        fused ReLU): relu(bn(self(x)) + residual), the residual join of an eval-mode
+        Add(body, shortcut) + ReLU done per chunk too (Sequential._forward_residual),
+        which saves the add's pass over three maps."""
         if not self.folds_batchnorm(bn):
             raise ValueError(f"{self._describe()}: cannot apply {bn._describe()} to its chunks "
                              "(both must be in eval mode, a BatchNorm2d with running "
                              "statistics over this layer's outputs, same dtype)")
-        return self._forward(x, bn)
+        if residual is not None:
+            want = self.output_shape(np.shape(x))
+            if (not isinstance(residual, np.ndarray) or residual.shape != want
+                    or residual.dtype != self.weight.data.dtype
+                    or not residual.flags.c_contiguous):
+                raise ValueError(f"{self._describe()}: the residual must be a C-contiguous "
+                                 f"{self.weight.data.dtype} array of the output's shape {want}, "
+                                 f"got {getattr(residual, 'shape', type(residual).__name__)} "
+                                 f"{getattr(residual, 'dtype', '')}")
+            if bn._relu or self._relu:
+                raise ValueError(f"{self._describe()}: a residual join adds before the ReLU; "
+                                 f"{bn._describe()} must not apply one itself")
+        return self._forward(x, bn, residual)
 
-    def _forward(self, x, bn):
+    def _forward(self, x, bn, residual=None):
         w = self.weight.data
         _check_param_dtype(self, w.dtype)
         check_input(self, x, 4, channels=self.in_channels, dtype=w.dtype)
@@ -783,6 +800,7 @@ class Conv2d(Module):
         geom = self._geometry()
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
+        residual2 = None if residual is None else residual.reshape(-1, cout)
         if bn is not None:
             # each chunk's raw output goes to a worker's buffer, the batch norm into y
             raws = self._worker_buffers("raw", n_workers, (chunk, oh, ow, cout), x.dtype)
@@ -823,8 +841,10 @@ class Conv2d(Module):
                 return
             raw = raws[wid][:n1 - n0]
             compute(x[n0:n1], raw, 0, n1 - n0, wid, kt)
-            bn._forward_eval_rows(raw.reshape(-1, cout), y2[n0 * rows:n1 * rows],
-                                  *bn_vectors[wid], kt)
+            yc = y2[n0 * rows:n1 * rows]
+            bn._forward_eval_rows(raw.reshape(-1, cout), yc, *bn_vectors[wid], kt)
+            if residual is not None:     # the residual join, while the chunk is in cache
+                _elementwise.add(yc, residual2[n0 * rows:n1 * rows], yc, True, kt)
 
         if path == "direct" and bn is None:
             # All chunks in one parallel region of the kernel: no Python, and no GIL
