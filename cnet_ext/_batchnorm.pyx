@@ -147,13 +147,30 @@ cdef extern from *:
         }                                                                                       \
     }                                                                                           \
     /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
-       false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
+       false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was.               \
+       With a residual s (a residual block's shortcut), y = relu?(x * alpha + shift + s):       \
+       the batch norm's output rounded, then the add's, as the two passes round. */             \
     CNET_CLONES static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
-                                const T* CNET_R alpha, const T* CNET_R shift, int relu) {       \
+                                const T* CNET_R alpha, const T* CNET_R shift, int relu,         \
+                                const T* CNET_R s) {                                            \
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
             const T* CNET_R xr = x + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
-            if (relu) {                                                                         \
+            if (s) {                                                                            \
+                const T* CNET_R sr = s + r * C;                                                 \
+                if (relu) {                                                                     \
+                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
+                        T v = xr[c] * alpha[c] + shift[c];                                      \
+                        v = v + sr[c];                                                          \
+                        yr[c] = v < (T)0 ? (T)0 : v;                                            \
+                    }                                                                           \
+                } else {                                                                        \
+                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
+                        T v = xr[c] * alpha[c] + shift[c];                                      \
+                        yr[c] = v + sr[c];                                                      \
+                    }                                                                           \
+                }                                                                               \
+            } else if (relu) {                                                                  \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
                     yr[c] = v < (T)0 ? (T)0 : v;                                                \
@@ -256,9 +273,9 @@ cdef extern from *:
     void bn_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
                       double* scratch) nogil
     void bn_affine_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* alpha,
-                     const float* shift, int relu) nogil
+                     const float* shift, int relu, const float* s) nogil
     void bn_affine_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* alpha,
-                     const double* shift, int relu) nogil
+                     const double* shift, int relu, const double* s) nogil
     void bn_grad_sums_f(const float* x, const float* dy, Py_ssize_t n, Py_ssize_t C,
                         const float* mean, const float* alpha, const float* shift, int relu,
                         double* sdy, double* sdyx, float* scratch) nogil
@@ -283,11 +300,11 @@ cdef inline void _chunk_moments(const floating* x, Py_ssize_t n, Py_ssize_t C,
 
 cdef inline void _chunk_affine(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t C,
                                const floating* alpha, const floating* shift,
-                               bint relu) noexcept nogil:
+                               bint relu, const floating* s) noexcept nogil:
     if floating is float:
-        bn_affine_f(x, y, n, C, alpha, shift, relu)
+        bn_affine_f(x, y, n, C, alpha, shift, relu, s)
     else:
-        bn_affine_d(x, y, n, C, alpha, shift, relu)
+        bn_affine_d(x, y, n, C, alpha, shift, relu, s)
 
 
 cdef inline void _chunk_grad_sums(const floating* x, const floating* dy, Py_ssize_t n,
@@ -348,12 +365,28 @@ cdef inline const floating* _cptr(object arr, const floating* like) except? NULL
     return &view[0] if view.shape[0] > 0 else NULL
 
 
+cdef inline const floating* _residual_rows(object residual, Py_ssize_t M, Py_ssize_t C,
+                                           floating* like) except? NULL:
+    """Data pointer of an optional residual operand of M x C rows (checked); NULL for None."""
+    cdef const floating[:, ::1] view
+    if residual is None:
+        return NULL
+    try:
+        view = residual
+    except (ValueError, TypeError):
+        raise ValueError(f"batchnorm kernel: residual must be C-contiguous rows of the "
+                         f"input's dtype, got {getattr(residual, 'dtype', type(residual).__name__)} "
+                         f"{getattr(residual, 'shape', '')}")
+    _check_rows("residual", view, M, C)
+    return &view[0, 0] if M and C else NULL
+
+
 # -- Python-facing kernels ----------------------------------------------------------
 
 def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, double eps, bint relu,
                   double[::1] save_mean, double[::1] save_invstd,
                   floating[::1] alpha, floating[::1] shift,
-                  running_mean, running_var, double momentum, int n_threads):
+                  running_mean, running_var, double momentum, int n_threads, residual=None):
     """Training forward on rows x (M, C) into y, with batch statistics.
 
     Writes the batch mean and 1/sqrt(var + eps) (biased variance) into
@@ -361,11 +394,13 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     ``shift`` for backward.  ``weight`` / ``bias`` may be None (affine=False).
     If ``running_mean`` / ``running_var`` are given they are updated in
     place: running = (1 - momentum) * running + momentum * batch, with the
-    unbiased batch variance in ``running_var``.
+    unbiased batch variance in ``running_var``.  With ``residual`` (rows like x):
+    y = x normalised + residual, then the ReLU if relu (a residual join).
     """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     dtype = np.float32 if floating is float else np.float64
     _check_rows("y", y, M, C)
+    cdef const floating* sp = _residual_rows(residual, M, C, &y[0, 0] if M and C else NULL)
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _check_vec(name, v, C, dtype)
@@ -429,18 +464,20 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
             for j in prange(nchunks, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_affine(xp + r0 * C, yp + r0 * C, (M - r0) if M - r0 < rows else rows,
-                              C, &alpha[0], &shift[0], relu)
+                              C, &alpha[0], &shift[0], relu, (sp + r0 * C) if sp else NULL)
     finally:
         free(slots)
 
 
 def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_mean,
                  running_var, double eps, bint relu, floating[::1] alpha, floating[::1] shift,
-                 int n_threads):
-    """Eval forward with the running statistics (alpha/shift are scratch outputs)."""
+                 int n_threads, residual=None):
+    """Eval forward with the running statistics (alpha/shift are scratch outputs);
+    ``residual`` as in forward_train."""
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     dtype = np.float32 if floating is float else np.float64
     _check_rows("y", y, M, C)
+    cdef const floating* sp = _residual_rows(residual, M, C, &y[0, 0] if M and C else NULL)
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _check_vec(name, v, C, dtype)
@@ -471,7 +508,7 @@ def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, run
         for j in prange(nchunks, schedule="static", num_threads=nt):
             r0 = j * rows
             _chunk_affine(xp + r0 * C, yp + r0 * C, (M - r0) if M - r0 < rows else rows,
-                          C, &alpha[0], &shift[0], relu)
+                          C, &alpha[0], &shift[0], relu, (sp + r0 * C) if sp else NULL)
 
 
 def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx, weight,

@@ -359,6 +359,59 @@ def test_kernel_validates_shapes():
                                  s.copy(), a, a.copy(), None, None, 0.1, 1)
 
 
+@pytest.mark.parametrize("shape", [(10, 16, 16, 8), (3, 5, 4, 33), (4, 6, 6, 64)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_residual_join_equals_separate_passes(rng, shape, dtype, training, threads):
+    # relu(bn(x) + s) in the batch norm's output pass, bitwise as bn(x), then the add
+    # and ReLU kernel: batch and running statistics, both paths, both thread counts.
+    C = shape[-1]
+    joined, separate = make_bn(nn.BatchNorm2d, C, rng, dtype), make_bn(nn.BatchNorm2d, C, rng,
+                                                                        dtype)
+    separate.load_state_dict(joined.state_dict())
+    joined.train(training)
+    separate.train(training)
+    if not training:
+        for bn in (joined, separate):
+            bn.running_mean[:] = np.linspace(-1, 1, C)
+            bn.running_var[:] = np.linspace(0.5, 2, C)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    res = rng.standard_normal(shape).astype(dtype)
+    x[0, 0, 0, :2] = np.nan                      # NaN passes the ReLU on both paths
+    assert joined.joins_residual(x, res)
+    with cnet.threads(threads):
+        got = joined._forward(x, res)
+        want = separate(x)
+        from cnet_ext import _elementwise
+        _elementwise.add(want, res, want, True, threads)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(joined.running_mean, separate.running_mean)
+    np.testing.assert_array_equal(joined.running_var, separate.running_var)
+
+
+def test_residual_join_refusals(rng):
+    from cnet_ext import _batchnorm
+    bn = make_bn(nn.BatchNorm2d, 4, rng)
+    x = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+    assert not bn.joins_residual(x, x[..., :3].copy())
+    assert not bn.joins_residual(x, x.astype(np.float64))
+    assert not bn.joins_residual(x, np.swapaxes(x, 1, 2))
+    bn.fuse_relu()
+    assert not bn.joins_residual(x, x.copy())
+    x2, s = np.zeros((5, 3), np.float32), np.zeros(3)
+    a = np.zeros(3, np.float32)
+    for residual, match in [(np.zeros((4, 3), np.float32), r"residual has shape \(4, 3\)"),
+                            (np.zeros((5, 3)), "residual must be C-contiguous rows of the "
+                                               "input's dtype, got float64")]:
+        with pytest.raises(ValueError, match=match):
+            _batchnorm.forward_train(x2, x2.copy(), None, None, 1e-5, False, s, s.copy(), a,
+                                     a.copy(), None, None, 0.1, 1, residual)
+        with pytest.raises(ValueError, match=match):
+            _batchnorm.forward_eval(x2, x2.copy(), None, None, a, a + 1, 1e-5, False, a.copy(),
+                                    a.copy(), 1, residual)
+
+
 # -- torch parity ----------------------------------------------------------------
 
 def _torch_bn(torch, bn, C, dim):

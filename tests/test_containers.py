@@ -218,3 +218,47 @@ def test_bad_gradients(rng):
 def test_needs_a_branch():
     with pytest.raises(ValueError, match="at least one branch"):
         nn.Add()
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_residual_block_joins_in_the_last_batchnorm(rng, shortcut, dtype):
+    # Training: Add(body ending in a batch norm, shortcut) + ReLU adds the shortcut
+    # in the batch norm's output pass; forward, every gradient and the running
+    # statistics bitwise as the unjoined block (a profiler-style wrapper on the body
+    # turns the join off), for two steps.
+    def block():
+        cin = 8 if shortcut == "identity" else 4
+        body = nn.Sequential(nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                             nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(8))
+        short = (nn.Identity() if shortcut == "identity" else
+                 nn.Sequential(nn.Conv2d(cin, 8, 1, bias=False), nn.BatchNorm2d(8)))
+        return nn.Sequential(nn.Add(body, short), nn.ReLU()).to(dtype), cin
+
+    cnet.manual_seed(3)
+    joined, cin = block()
+    cnet.manual_seed(3)
+    plain, _ = block()
+    body = plain[0].branches[0]
+    body.forward = lambda x: type(body).forward(body, x)      # no join through a wrapper
+    calls = []
+    bn_last = joined[0].branches[0][4]
+    original = type(bn_last)._forward
+    bn_last._forward = lambda x, residual: (calls.append(residual is not None),
+                                            original(bn_last, x, residual))[1]
+    for step in range(2):
+        x = rng.standard_normal((6, 7, 7, cin)).astype(dtype)
+        dy = rng.standard_normal((6, 7, 7, 8)).astype(dtype)
+        outs = []
+        for model in (joined, plain):
+            model.zero_grad()
+            y = model(x)
+            outs.append((y, model.backward(dy), [p.grad.copy() for p in model.parameters()],
+                         [b.copy() for b in model.buffers()]))
+        (y1, dx1, g1, b1), (y2, dx2, g2, b2) = outs
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(dx1, dx2)
+        for a, b in zip(g1 + b1, g2 + b2):
+            np.testing.assert_array_equal(a, b)
+    assert calls == [True, True]

@@ -74,9 +74,10 @@ class Sequential(Module):
         return self._run(x, None)[0]
 
     def _forward_residual(self, x, residual):
-        """(relu(self(x) + residual), True) when the last two steps are a convolution
-        and a batch norm folded per chunk (eval mode), which then join the residual
-        in cache; else (self(x), False) and the caller joins it."""
+        """(relu(self(x) + residual), True) when the last step is a batch norm that
+        joins the residual in its output pass (_BatchNorm.joins_residual), or a
+        convolution and batch norm folded per chunk (eval mode) that join it in
+        cache; else (self(x), False) and the caller joins it."""
         return self._run(x, residual)
 
     def _run(self, x, residual):
@@ -97,6 +98,9 @@ class Sequential(Module):
                 if join:
                     return x, True
                 i += 2
+            elif (residual is not None and nxt is None and hasattr(layer, "joins_residual")
+                    and layer.joins_residual(x, residual)):
+                return layer._forward(x, residual), True
             else:
                 x = layer.forward(x)
                 i += 1
@@ -188,14 +192,15 @@ class Add(_Branches):
         return "fused_relu=True" if self._relu else ""
 
     def forward(self, x):
-        if (not self.training and self._relu and len(self.branches) == 2
-                and isinstance(self.branches[0], Sequential)
+        if (self._relu and len(self.branches) == 2 and isinstance(self.branches[0], Sequential)
                 and "forward" not in self.branches[0].__dict__):
-            # Eval mode: the body's last convolution + batch norm join the shortcut
-            # per chunk (Sequential._forward_residual): no separate add pass.
+            # A body ending in a batch norm joins the shortcut in its output pass
+            # (Sequential._forward_residual): no separate add pass over three maps.
             shortcut = self.branches[1].forward(x)
             out, joined = self.branches[0]._forward_residual(x, shortcut)
             if joined:
+                if self.training:
+                    self._y = out
                 return out
             outs = self._branch_outputs(x, {0: out, 1: shortcut})
         else:

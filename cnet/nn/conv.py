@@ -841,10 +841,9 @@ class Conv2d(Module):
                 return
             raw = raws[wid][:n1 - n0]
             compute(x[n0:n1], raw, 0, n1 - n0, wid, kt)
-            yc = y2[n0 * rows:n1 * rows]
-            bn._forward_eval_rows(raw.reshape(-1, cout), yc, *bn_vectors[wid], kt)
-            if residual is not None:     # the residual join, while the chunk is in cache
-                _elementwise.add(yc, residual2[n0 * rows:n1 * rows], yc, True, kt)
+            bn._forward_eval_rows(raw.reshape(-1, cout), y2[n0 * rows:n1 * rows],
+                                  *bn_vectors[wid], kt,
+                                  None if residual is None else residual2[n0 * rows:n1 * rows])
 
         if path == "direct" and bn is None:
             # All chunks in one parallel region of the kernel: no Python, and no GIL

@@ -85,11 +85,29 @@ class _BatchNorm(Module):
         return work
 
     def forward(self, x):
+        return self._forward(x, None)
+
+    def joins_residual(self, x, residual):
+        """Whether _forward(x, residual) may stand for relu(self(x) + residual), a
+        residual block's join (Sequential._forward_residual): no fused ReLU of its
+        own, forward not replaced on the instance, residual C-contiguous of x's
+        shape and dtype."""
+        return (not self._relu and "forward" not in self.__dict__
+                and isinstance(residual, np.ndarray) and isinstance(x, np.ndarray)
+                and residual.shape == x.shape and residual.dtype == x.dtype
+                and residual.flags.c_contiguous)
+
+    def _forward(self, x, residual):
+        """The forward; with ``residual`` (see joins_residual) relu(bn(x) + residual)
+        in the same pass over the output, which saves writing bn(x) and the add's
+        pass over three maps.  The same values as the separate passes."""
         check_input(self, x, self._ranks, channels=self.num_features, dtype=self._dtype())
         C = self.num_features
         x2 = x.reshape(-1, C)
         y = np.empty_like(x)
         y2 = y.reshape(-1, C)
+        relu = self._relu or residual is not None
+        residual2 = None if residual is None else residual.reshape(-1, C)
         weight = self.weight.data if self.affine else None
         bias = self.bias.data if self.affine else None
         mean, invstd, alpha, shift = self._workspace(x.dtype)
@@ -104,21 +122,23 @@ class _BatchNorm(Module):
                 factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                           else self.momentum)
             _batchnorm.forward_train(
-                x2, y2, weight, bias, self.eps, self._relu, mean, invstd, alpha, shift,
+                x2, y2, weight, bias, self.eps, relu, mean, invstd, alpha, shift,
                 self.running_mean if update else None, self.running_var if update else None,
-                factor, num_threads())
+                factor, num_threads(), residual2)
             self._cache = x if self.training else None
         else:
-            self._forward_eval_rows(x2, y2, alpha, shift, num_threads())
+            self._forward_eval_rows(x2, y2, alpha, shift, num_threads(), residual2)
             self._cache = None
         return y
 
-    def _forward_eval_rows(self, x2, y2, alpha, shift, n_threads):
+    def _forward_eval_rows(self, x2, y2, alpha, shift, n_threads, residual2=None):
         """y2 = the eval-mode forward (ReLU included when fused) of rows x2 (M, C),
-        with alpha / shift as scratch (also Conv2d.forward_with_batchnorm's, per chunk)."""
+        with alpha / shift as scratch (also Conv2d.forward_with_batchnorm's, per chunk);
+        with residual2 rows, relu(that + residual2)."""
         _batchnorm.forward_eval(x2, y2, self.weight.data if self.affine else None,
                                 self.bias.data if self.affine else None, self.running_mean,
-                                self.running_var, self.eps, self._relu, alpha, shift, n_threads)
+                                self.running_var, self.eps, self._relu or residual2 is not None,
+                                alpha, shift, n_threads, residual2)
 
     def backward(self, grad_out):
         x = require_cache(self, self._cache)
