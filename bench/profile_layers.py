@@ -9,7 +9,10 @@ removed afterwards) with a timer that keeps a stack, so each module is charged
 its EXCLUSIVE time: a residual ``Add`` gets its own add(+ReLU) kernel and the
 gradient sum, not its branches; a container's own Python work shows up under
 its name.  ReLUs that Sequential fused into the layer before them never run on
-their own (their cost is inside that layer).  The loss, ``zero_grad`` and the
+their own (their cost is inside that layer).  The wrappers switch off what joins
+two layers in one pass (eval-mode convolution + batch norm per chunk, a residual
+block's batch norm + add + ReLU), so each layer is timed alone; the plain step
+keeps them.  The loss, ``zero_grad`` and the
 optimizer step are timed too, and the rest of the step is "unaccounted".
 Times are medians over --iters instrumented steps after warm-up; the table
 also shows the step time without instrumentation (the wrappers' own overhead
