@@ -63,6 +63,13 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
     *hi = b < out ? b : out;
 }
 
+/* The 2x2 / stride 2 window without padding or dilation (see cnet_max_row_2x2_). */
+static inline int cnet_pool_is_2x2(Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                                   Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
+{
+    return kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && dh == 1 && dw == 1;
+}
+
 /* Small channel counts (LeNet's 6): with C a compile-time constant the channel
  * loops unroll completely, instead of paying a vector loop's set-up and scalar
  * tail for a handful of values per window (max pool at C = 6: 2-3x faster).
@@ -135,11 +142,51 @@ CNET_SIMD
     }
 }
 
+/* The common 2x2 / stride 2 window without padding (LeNet's, VGG's), every window
+ * inside the input: window by window, its four taps loaded once and compared in
+ * window order, one store of y and idx (the tap-major loop reads and writes them
+ * once per tap).  The same rule and positions as the general body. */
+CNET_INLINE void CNET_FN(cnet_max_row_2x2_)(
+    const T *x, T *y, int *idx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW, Py_ssize_t oh)
+{
+    const T *x0 = x + 2 * oh * W * C, *x1 = x0 + W * C;
+    for (Py_ssize_t ow = 0; ow < OW; ow++) {
+        const T *a = x0 + 2 * ow * C, *b = a + C, *c0 = x1 + 2 * ow * C, *d = c0 + C;
+        const int pos = (int)(2 * oh * W + 2 * ow);
+        T *yp = y + ow * C;
+        int *ip = idx ? idx + ow * C : NULL;
+        for (Py_ssize_t c = 0; c < C; c++) {
+            T m = a[c];
+            int im = pos;
+            T v = b[c];
+            int take = (v > m) | (v != v);
+            m = take ? v : m;
+            im = take ? pos + 1 : im;
+            v = c0[c];
+            take = (v > m) | (v != v);
+            m = take ? v : m;
+            im = take ? pos + (int)W : im;
+            v = d[c];
+            take = (v > m) | (v != v);
+            m = take ? v : m;
+            im = take ? pos + (int)W + 1 : im;
+            yp[c] = m;
+            if (ip) ip[c] = im;
+        }
+    }
+}
+
 CNET_CLONES static void CNET_FN(cnet_max_row_)(
     const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
     Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
     Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
 {
+    if (cnet_pool_is_2x2(kh, kw, sh, sw, ph, pw, dh, dw) && 2 * oh + 1 < H && 2 * OW <= W) {
+#define CNET_CALL_(c) CNET_FN(cnet_max_row_2x2_)(x, y, idx, W, c, OW, oh)
+        CNET_SMALL_C_SWITCH(C, CNET_CALL_)
+#undef CNET_CALL_
+        return;
+    }
 #define CNET_CALL_(c) CNET_FN(cnet_max_row_body_)(x, y, idx, H, W, c, OW, oh, kh, kw, sh, \
                                                   sw, ph, pw, dh, dw)
     CNET_SMALL_C_SWITCH(C, CNET_CALL_)
@@ -183,11 +230,39 @@ CNET_SIMD
     }
 }
 
+/* Backward of the 2x2 / stride 2 window without padding, input row ih inside a
+ * window row: each input element is one window's tap, so one pass writes it (g
+ * where the argmax is its position, else 0); columns past the last window get 0. */
+CNET_INLINE void CNET_FN(cnet_max_bwd_row_2x2_)(
+    const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
+    Py_ssize_t ih)
+{
+    const T *grow = g + (ih / 2) * OW * C;
+    const int *irow = idx + (ih / 2) * OW * C;
+    for (Py_ssize_t iw = 0; iw < 2 * OW; iw++) {
+        const int pos = (int)(ih * W + iw);
+        const T *go = grow + (iw / 2) * C;
+        const int *io = irow + (iw / 2) * C;
+        T *gp = gx + iw * C;
+        for (Py_ssize_t c = 0; c < C; c++) {
+            const T v = go[c];
+            gp[c] = io[c] == pos ? v : (T)0;
+        }
+    }
+    for (Py_ssize_t k = 2 * OW * C; k < W * C; k++) gx[k] = (T)0;
+}
+
 CNET_CLONES static void CNET_FN(cnet_max_bwd_row_)(
     const T *g, const int *idx, T *gx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
     Py_ssize_t OW, Py_ssize_t ih, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
     Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)
 {
+    if (cnet_pool_is_2x2(kh, kw, sh, sw, ph, pw, dh, dw) && ih < 2 * OH && 2 * OW <= W) {
+#define CNET_CALL_(c) CNET_FN(cnet_max_bwd_row_2x2_)(g, idx, gx, W, c, OW, ih)
+        CNET_SMALL_C_SWITCH(C, CNET_CALL_)
+#undef CNET_CALL_
+        return;
+    }
 #define CNET_CALL_(c) CNET_FN(cnet_max_bwd_row_body_)(g, idx, gx, W, c, OH, OW, ih, kh, kw, \
                                                       sh, sw, ph, pw, dh, dw)
     CNET_SMALL_C_SWITCH(C, CNET_CALL_)

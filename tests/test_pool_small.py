@@ -71,3 +71,46 @@ def test_small_channels_threads_bitwise(rng):
             outs.append((y, m.backward(np.ones_like(y))))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def _torch_rule_2x2(x):
+    """Window-order transcription of torch's max pooling rule for 2x2 / stride 2:
+    take a tap if it is greater or NaN; the index of the taken tap (ih * W + iw)."""
+    n, h, w, c = x.shape
+    oh, ow = h // 2, w // 2
+    y = np.empty((n, oh, ow, c), x.dtype)
+    idx = np.empty((n, oh, ow, c), np.int64)
+    for b, i, j, k in np.ndindex(n, oh, ow, c):
+        m, im = -np.inf, (2 * i) * w + 2 * j
+        for di, dj in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            v = x[b, 2 * i + di, 2 * j + dj, k]
+            if v > m or np.isnan(v):
+                m, im = v, (2 * i + di) * w + 2 * j + dj
+        y[b, i, j, k], idx[b, i, j, k] = m, im
+    return y, idx
+
+
+@pytest.mark.parametrize("c", [1, 6, 16, 20])
+@pytest.mark.parametrize("hw", [(6, 8), (7, 9)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_2x2_windows_ties_nans_and_routing(c, hw, dtype, rng):
+    # The 2x2 / stride 2 kernels (window by window forward, one-pass backward):
+    # ties in every order, NaNs, -inf, odd sizes whose last row and column no
+    # window covers; values and indices as torch's rule, gradients routed to them.
+    x = rng.integers(-2, 2, (3,) + hw + (c,)).astype(dtype)
+    x[0, 0, 0, 0] = np.nan
+    x[1, 2:4, 2:4, -1] = -np.inf
+    x[2, 1, 1, 0] = np.nan
+    x[2, 0, 1, 0] = np.nan
+    m = nn.MaxPool2d(2)
+    y = m(x)
+    want_y, want_idx = _torch_rule_2x2(x)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(m._idx, want_idx)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    gx = m.backward(g)
+    want_gx = np.zeros_like(x)
+    flat = want_gx.reshape(x.shape[0], -1, c)
+    for b, i, j, k in np.ndindex(*y.shape):
+        flat[b, want_idx[b, i, j, k], k] += g[b, i, j, k]
+    np.testing.assert_array_equal(gx, want_gx)
