@@ -94,9 +94,10 @@ def _torch_rule_2x2(x):
 @pytest.mark.parametrize("hw", [(6, 8), (7, 9)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_2x2_windows_ties_nans_and_routing(c, hw, dtype, rng):
-    # The 2x2 / stride 2 kernels (window by window forward, one-pass backward):
-    # ties in every order, NaNs, -inf, odd sizes whose last row and column no
-    # window covers; values and indices as torch's rule, gradients routed to them.
+    # 2x2 / stride 2 (one channel and C >= 16: the window-by-window forward and
+    # one-pass backward; 6: the tap-major loops): ties in every order, NaNs, -inf,
+    # odd sizes whose last row and column no window covers; values and indices as
+    # torch's rule, gradients routed to them.
     x = rng.integers(-2, 2, (3,) + hw + (c,)).astype(dtype)
     x[0, 0, 0, 0] = np.nan
     x[1, 2:4, 2:4, -1] = -np.inf
