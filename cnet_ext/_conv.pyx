@@ -613,6 +613,29 @@ cdef extern from *:
     CNET_NARROW_WGRAD(cnet_narrow_wgrad_f32, float, 16)
     CNET_NARROW_WGRAD(cnet_narrow_wgrad_f64, double, 8)
 
+    /* A fused ReLU's backward and the bias gradient's sums in one pass (bias_grad):
+       m = 0 where y <= 0 else g (relu_backward's select: a NaN y passes g), acc += m
+       in double.  The select is a bit mask: as a ternary GCC kept it a branch here,
+       mispredicted on every other element (200K x 6: 6.3 ms against 0.8 for the two
+       separate passes). */
+    #define CNET_MASK_SUM(T, IT, SFX)                                                      \
+    CNET_CLONES static void cnet_mask_sum_##SFX(const T* __restrict__ g,                   \
+                                                const T* __restrict__ y, T* __restrict__ m, \
+                                                double* __restrict__ acc, Py_ssize_t n)    \
+    {                                                                                      \
+        for (Py_ssize_t j = 0; j < n; j++) {                                               \
+            T v = g[j];                                                                    \
+            IT bits;                                                                       \
+            memcpy(&bits, &v, sizeof bits);                                                \
+            bits &= -(IT)!(y[j] <= (T)0);                                                  \
+            memcpy(&v, &bits, sizeof bits);                                                \
+            m[j] = v;                                                                      \
+            acc[j] += v;                                                                   \
+        }                                                                                  \
+    }
+    CNET_MASK_SUM(float, int32_t, f32)
+    CNET_MASK_SUM(double, int64_t, f64)
+
     /* One entry per kernel and dtype; ``variant`` picks the register block:
        0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2, 3: 6 x 4 (see _direct_variant
        and _wgrad_variant). */
@@ -722,6 +745,10 @@ cdef extern from *:
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
                                Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t pw,
                                Py_ssize_t dh, double* xp, double* dyp) noexcept nogil
+    void cnet_mask_sum_f32(const float* g, const float* y, float* m, double* acc,
+                           Py_ssize_t n) noexcept nogil
+    void cnet_mask_sum_f64(const double* g, const double* y, double* m, double* acc,
+                           Py_ssize_t n) noexcept nogil
 
 
 cdef bint _WIDE = cnet_wide_vectors()
@@ -2282,8 +2309,19 @@ cdef enum:
     _BIAS_GROUP_ROWS = 16     # rows summed as one flat run when C < _BIAS_GROUP_ROWS
 
 
+cdef inline void _mask_sum(const floating* g, const floating* y, floating* m, double* acc,
+                           Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        cnet_mask_sum_f32(g, y, m, acc, n)
+    else:
+        cnet_mask_sum_f64(g, y, m, acc, n)
+
+
 cdef void _bias_block(const floating* dy, double* acc, Py_ssize_t r0, Py_ssize_t r1,
-                      Py_ssize_t C) noexcept nogil:
+                      Py_ssize_t C, const floating* y, floating* masked) noexcept nogil:
+    """acc[c] = sum of rows [r0, r1) of dy, column c; with y, of dy masked by a ReLU's
+    output y (0 where y <= 0, as relu_backward), the masked rows also written to
+    ``masked``: one pass for a fused ReLU's gradient and the bias gradient."""
     cdef Py_ssize_t r, c, j, R = _BIAS_GROUP_ROWS
     cdef const floating* row
     cdef double run[_BIAS_GROUP_ROWS * _BIAS_GROUP_ROWS]
@@ -2298,27 +2336,71 @@ cdef void _bias_block(const floating* dy, double* acc, Py_ssize_t r0, Py_ssize_t
             run[j] = 0
         while r + R <= r1:
             row = dy + r * C
-            for j in range(R * C):
-                run[j] += row[j]
+            if y == NULL:
+                for j in range(R * C):
+                    run[j] += row[j]
+            else:
+                _mask_sum(row, y + r * C, masked + r * C, run, R * C)
             r += R
         for j in range(R * C):
             acc[j % C] += run[j]
     for r in range(r, r1):
         row = dy + r * C
-        for c in range(C):
-            acc[c] += row[c]
+        if y == NULL:
+            for c in range(C):
+                acc[c] += row[c]
+        else:
+            _mask_sum(row, y + r * C, masked + r * C, acc, C)
 
 
-def bias_grad(floating[:, ::1] dy, floating[::1] db, int n_threads):
-    """``db += dy.sum(axis=0)`` for dy of shape (M, C), deterministic in the thread count."""
-    cdef Py_ssize_t M = dy.shape[0], C = dy.shape[1]
-    cdef Py_ssize_t b, c, nb
+cdef void _bias_sums(const floating* dy, floating* db, Py_ssize_t M, Py_ssize_t C,
+                     double* acc, Py_ssize_t nb, int nt, const floating* y,
+                     floating* masked) noexcept nogil:
+    """db += the column sums of dy (masked by y when given), in nb row blocks whose
+    sums are added in block order: the same bits for any thread count."""
+    cdef Py_ssize_t b, c
     cdef double s
+    if nt == 1:
+        for b in range(nb):
+            _bias_block(dy, acc + b * (C + 8), b * M // nb, (b + 1) * M // nb, C, y, masked)
+    else:
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            _bias_block(dy, acc + b * (C + 8), b * M // nb, (b + 1) * M // nb, C, y, masked)
+    for c in range(C):
+        s = 0
+        for b in range(nb):
+            s = s + acc[b * (C + 8) + c]
+        db[c] += <floating>s
+
+
+def bias_grad(floating[:, ::1] dy, floating[::1] db, int n_threads, y=None, masked=None):
+    """``db += dy.sum(axis=0)`` for dy of shape (M, C), deterministic in the thread count.
+
+    With ``y`` and ``masked`` (both (M, C) like dy): a fused ReLU's backward first,
+    ``masked = where(y <= 0, 0, dy)`` (as _elementwise.relu_backward), written in
+    the same pass, and ``db += masked.sum(axis=0)``."""
+    cdef Py_ssize_t M = dy.shape[0], C = dy.shape[1]
+    cdef Py_ssize_t nb
     cdef double* acc
     cdef int nt
+    cdef const floating[:, ::1] yv
+    cdef floating[:, ::1] mv
+    cdef const floating* yp = NULL
+    cdef floating* mp = NULL
     if db.shape[0] != C:
         raise ValueError(f"bias_grad: gradient of shape {(M, C)} does not match "
                          f"bias of shape ({db.shape[0]},)")
+    if (y is None) != (masked is None):
+        raise ValueError("bias_grad: give both y and masked or neither")
+    if y is not None:
+        yv = y
+        mv = masked
+        if (yv.shape[0], yv.shape[1]) != (M, C) or (mv.shape[0], mv.shape[1]) != (M, C):
+            raise ValueError(f"bias_grad: y {np.shape(y)} and masked {np.shape(masked)} must "
+                             f"match the gradient's shape {(M, C)}")
+        if M and C:
+            yp = &yv[0, 0]
+            mp = &mv[0, 0]
     if M == 0 or C == 0:
         return
     nb = min(<Py_ssize_t>_BIAS_BLOCKS, M)
@@ -2328,15 +2410,5 @@ def bias_grad(floating[:, ::1] dy, floating[::1] db, int n_threads):
         raise MemoryError()
     nt = effective_threads(M * C, n_threads)
     with nogil:
-        if nt == 1:
-            for b in range(nb):
-                _bias_block(&dy[0, 0], acc + b * (C + 8), b * M // nb, (b + 1) * M // nb, C)
-        else:
-            for b in prange(nb, num_threads=nt, schedule="static"):
-                _bias_block(&dy[0, 0], acc + b * (C + 8), b * M // nb, (b + 1) * M // nb, C)
-        for c in range(C):
-            s = 0
-            for b in range(nb):
-                s = s + acc[b * (C + 8) + c]
-            db[c] += <floating>s
+        _bias_sums(&dy[0, 0], &db[0], M, C, acc, nb, nt, yp, mp)
     free(acc)

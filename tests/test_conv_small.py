@@ -266,6 +266,34 @@ def test_bias_grad_matches_float64_sum(channels, rows, rng):
     np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [1, 6, 16, 40])
+@pytest.mark.parametrize("rows", [7, 1000, 4099])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_grad_with_the_relu_mask_in_the_same_pass(channels, rows, dtype, rng):
+    """bias_grad(dy, db, nt, y, masked): masked as _elementwise.relu_backward (0 where
+    y <= 0, a NaN y passes dy) and db as bias_grad of it, bitwise, on 1 and 2 threads."""
+    from cnet_ext import _elementwise
+    dy = rng.standard_normal((rows, channels)).astype(dtype)
+    y = rng.standard_normal((rows, channels)).astype(dtype)
+    y[::5] = 0.0
+    y[1, 0] = np.nan
+    want_masked = np.empty_like(dy)
+    _elementwise.relu_backward(dy, y, want_masked, 1)
+    assert want_masked[1, 0] == dy[1, 0] and not want_masked[0].any()
+    start = rng.standard_normal(channels).astype(dtype)
+    want_db = start.copy()
+    _conv.bias_grad(want_masked, want_db, 1)
+    for nt in (1, 2):
+        masked, db = np.full_like(dy, 7), start.copy()
+        _conv.bias_grad(dy, db, nt, y, masked)
+        np.testing.assert_array_equal(masked, want_masked)
+        np.testing.assert_array_equal(db, want_db)
+    with pytest.raises(ValueError, match="both y and masked"):
+        _conv.bias_grad(dy, db, 1, y)
+    with pytest.raises(ValueError, match="must match the gradient's shape"):
+        _conv.bias_grad(dy, db, 1, y[:-1], masked[:-1])
+
+
 @pytest.mark.parametrize("args,kwargs", SCATTER_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scatter_dx_matches_col2im(args, kwargs, dtype, rng, monkeypatch):

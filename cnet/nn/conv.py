@@ -867,11 +867,19 @@ class Conv2d(Module):
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
+        bias_done = False
         if self._relu:
             # The fused ReLU's backward, into a workspace: a fresh 5 MB array per
             # step (LeNet conv1) costs more in page faults than the masking itself.
+            # With a bias, its gradient's sums come from the same pass (LeNet conv1,
+            # 200K x 6, 2 threads: 0.43 -> 0.21 ms for the two).
             masked = _scratch("masked", dy.shape, dy.dtype)
-            _elementwise.relu_backward(dy, self._y, masked, nt)
+            if self.bias is not None:
+                _conv.bias_grad(dy.reshape(-1, cout), self.bias.grad.reshape(-1), nt,
+                                self._y.reshape(-1, cout), masked.reshape(-1, cout))
+                bias_done = True
+            else:
+                _elementwise.relu_backward(dy, self._y, masked, nt)
             dy = masked
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         bounds = ws["bounds"]
@@ -988,7 +996,7 @@ class Conv2d(Module):
                 _elementwise.add(target, slots[s], target, False, nt)
             else:
                 np.add(target, slots[s], out=target)
-        if self.bias is not None:
+        if self.bias is not None and not bias_done:
             _bias_grad(dy2, self.bias.grad)
         return dx
 
