@@ -282,7 +282,7 @@ cdef void _subsample_pad_rows(char* x, char* y, Py_ssize_t N, Py_ssize_t H, Py_s
     cdef Py_ssize_t r, n, i, j, rows = N * (H if backward else OH)
     cdef char* xr
     cdef char* yr
-    cdef int nt = effective_threads(rows * (W if backward else OW) * pixel_out // 4,
+    cdef int nt = effective_threads(rows * (W * pixel_in if backward else OW * pixel_out) // 4,
                                     n_threads, cnet_min_elements_per_thread())
     for r in prange(rows, nogil=True, schedule="static", num_threads=nt):
         if backward:

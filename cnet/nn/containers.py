@@ -4,7 +4,7 @@ import numpy as np
 from cnet_ext import _elementwise
 
 from .._threads import num_threads
-from .module import Module, require_cache
+from .module import Module, require_cache, residual_fits
 
 
 class Sequential(Module):
@@ -91,9 +91,7 @@ class Sequential(Module):
             if (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
                     and layer.folds_batchnorm(nxt, x)):
                 join = (i + 2 == len(plan) and not nxt._relu and not layer._relu
-                        and isinstance(residual, np.ndarray) and residual.dtype == x.dtype
-                        and residual.flags.c_contiguous
-                        and residual.shape == layer.output_shape(x.shape))
+                        and residual_fits(residual, layer.output_shape(x.shape), x.dtype))
                 x = layer.forward_with_batchnorm(x, nxt, residual if join else None)
                 if join:
                     return x, True

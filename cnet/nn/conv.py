@@ -61,7 +61,7 @@ from .. import init
 from .. import _threads
 from .._args import int_pair
 from .._threads import num_threads
-from .module import Module, Parameter, check_input, require_cache
+from .module import Module, Parameter, check_input, require_cache, residual_fits
 
 __all__ = ["Conv2d", "Linear"]
 
@@ -764,9 +764,7 @@ class Conv2d(Module):
                              "statistics over this layer's outputs, same dtype)")
         if residual is not None:
             want = self.output_shape(np.shape(x))
-            if (not isinstance(residual, np.ndarray) or residual.shape != want
-                    or residual.dtype != self.weight.data.dtype
-                    or not residual.flags.c_contiguous):
+            if not residual_fits(residual, want, self.weight.data.dtype):
                 raise ValueError(f"{self._describe()}: the residual must be a C-contiguous "
                                  f"{self.weight.data.dtype} array of the output's shape {want}, "
                                  f"got {getattr(residual, 'shape', type(residual).__name__)} "

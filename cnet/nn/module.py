@@ -384,3 +384,11 @@ def require_cache(layer, cache):
         raise RuntimeError(f"{layer._describe()}: backward called without a forward pass in "
                            "training mode (eval mode keeps nothing for backward)")
     return cache
+
+
+def residual_fits(residual, shape, dtype):
+    """Whether ``residual`` can be joined into an output of this shape and dtype in
+    the output's own pass (a residual block's shortcut): a C-contiguous array of
+    exactly that shape and dtype."""
+    return (isinstance(residual, np.ndarray) and residual.shape == tuple(shape)
+            and residual.dtype == dtype and residual.flags.c_contiguous)

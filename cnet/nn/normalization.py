@@ -13,7 +13,7 @@ import numpy as np
 from cnet_ext import _batchnorm
 
 from .._threads import num_threads
-from .module import Module, Parameter, check_input, require_cache
+from .module import Module, Parameter, check_input, require_cache, residual_fits
 
 
 class _BatchNorm(Module):
@@ -92,10 +92,8 @@ class _BatchNorm(Module):
         residual block's join (Sequential._forward_residual): no fused ReLU of its
         own, forward not replaced on the instance, residual C-contiguous of x's
         shape and dtype."""
-        return (not self._relu and "forward" not in self.__dict__
-                and isinstance(residual, np.ndarray) and isinstance(x, np.ndarray)
-                and residual.shape == x.shape and residual.dtype == x.dtype
-                and residual.flags.c_contiguous)
+        return (not self._relu and "forward" not in self.__dict__ and isinstance(x, np.ndarray)
+                and residual_fits(residual, x.shape, x.dtype))
 
     def _forward(self, x, residual):
         """The forward; with ``residual`` (see joins_residual) relu(bn(x) + residual)
