@@ -394,8 +394,8 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     ``shift`` for backward.  ``weight`` / ``bias`` may be None (affine=False).
     If ``running_mean`` / ``running_var`` are given they are updated in
     place: running = (1 - momentum) * running + momentum * batch, with the
-    unbiased batch variance in ``running_var``.  With ``residual`` (rows like x):
-    y = x normalised + residual, then the ReLU if relu (a residual join).
+    unbiased batch variance in ``running_var``.  With ``residual`` (rows like x, not
+    y itself): y = x normalised + residual, then the ReLU if relu (a residual join).
     """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     dtype = np.float32 if floating is float else np.float64
