@@ -80,19 +80,10 @@ cdef extern from *:
     typedef int32_t bn_vif __attribute__((vector_size(16)));
     typedef double bn_vd __attribute__((vector_size(16)));
     typedef int64_t bn_vid __attribute__((vector_size(16)));
-    /* One body for float (f) and double (d): T the scalar, IT the same-width
-       integer, VT/IVT their 16-byte vectors (GCC/Clang vector extensions: SSE2
-       on x86-64, NEON on arm64), L the lanes per vector. */
-    #define CNET_BN_CHUNK_KERNELS(T, IT, VT, IVT, L, SFX)                                       \
-    /* g if keep else +0, by a bit mask: a select gcc vectorises even when the                  \
-       result is widened (a ternary there stays a mispredicting branch). */                     \
-    static inline T bn_mask_##SFX(T g, int keep) {                                              \
-        IT bits;                                                                                \
-        memcpy(&bits, &g, sizeof bits);                                                         \
-        bits &= -(IT)keep;                                                                      \
-        memcpy(&g, &bits, sizeof bits);                                                         \
-        return g;                                                                               \
-    }                                                                                           \
+    /* One body for float (f) and double (d): T the scalar, VT its 16-byte vector
+       and IVT the same-width integer vector (GCC/Clang vector extensions: SSE2 on
+       x86-64, NEON on arm64), L the lanes per vector. */
+    #define CNET_BN_CHUNK_KERNELS(T, VT, IVT, L, SFX)                                           \
     static inline VT bn_ld_##SFX(const T* p) { VT v; memcpy(&v, p, sizeof v); return v; }       \
     /* Mean and sum of squared deviations of n rows, taken about the first row k.               \
        Rows go in blocks of BN_BLOCK summed in T, blocks are summed in double:                  \
@@ -229,7 +220,7 @@ cdef extern from *:
                     if (relu) {                                                                 \
                         for (ptrdiff_t c = 0; c < C; c++) {                                     \
                             T v = xr[c] * alpha[c] + shift[c];                                  \
-                            T g = bn_mask_##SFX(gr[c], !(v <= (T)0));                           \
+                            T g = cnet_keep(gr[c], !(v <= (T)0));                           \
                             b1[c] += g;                                                         \
                             b2[c] += g * (xr[c] - mean[c]);                                     \
                         }                                                                       \
@@ -256,7 +247,7 @@ cdef extern from *:
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
-                    T g = bn_mask_##SFX(gr[c], !(v <= (T)0));                                   \
+                    T g = cnet_keep(gr[c], !(v <= (T)0));                                   \
                     dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
                 }                                                                               \
             } else {                                                                            \
@@ -265,8 +256,8 @@ cdef extern from *:
             }                                                                                   \
         }                                                                                       \
     }
-    CNET_BN_CHUNK_KERNELS(float, int32_t, bn_vf, bn_vif, 4, f)
-    CNET_BN_CHUNK_KERNELS(double, int64_t, bn_vd, bn_vid, 2, d)
+    CNET_BN_CHUNK_KERNELS(float, bn_vf, bn_vif, 4, f)
+    CNET_BN_CHUNK_KERNELS(double, bn_vd, bn_vid, 2, d)
     """
     void bn_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
                       float* scratch) nogil

@@ -44,10 +44,6 @@ def set_gemm(uintptr_t sgemm, uintptr_t dgemm, bint int64):
     _int64 = int64
 
 
-def available():
-    """Whether gemm_rows has a BLAS to call."""
-    return _sgemm != NULL and _dgemm != NULL
-
 
 cdef tuple _operand(x, Py_ssize_t itemsize):
     """(transpose flag, leading dimension, elements from one row to the next) of a 2-D

@@ -615,26 +615,22 @@ cdef extern from *:
 
     /* A fused ReLU's backward and the bias gradient's sums in one pass (bias_grad):
        m = 0 where y <= 0 else g (relu_backward's select: a NaN y passes g), acc += m
-       in double.  The select is a bit mask: as a ternary GCC kept it a branch here,
-       mispredicted on every other element (200K x 6: 6.3 ms against 0.8 for the two
-       separate passes). */
-    #define CNET_MASK_SUM(T, IT, SFX)                                                      \
+       in double; the select is _simd.h's cnet_keep (as a ternary GCC kept a branch
+       here, mispredicted on every other element: 200K x 6, 6.3 ms against 0.8 for
+       the two separate passes). */
+    #define CNET_MASK_SUM(T, SFX)                                                          \
     CNET_CLONES static void cnet_mask_sum_##SFX(const T* __restrict__ g,                   \
                                                 const T* __restrict__ y, T* __restrict__ m, \
                                                 double* __restrict__ acc, Py_ssize_t n)    \
     {                                                                                      \
         for (Py_ssize_t j = 0; j < n; j++) {                                               \
-            T v = g[j];                                                                    \
-            IT bits;                                                                       \
-            memcpy(&bits, &v, sizeof bits);                                                \
-            bits &= -(IT)!(y[j] <= (T)0);                                                  \
-            memcpy(&v, &bits, sizeof bits);                                                \
+            T v = cnet_keep(g[j], !(y[j] <= (T)0));                                        \
             m[j] = v;                                                                      \
             acc[j] += v;                                                                   \
         }                                                                                  \
     }
-    CNET_MASK_SUM(float, int32_t, f32)
-    CNET_MASK_SUM(double, int64_t, f64)
+    CNET_MASK_SUM(float, f32)
+    CNET_MASK_SUM(double, f64)
 
     /* One entry per kernel and dtype; ``variant`` picks the register block:
        0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2, 3: 6 x 4 (see _direct_variant

@@ -43,6 +43,27 @@
 #  define CNET_CLONES
 #endif
 
+/* g if keep else +0, by a bit mask: a select GCC vectorises even when the result
+ * is widened or summed (written as a ternary it stayed a mispredicting branch in
+ * the batch-norm and bias-gradient loops).  cnet_keep(g, keep) for float or double. */
+static inline float cnet_keep_f32(float g, int keep)
+{
+    unsigned int bits;
+    memcpy(&bits, &g, sizeof bits);
+    bits &= -(unsigned int)keep;
+    memcpy(&g, &bits, sizeof bits);
+    return g;
+}
+static inline double cnet_keep_f64(double g, int keep)
+{
+    unsigned long long bits;
+    memcpy(&bits, &g, sizeof bits);
+    bits &= -(unsigned long long)keep;
+    memcpy(&g, &bits, sizeof bits);
+    return g;
+}
+#define cnet_keep(g, keep) _Generic((g), float: cnet_keep_f32, double: cnet_keep_f64)(g, keep)
+
 #define CNET_CAT_(a, b) a##b
 #define CNET_CAT(a, b) CNET_CAT_(a, b)
 #define CNET_FN(name) CNET_CAT(name, SFX)

@@ -71,16 +71,13 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        return self._run(x, None)[0]
+        return self._forward_residual(x, None)[0]
 
     def _forward_residual(self, x, residual):
         """(relu(self(x) + residual), True) when the last step is a batch norm that
         joins the residual in its output pass (_BatchNorm.joins_residual), or a
         convolution and batch norm folded per chunk (eval mode) that join it in
         cache; else (self(x), False) and the caller joins it."""
-        return self._run(x, residual)
-
-    def _run(self, x, residual):
         plan = self._plan or self._build_plan()
         i = 0
         while i < len(plan):
