@@ -138,30 +138,13 @@ cdef extern from *:
         }                                                                                       \
     }                                                                                           \
     /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
-       false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was.               \
-       With a residual s (a residual block's shortcut), y = relu?(x * alpha + shift + s):       \
-       the batch norm's output rounded, then the add's, as the two passes round. */             \
+       false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
     CNET_CLONES static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
-                                const T* CNET_R alpha, const T* CNET_R shift, int relu,         \
-                                const T* CNET_R s) {                                            \
+                                const T* CNET_R alpha, const T* CNET_R shift, int relu) {       \
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
             const T* CNET_R xr = x + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
-            if (s) {                                                                            \
-                const T* CNET_R sr = s + r * C;                                                 \
-                if (relu) {                                                                     \
-                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
-                        T v = xr[c] * alpha[c] + shift[c];                                      \
-                        v = v + sr[c];                                                          \
-                        yr[c] = v < (T)0 ? (T)0 : v;                                            \
-                    }                                                                           \
-                } else {                                                                        \
-                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
-                        T v = xr[c] * alpha[c] + shift[c];                                      \
-                        yr[c] = v + sr[c];                                                      \
-                    }                                                                           \
-                }                                                                               \
-            } else if (relu) {                                                                  \
+            if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
                     yr[c] = v < (T)0 ? (T)0 : v;                                                \
@@ -169,6 +152,31 @@ cdef extern from *:
             } else {                                                                            \
                 for (ptrdiff_t c = 0; c < C; c++)                                               \
                     yr[c] = xr[c] * alpha[c] + shift[c];                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    /* The same with a residual s (a residual block's shortcut) added before the                \
+       ReLU: y = relu?(x * alpha + shift + s), the batch norm's output rounded, then            \
+       the add's, as the two passes round.  Its own function: a residual test in                \
+       bn_affine's row loop cost the plain forward ~8% (128x32x32x16). */                       \
+    CNET_CLONES static void bn_affine_add_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n,    \
+                                    ptrdiff_t C, const T* CNET_R alpha, const T* CNET_R shift,  \
+                                    int relu, const T* CNET_R s) {                              \
+        for (ptrdiff_t r = 0; r < n; r++) {                                                     \
+            const T* CNET_R xr = x + r * C;                                                     \
+            const T* CNET_R sr = s + r * C;                                                     \
+            T* CNET_R yr = y + r * C;                                                           \
+            if (relu) {                                                                         \
+                for (ptrdiff_t c = 0; c < C; c++) {                                             \
+                    T v = xr[c] * alpha[c] + shift[c];                                          \
+                    v = v + sr[c];                                                              \
+                    yr[c] = v < (T)0 ? (T)0 : v;                                                \
+                }                                                                               \
+            } else {                                                                            \
+                for (ptrdiff_t c = 0; c < C; c++) {                                             \
+                    T v = xr[c] * alpha[c] + shift[c];                                          \
+                    yr[c] = v + sr[c];                                                          \
+                }                                                                               \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
@@ -264,9 +272,14 @@ cdef extern from *:
     void bn_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
                       double* scratch) nogil
     void bn_affine_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* alpha,
-                     const float* shift, int relu, const float* s) nogil
+                     const float* shift, int relu) nogil
     void bn_affine_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* alpha,
-                     const double* shift, int relu, const double* s) nogil
+                     const double* shift, int relu) nogil
+    void bn_affine_add_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C,
+                         const float* alpha, const float* shift, int relu, const float* s) nogil
+    void bn_affine_add_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C,
+                         const double* alpha, const double* shift, int relu,
+                         const double* s) nogil
     void bn_grad_sums_f(const float* x, const float* dy, Py_ssize_t n, Py_ssize_t C,
                         const float* mean, const float* alpha, const float* shift, int relu,
                         double* sdy, double* sdyx, float* scratch) nogil
@@ -292,10 +305,15 @@ cdef inline void _chunk_moments(const floating* x, Py_ssize_t n, Py_ssize_t C,
 cdef inline void _chunk_affine(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t C,
                                const floating* alpha, const floating* shift,
                                bint relu, const floating* s) noexcept nogil:
-    if floating is float:
-        bn_affine_f(x, y, n, C, alpha, shift, relu, s)
+    if s != NULL:
+        if floating is float:
+            bn_affine_add_f(x, y, n, C, alpha, shift, relu, s)
+        else:
+            bn_affine_add_d(x, y, n, C, alpha, shift, relu, s)
+    elif floating is float:
+        bn_affine_f(x, y, n, C, alpha, shift, relu)
     else:
-        bn_affine_d(x, y, n, C, alpha, shift, relu, s)
+        bn_affine_d(x, y, n, C, alpha, shift, relu)
 
 
 cdef inline void _chunk_grad_sums(const floating* x, const floating* dy, Py_ssize_t n,
