@@ -228,7 +228,7 @@ cdef extern from *:
                     if (relu) {                                                                 \
                         for (ptrdiff_t c = 0; c < C; c++) {                                     \
                             T v = xr[c] * alpha[c] + shift[c];                                  \
-                            T g = cnet_keep(gr[c], !(v <= (T)0));                           \
+                            T g = cnet_keep(gr[c], !(v <= (T)0));                               \
                             b1[c] += g;                                                         \
                             b2[c] += g * (xr[c] - mean[c]);                                     \
                         }                                                                       \
@@ -255,7 +255,7 @@ cdef extern from *:
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
-                    T g = cnet_keep(gr[c], !(v <= (T)0));                                   \
+                    T g = cnet_keep(gr[c], !(v <= (T)0));                                       \
                     dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
                 }                                                                               \
             } else {                                                                            \
