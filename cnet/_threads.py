@@ -56,9 +56,11 @@ _cblas = None
 
 
 def cblas_gemm():
-    """(sgemm address, dgemm address, 64-bit integers) of the cblas GEMMs in the BLAS
-    numpy uses, or None: OpenBLAS only, where its symbols can be found and their
-    integer width is known.  Cached; the library stays loaded with numpy."""
+    """(sgemm address, dgemm address, 64-bit integers, get-threads address,
+    set-threads address) of the cblas GEMMs and the thread-count functions
+    (openblas_get/set_num_threads with the same affixes; 0 where missing) in the
+    BLAS numpy uses, or None: OpenBLAS only, where its symbols can be found and
+    their integer width is known.  Cached; the library stays loaded with numpy."""
     global _cblas
     if _cblas is not None:
         return _cblas or None
@@ -80,11 +82,19 @@ def cblas_gemm():
                     break
                 get_config.restype = ctypes.c_char_p
                 int64 = b"USE64BITINT" in (get_config() or b"")
-            found = (ctypes.cast(getattr(dll, sname), ctypes.c_void_p).value,
-                     ctypes.cast(getattr(dll, dname), ctypes.c_void_p).value, int64)
+            prefix = "scipy_" if sname.startswith("scipy_") else ""
+            suffix = "64_" if sname.endswith("64_") else ""
+            found = (_address(dll, sname), _address(dll, dname), int64,
+                     _address(dll, f"{prefix}openblas_get_num_threads{suffix}"),
+                     _address(dll, f"{prefix}openblas_set_num_threads{suffix}"))
             break
     _cblas = found
     return found or None
+
+
+def _address(dll, name):
+    import ctypes
+    return ctypes.cast(getattr(dll, name), ctypes.c_void_p).value if hasattr(dll, name) else 0
 
 
 def num_threads():

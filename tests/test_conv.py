@@ -942,6 +942,80 @@ def test_gemm_rows_parts_and_refusals(rng):
     assert not _blas.gemm_rows(a, b[:19], out, 2, 2)                     # shapes
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemms_jobs_epilogue_accumulate_and_parts(dtype, rng):
+    """Two jobs in one region: a transposed-operand product accumulated into its
+    output (Linear's weight gradient) and a product with bias and ReLU (Linear's
+    forward), against numpy and bitwise against one call per job on one thread."""
+    from cnet_ext import _blas
+    from cnet import _threads
+    if not conv_mod._cblas_ready():
+        pytest.skip("numpy's BLAS has no cblas symbols cnet knows")
+    a1 = rng.standard_normal((40, 23)).astype(dtype).T           # (23, 40) transposed view
+    b1 = rng.standard_normal((40, 11)).astype(dtype)
+    base = rng.standard_normal((23, 11)).astype(dtype)
+    a2 = rng.standard_normal((29, 17)).astype(dtype)
+    a2[3, 5] = np.nan                                              # ReLU passes NaN through
+    b2 = rng.standard_normal((17, 13)).astype(dtype)
+    bias = rng.standard_normal(13).astype(dtype)
+
+    def run(parts1, parts2, threads):
+        out1, out2 = base.copy(), np.full((29, 13), 7.0, dtype)
+        assert _blas.gemms([(a1, b1, out1, parts1, True, None, False),
+                            (a2, b2, out2, parts2, False, bias, True)], threads)
+        return out1, out2
+
+    blas = [lib for lib in _threads._blas_controller().lib_controllers
+            if lib.user_api == "blas"]
+    before = [lib.num_threads for lib in blas]
+    one = run(1, 1, 1)
+    for parts1, parts2, threads in [(3, 2, 2), (1, 1, 2), (5, 4, 3)]:
+        for got, want in zip(run(parts1, parts2, threads), one):
+            np.testing.assert_array_equal(got, want)
+    assert [lib.num_threads for lib in blas] == before           # BLAS's pool restored
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(one[0], base + a1.astype(np.float64) @ b1, rtol=tol, atol=tol)
+    z = a2.astype(np.float64) @ b2 + bias
+    np.testing.assert_allclose(one[1], np.where(z < 0, 0, z), rtol=tol, atol=tol)
+    assert np.isnan(one[1][3]).all() and not np.isnan(np.delete(one[1], 3, 0)).any()
+    # Refusals: nothing is written.
+    out = np.full((29, 13), 7.0, dtype)
+    other = np.float64 if dtype == np.float32 else np.float32
+    assert not _blas.gemms([(a2, b2, out, 1, False, bias.astype(other), False)], 1)
+    assert not _blas.gemms([(a2, b2, out, 1, False, bias[:12], False)], 1)
+    assert not _blas.gemms([(a2, b2, out, 1, False, None, False),
+                            (a1.astype(other), b1.astype(other), base.astype(other), 1, True,
+                             None, False)], 2)
+    assert not _blas.gemms([(a2, b2, out, 1, False, None, False)] * 5, 2)
+    assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_fused_relu_matches_separate_relu(bias, rng):
+    """Sequential(Linear, ReLU) runs the ReLU in the GEMM's epilogue and its mask
+    in the bias-gradient pass: bitwise what Linear then ReLU give, any threads."""
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    dy = rng.standard_normal((300, 48)).astype(np.float32)
+    fused = nn.Sequential(nn.Linear(64, 48, bias=bias), nn.ReLU())
+    alone, relu = nn.Linear(64, 48, bias=bias), nn.ReLU()
+    alone.load_state_dict(fused[0].state_dict())
+    for threads in (1, 2):
+        with cnet.threads(threads):
+            fused.zero_grad(), alone.zero_grad()
+            y = fused(x)
+            dx = fused.backward(dy)
+            y_ref = relu(alone(x))
+            dx_ref = alone.backward(relu.backward(dy))
+        assert "fused_relu=True" in repr(fused)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+        np.testing.assert_array_equal(fused[0].weight.grad, alone.weight.grad)
+        if bias:
+            np.testing.assert_array_equal(fused[0].bias.grad, alone.bias.grad)
+    check_gradients(nn.Sequential(nn.Linear(9, 6, bias=bias), nn.ReLU()),
+                    rng.standard_normal((5, 9)))
+
+
 def test_linear_bad_inputs(rng):
     m = nn.Linear(7, 5)
     name = r"Linear\(in_features=7, out_features=5, bias=True\)"

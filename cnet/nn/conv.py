@@ -276,6 +276,52 @@ def _gemm(a, b, out):
     _run_tasks(part, parts, nt)
 
 
+def _gemms(jobs):
+    """Independent products ``[(a, b, out, accumulate, bias, relu)]``: out = a @ b
+    (out += a @ b with accumulate), then out += bias (or None) and ReLU where
+    relu is set.  Small jobs run in one parallel region of row parts
+    (_blas.gemms), each part's bias and ReLU while its rows are in cache; where
+    there are as many equal jobs as threads (Linear's backward on two threads)
+    each thread runs one whole GEMM, so no operand is packed twice.  Large jobs
+    use BLAS's threads, one after the other."""
+    nt = num_threads()
+    if _cblas_ready():
+        sizes = [a.shape[0] * a.shape[1] * b.shape[1] for a, b, *_ in jobs]
+        large = [s >= _SMALL_GEMM_MACS for s in sizes]
+        if all(large) or (nt == 1 and _blas.pins_blas()):
+            if _blas.gemms([(a, b, out, 1, acc, bias, relu)
+                            for a, b, out, acc, bias, relu in jobs], 1, all(large)):
+                return
+        elif any(large):
+            for job in jobs:
+                _gemms([job])
+            return
+        else:
+            # Whole GEMMs per thread where the jobs share the threads out evenly.
+            per_job = nt // len(jobs) if nt % len(jobs) == 0 else nt
+            tasks = [(a, b, out, min(per_job, a.shape[0], max(1, s // _MIN_PART_MACS_C)),
+                      acc, bias, relu)
+                     for (a, b, out, acc, bias, relu), s in zip(jobs, sizes)]
+            if _blas.pins_blas():
+                if _blas.gemms(tasks, nt):
+                    return
+            else:
+                with _one_thread_blas():
+                    if _blas.gemms(tasks, nt):
+                        return
+    for a, b, out, accumulate, bias, relu in jobs:
+        if accumulate:
+            product = np.empty_like(out)
+            _gemm(a, b, product)
+            np.add(out, product, out=out)
+        else:
+            _gemm(a, b, out)
+        if bias is not None:
+            np.add(out, bias, out=out)
+        if relu:
+            _elementwise.relu_forward(out, out, nt)
+
+
 _cblas_state = []
 
 
@@ -1013,21 +1059,29 @@ class Linear(Module):
         self.weight = Parameter(np.empty((in_features, out_features), dtype))
         self.bias = Parameter(np.empty((out_features,), dtype)) if bias else None
         self.reset_parameters()
+        self._relu = False
         self._x = None
-        self._dw = None
+        self._y = None
 
     def reset_parameters(self):
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             init.fan_in_uniform_(self.bias, self.in_features)
 
+    def fuse_relu(self):
+        """Apply the following ReLU to each row part of the output right after its
+        GEMM, while it is in cache (called by Sequential's plan); backward masks
+        the gradient with the cached output in the bias-gradient pass."""
+        self._relu = True
+        return True
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (", fused_relu=True" if self._relu else ""))
 
     def _drop_cache(self):
         self._x = None
-        self._dw = None
+        self._y = None
 
     def forward(self, x):
         w = self.weight.data
@@ -1035,12 +1089,11 @@ class Linear(Module):
         check_input(self, x, (2, 3, 4), channels=self.in_features, dtype=w.dtype)
         x2 = x.reshape(-1, self.in_features)
         y = np.empty(x.shape[:-1] + (self.out_features,), x.dtype)
-        y2 = y.reshape(-1, self.out_features)
-        _gemm(x2, w, y2)
-        if self.bias is not None:
-            np.add(y2, self.bias.data, out=y2)
+        bias = None if self.bias is None else self.bias.data
+        _gemms([(x2, w, y.reshape(-1, self.out_features), False, bias, self._relu)])
         if self.training:
             self._x = x
+            self._y = y if self._relu else None
         return y
 
     def backward(self, grad_out):
@@ -1049,14 +1102,21 @@ class Linear(Module):
         dy = _check_grad(self, grad_out, x.shape[:-1] + (self.out_features,), w.dtype)
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
-        if self._dw is None or self._dw.dtype != w.dtype:
-            self._dw = np.empty_like(w)
-        _gemm(x2.T, dy2, self._dw)
-        np.add(self.weight.grad, self._dw, out=self.weight.grad)
-        if self.bias is not None:
-            _bias_grad(dy2, self.bias.grad)
-        if not self.input_grad:
-            return None                     # requires_input_grad_(False)
-        dx = np.empty_like(x)
-        _gemm(dy2, w.T, dx.reshape(-1, self.in_features))
+        if self._relu:
+            y2 = require_cache(self, self._y).reshape(dy2.shape)
+            g = _scratch("linear_masked_grad", dy2.shape, dy2.dtype)
+            if self.bias is not None:
+                _conv.bias_grad(dy2, self.bias.grad.reshape(-1), num_threads(), y2, g)
+            else:
+                _elementwise.relu_backward(dy2, y2, g, num_threads())
+        else:
+            g = dy2
+            if self.bias is not None:
+                _bias_grad(dy2, self.bias.grad)
+        jobs = [(x2.T, g, self.weight.grad, True, None, False)]
+        dx = None
+        if self.input_grad:
+            dx = np.empty_like(x)
+            jobs.append((g, w.T, dx.reshape(-1, self.in_features), False, None, False))
+        _gemms(jobs)
         return dx
