@@ -551,26 +551,77 @@ cdef extern from *:
        whatever thread runs it. */
     #define CNET_NARROW_KB 5
     #define CNET_NARROW_WCB 3
-    #define CNET_NARROW_WGRAD(NAME, T, VW)                                                 \
+
+    /* Where the narrow weight gradient's planar dy comes from, when not a plain dy
+       (LeNet's conv1 -> ReLU -> 2x2 max pool): each row is gathered from the
+       pool's output gradient by its argmax (the pool's own backward row kernel, into
+       a row buffer), masked by the fused ReLU's output (y <= 0 -> 0, as
+       relu_backward) and summed per channel for the bias gradient, all while it is
+       made planar: the pool's dx, the masked dy and their passes are never
+       written.  y, pool_g and bias may each be NULL (dense dy, no mask, no sums). */
+    typedef struct {
+        const void* y;
+        const void* pool_g;
+        const int* pool_idx;
+        Py_ssize_t PH, PW, kh, kw, sh, sw, ph, pw, dh, dw;
+        double* bias;
+    } cnet_grad_src;
+    #define T float
+    #define SFX f32
+    #include "_pool_impl.h"
+    #undef T
+    #undef SFX
+    #define T double
+    #define SFX f64
+    #include "_pool_impl.h"
+    #undef T
+    #undef SFX
+    #define CNET_NARROW_WGRAD(NAME, T, VW, POOL_ROW)                                       \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
         Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,         \
         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t pw,         \
-        Py_ssize_t dh, T* xp, T* dyp)                                                      \
+        Py_ssize_t dh, T* xp, T* dyp, const cnet_grad_src* src, T* rowbuf)                 \
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
         enum { KB = CNET_NARROW_KB, CB = CNET_NARROW_WCB };                                \
         const Py_ssize_t OWp = (OW + VW - 1) / VW * VW, Wp = OWp + KW - 1;                 \
         const Py_ssize_t nimg = n1 - n0;                                                   \
+        const T* ymask = src ? (const T*)src->y : NULL;                                    \
+        const T* pg = src ? (const T*)src->pool_g : NULL;                                  \
+        double* bsum = src ? src->bias : NULL;                                             \
+        double* bacc = (double*)(((size_t)(rowbuf + OW * Cout) + 63) & ~(size_t)63);       \
+        if (bsum)                     /* Cout x OWp per-lane sums, after the row buffer */ \
+            for (Py_ssize_t k = 0; k < Cout * OWp; k++) bacc[k] = 0;                       \
         for (Py_ssize_t r = 0; r < nimg * OH; r++) {                                       \
-            const T* d = dy + (n0 * OH + r) * OW * Cout;                                   \
+            const T* d = pg ? rowbuf : dy + (n0 * OH + r) * OW * Cout;                     \
+            if (pg) {                                                                      \
+                const Py_ssize_t n = n0 + r / OH, pimg = src->PH * src->PW * Cout;         \
+                POOL_ROW(pg + n * pimg, src->pool_idx + n * pimg, rowbuf, OW, Cout,        \
+                         src->PH, src->PW, r % OH, src->kh, src->kw, src->sh, src->sw,     \
+                         src->ph, src->pw, src->dh, src->dw);                              \
+            }                                                                              \
+            if (ymask) {              /* relu_backward's rule, on the contiguous row */    \
+                const T* ym = ymask + (n0 * OH + r) * OW * Cout;                           \
+                CNET_SIMD for (Py_ssize_t k = 0; k < OW * Cout; k++)                       \
+                    rowbuf[k] = cnet_keep(d[k], !(ym[k] <= (T)0));                         \
+                d = rowbuf;                                                                \
+            }                                                                              \
             T* o = dyp + r * Cout * OWp;                                                   \
             for (Py_ssize_t co = 0; co < Cout; co++) {                                     \
                 for (Py_ssize_t ow = 0; ow < OW; ow++) o[co * OWp + ow] = d[ow * Cout + co]; \
                 for (Py_ssize_t ow = OW; ow < OWp; ow++) o[co * OWp + ow] = 0;             \
             }                                                                              \
+            if (bsum)                 /* per lane: vector adds, no serial chain */         \
+                CNET_SIMD for (Py_ssize_t k = 0; k < Cout * OWp; k++) bacc[k] += o[k];     \
         }                                                                                  \
+        if (bsum)                                                                          \
+            for (Py_ssize_t co = 0; co < Cout; co++) {                                     \
+                double sum = 0;                                                            \
+                for (Py_ssize_t ow = 0; ow < OWp; ow++) sum += bacc[co * OWp + ow];        \
+                bsum[co] += sum;                                                           \
+            }                                                                              \
         for (Py_ssize_t r = 0; r < nimg * H; r++) {    /* xp[j] = x[j - pw] or 0 */       \
             T* o = xp + r * Wp;                                                            \
             Py_ssize_t w1 = W < Wp - pw ? W : Wp - pw;                                     \
@@ -610,8 +661,8 @@ cdef extern from *:
                 }                                                                          \
         }                                                                                  \
     }
-    CNET_NARROW_WGRAD(cnet_narrow_wgrad_f32, float, 16)
-    CNET_NARROW_WGRAD(cnet_narrow_wgrad_f64, double, 8)
+    CNET_NARROW_WGRAD(cnet_narrow_wgrad_f32, float, 16, cnet_max_bwd_row_f32)
+    CNET_NARROW_WGRAD(cnet_narrow_wgrad_f64, double, 8, cnet_max_bwd_row_f64)
 
     /* A fused ReLU's backward and the bias gradient's sums in one pass (bias_grad):
        m = 0 where y <= 0 else g (relu_backward's select: a NaN y passes g), acc += m
@@ -731,16 +782,24 @@ cdef extern from *:
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
     int cnet_wide_vectors() noexcept nogil
+    ctypedef struct cnet_grad_src:
+        const void* y
+        const void* pool_g
+        const int* pool_idx
+        Py_ssize_t PH, PW, kh, kw, sh, sw, ph, pw, dh, dw
+        double* bias
     void cnet_narrow_wgrad_f32(const float* x, const float* dy, float* gw, int accumulate,
                                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
                                Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dh, float* xp, float* dyp) noexcept nogil
+                               Py_ssize_t dh, float* xp, float* dyp, const cnet_grad_src* src,
+                               float* rowbuf) noexcept nogil
     void cnet_narrow_wgrad_f64(const double* x, const double* dy, double* gw, int accumulate,
                                Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
                                Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t pw,
-                               Py_ssize_t dh, double* xp, double* dyp) noexcept nogil
+                               Py_ssize_t dh, double* xp, double* dyp, const cnet_grad_src* src,
+                               double* rowbuf) noexcept nogil
     void cnet_mask_sum_f32(const float* g, const float* y, float* m, double* acc,
                            Py_ssize_t n) noexcept nogil
     void cnet_mask_sum_f64(const double* g, const double* y, double* m, double* acc,
@@ -890,12 +949,62 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                             dw, variant)
 
 
+cdef void _fill_grad_sources(cnet_grad_src* srcs, Py_ssize_t stripes, relu_y, pool, bias_sums,
+                             Py_ssize_t N, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
+                             floating* dtype_tag) except *:
+    """conv_direct_backward's per-stripe gradient sources, checked (see there)."""
+    cdef floating[:, :, :, ::1] yv, pgv
+    cdef int[:, :, :, ::1] piv
+    cdef double[:, ::1] bsv
+    cdef Py_ssize_t s, k
+    cdef Py_ssize_t geo[8]
+    name = "conv_direct_backward"
+    for s in range(stripes):
+        srcs[s].y = srcs[s].pool_g = srcs[s].pool_idx = srcs[s].bias = NULL
+    if relu_y is not None:
+        yv = relu_y
+        if (yv.shape[0], yv.shape[1], yv.shape[2], yv.shape[3]) != (N, OH, OW, Cout):
+            raise ValueError(f"{name}: relu_y of shape {np.shape(relu_y)} for an output of "
+                             f"{(N, OH, OW, Cout)}")
+        for s in range(stripes):
+            srcs[s].y = &yv[0, 0, 0, 0]
+    if pool is not None:
+        if len(pool) != 10:
+            raise ValueError(f"{name}: pool is (grad, idx, kh, kw, sh, sw, ph, pw, dh, dw)")
+        pgv = pool[0]
+        piv = pool[1]
+        for k in range(8):
+            geo[k] = pool[2 + k]
+        if (pgv.shape[0] != N or pgv.shape[3] != Cout
+                or (piv.shape[0], piv.shape[1], piv.shape[2], piv.shape[3])
+                != (pgv.shape[0], pgv.shape[1], pgv.shape[2], pgv.shape[3])
+                or min(geo[0], geo[1], geo[2], geo[3], geo[6], geo[7]) < 1
+                or geo[4] < 0 or geo[5] < 0):
+            raise ValueError(f"{name}: pool gradient {np.shape(pool[0])}, argmax "
+                             f"{np.shape(pool[1])} and window {tuple(pool[2:])} do not fit "
+                             f"a batch of {N} x {Cout} channels")
+        for s in range(stripes):
+            srcs[s].pool_g = &pgv[0, 0, 0, 0]
+            srcs[s].pool_idx = &piv[0, 0, 0, 0]
+            srcs[s].PH, srcs[s].PW = pgv.shape[1], pgv.shape[2]
+            srcs[s].kh, srcs[s].kw, srcs[s].sh, srcs[s].sw = geo[0], geo[1], geo[2], geo[3]
+            srcs[s].ph, srcs[s].pw, srcs[s].dh, srcs[s].dw = geo[4], geo[5], geo[6], geo[7]
+    if bias_sums is not None:
+        bsv = bias_sums
+        if bsv.shape[0] < stripes or bsv.shape[1] != Cout:
+            raise ValueError(f"{name}: bias_sums of shape {np.shape(bias_sums)} for "
+                             f"{stripes} stripes of {Cout} channels")
+        bsv[:, :] = 0
+        for s in range(stripes):
+            srcs[s].bias = &bsv[s, 0]
+
+
 def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                          floating[:, :, :, :, ::1] slots, chunks, Py_ssize_t stripes,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                          Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
                          dx=None, wflip=None, packed_flip=None, bint by_images=False,
-                         wscatter=None):
+                         wscatter=None, relu_y=None, pool=None, bias_sums=None):
     """A direct layer's backward over image chunks, in one parallel region.
 
     Stripe s (chunks [s * k // stripes, (s + 1) * k // stripes) of the k
@@ -912,10 +1021,30 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     threads they run one after another with parallel kernels.  The same sums as
     conv_direct_wgrad (conv_small_wgrad) / conv_direct (conv_scatter_dx) called
     chunk by chunk.
+
+    The narrow weight gradient (no dx) can also take its dy from elsewhere
+    (cnet_grad_src): ``relu_y``, the fused ReLU's output, masks it (where
+    relu_y <= 0 the gradient is 0); ``pool`` = (grad, idx, kh, kw, sh, sw, ph, pw,
+    dh, dw), a max pool after the layer: its output gradient and argmax, from
+    which each row of dy is gathered as MaxPool2d's backward would write it (dy
+    is then None: never formed); ``bias_sums`` (float64, (stripes, C_out),
+    overwritten): per stripe, the per-channel sums of the (masked) gradient, in a
+    fixed order.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3]
     cdef Py_ssize_t KH = slots.shape[1], KW = slots.shape[2], G = groups
+    cdef Py_ssize_t Cout = slots.shape[4]
+    cdef Py_ssize_t OH, OW
+    if dy is not None:
+        OH, OW = dy.shape[1], dy.shape[2]
+        if dy.shape[3] != Cout:
+            raise ValueError(f"conv_direct_backward: output gradient {np.shape(dy)} for "
+                             f"{Cout} output channels")
+    else:
+        if pool is None:
+            raise ValueError("conv_direct_backward: no output gradient (dy or pool)")
+        OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+        OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t[:, ::1] ck = _direct_chunks("conv_direct_backward", chunks, 0, N, by_images)
     cdef Py_ssize_t n_chunks = ck.shape[0], s, Cw = 0, co_block = 0
@@ -934,7 +1063,7 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
         raise ValueError(f"conv_direct_backward: {stripes} stripes of {n_chunks} chunks "
                          f"into {slots.shape[0]} slots")
     if _narrow_fits(C, Cout, KW, sw, dw, G, lanes, False):
-        if slots.shape[3] != C or slots.shape[4] != Cout or dy.shape[0] != N:
+        if slots.shape[3] != C or (dy is not None and dy.shape[0] != N):
             raise ValueError(f"conv_direct_backward: slots {np.shape(slots)} and output "
                              f"gradient {np.shape(dy)} for a {KH}x{KW} kernel over {C} "
                              f"input channels and a batch of {N}")
@@ -946,6 +1075,23 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                                             (N, OH, OW, Cout),
                                             (KH, KW, slots.shape[3], slots.shape[4]), 0, N, sh,
                                             sw, ph, pw, dh, dw, G, lanes)
+    cdef cnet_grad_src* srcs = NULL
+    cdef const floating* dyp = NULL
+    if dy is not None:
+        dyp = &dy[0, 0, 0, 0]
+    if relu_y is not None or pool is not None or bias_sums is not None:
+        if wg_variant != _NARROW_WGRAD or dx is not None:
+            raise ValueError("conv_direct_backward: relu_y, pool and bias_sums are for the "
+                             "narrow weight gradient without dx")
+        srcs = <cnet_grad_src*>calloc(stripes, sizeof(cnet_grad_src))
+        if srcs == NULL:
+            raise MemoryError()
+        try:
+            _fill_grad_sources(srcs, stripes, relu_y, pool, bias_sums, N, OH, OW, Cout,
+                               <floating*>NULL)
+        except BaseException:
+            free(srcs)
+            raise
     if wscatter is not None:
         if dx is None:
             raise ValueError("conv_direct_backward: wscatter without dx")
@@ -983,19 +1129,21 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
         if parallel_stripes:
             for s in prange(stripes, num_threads=n_threads, schedule="dynamic", chunksize=1):
                 failed += _direct_backward_stripe(
-                    &x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0], ck,
+                    &x[0, 0, 0, 0], dyp, &slots[s, 0, 0, 0, 0], ck,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH,
                     OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp, zeros, Cw,
-                    pdh, pdw, dx_variant, co_block, by_images, packed_flip is not None, wsp)
+                    pdh, pdw, dx_variant, co_block, by_images, packed_flip is not None, wsp,
+                    srcs + s if srcs != NULL else NULL)
         else:
             for s in range(stripes):
                 failed += _direct_backward_stripe(
-                    &x[0, 0, 0, 0], &dy[0, 0, 0, 0], &slots[s, 0, 0, 0, 0], ck,
+                    &x[0, 0, 0, 0], dyp, &slots[s, 0, 0, 0, 0], ck,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, n_threads, G, H, W,
                     C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp,
                     zeros, Cw, pdh, pdw, dx_variant, co_block, by_images,
-                    packed_flip is not None, wsp)
+                    packed_flip is not None, wsp, srcs + s if srcs != NULL else NULL)
     free(zeros)
+    free(srcs)
     if failed:
         raise MemoryError("conv_direct_backward: no memory for the narrow weight gradient")
 
@@ -1010,7 +1158,8 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                   const floating* zeros, Py_ssize_t Cw, Py_ssize_t pdh,
                                   Py_ssize_t pdw, int dx_variant, Py_ssize_t co_block,
                                   bint by_images, bint packed,
-                                  const floating* wscatter) noexcept nogil:
+                                  const floating* wscatter,
+                                  const cnet_grad_src* src) noexcept nogil:
     """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
     then each chunk's dx (if dx), with n_threads-thread kernels.  Returns 1 where the
     narrow weight gradient's scratch could not be allocated (else 0)."""
@@ -1020,7 +1169,7 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
         n0, n1 = ck[t, 0], ck[t, 1]
         if wg_variant == _NARROW_WGRAD:
             if not _narrow_wgrad_chunk(x, dy, slot, t != first, n0, n1, H, W, OH, OW, Cout,
-                                       KH, KW, sh, ph, pw, dh):
+                                       KH, KW, sh, ph, pw, dh, src):
                 return 1
         else:
             nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout,
@@ -1169,20 +1318,25 @@ cdef bint _narrow_wgrad_chunk(const floating* x, const floating* dy, floating* g
                               bint accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H,
                               Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
                               Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t ph,
-                              Py_ssize_t pw, Py_ssize_t dh) noexcept nogil:
+                              Py_ssize_t pw, Py_ssize_t dh,
+                              const cnet_grad_src* src=NULL) noexcept nogil:
     """CNET_NARROW_WGRAD of images [n0, n1) on this thread, with its scratch (the padded
-    input and planar dy) allocated for the call; False where that failed."""
+    input, planar dy and a row buffer) allocated for the call; False where that failed."""
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t OWp = (OW + lanes - 1) // lanes * lanes
     cdef floating* xp = <floating*>malloc((n1 - n0) * H * (OWp + KW - 1) * sizeof(floating))
-    cdef floating* dyp = <floating*>malloc((n1 - n0) * OH * Cout * OWp * sizeof(floating))
+    # dy planar, then a row buffer and the bias's per-lane double sums
+    cdef floating* dyp = <floating*>malloc(((n1 - n0) * OH * Cout * OWp + OW * Cout)
+                                           * sizeof(floating) + Cout * OWp * sizeof(double)
+                                           + 64)
+    cdef floating* rowbuf = dyp + (n1 - n0) * OH * Cout * OWp
     if xp != NULL and dyp != NULL:
         if floating is float:
             cnet_narrow_wgrad_f32(x, dy, gw, accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW,
-                                  sh, ph, pw, dh, xp, dyp)
+                                  sh, ph, pw, dh, xp, dyp, src, rowbuf)
         else:
             cnet_narrow_wgrad_f64(x, dy, gw, accumulate, n0, n1, H, W, OH, OW, Cout, KH, KW,
-                                  sh, ph, pw, dh, xp, dyp)
+                                  sh, ph, pw, dh, xp, dyp, src, rowbuf)
     free(xp)
     free(dyp)
     return xp != NULL and dyp != NULL

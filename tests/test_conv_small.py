@@ -397,3 +397,78 @@ def test_direct_backward_scatter_and_narrow_equal_the_chunk_kernels(rng):
                     _conv.conv_scatter_dx(dy, _conv.scatter_weight(w), want_dx, n0, n1, k, k,
                                           1, 1, pad, pad, 1, 1, 1)
                 np.testing.assert_array_equal(dx, want_dx)
+
+
+# A narrow first layer (no input gradient) takes its ReLU mask, its bias sums and,
+# with a max pool after it, the pool's gradient gather into its planar pass
+# (Conv2d.backward_through_pool): conv, pool, ReLU-or-not and their geometries.
+IN_KERNEL_CASES = [((1, 6, 5), {}, (2,), True),                          # LeNet conv1
+                   ((1, 6, 5), dict(padding=2), (3, 2, 1), True),          # overlapping, padded
+                   ((1, 10, 3), dict(stride=(2, 1), padding=1), (2,), True),
+                   ((1, 15, (2, 7)), dict(padding=(1, 3), bias=False), (2,), True),
+                   ((1, 7, 3), {}, dict(kernel_size=2, ceil_mode=True), True),
+                   ((1, 6, 3), dict(padding=1), (2,), False),              # no ReLU
+                   ((1, 6, 5), {}, None, True)]                            # ReLU, no pool
+
+
+@pytest.mark.parametrize("args,kwargs,pool,relu", IN_KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_backward_in_kernel_matches_separate_passes(args, kwargs, pool, relu, dtype, rng,
+                                                           monkeypatch):
+    layers = [nn.Conv2d(*args, **kwargs)] + ([nn.ReLU()] if relu else [])
+    if pool is not None:
+        layers.append(nn.MaxPool2d(**pool) if isinstance(pool, dict) else nn.MaxPool2d(*pool))
+    m = nn.Sequential(*layers).to(dtype)
+    m.requires_input_grad_(False)
+    x = rng.standard_normal((11, 13, 23, 1)).astype(dtype)
+    x[:, :, :4] = np.abs(x[:, :, :4])         # some windows all positive, some clipped
+    y = m(x)
+    assert m[0]._narrow_backward(x) == narrow_runs(m[0], dtype)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+
+    def grads(threads):
+        m.zero_grad()
+        with cnet.threads(threads):
+            m(x)
+            assert m.backward(dy) is None
+        return m[0].weight.grad.copy(), None if m[0].bias is None else m[0].bias.grad.copy()
+
+    fused = [grads(1), grads(2)]
+    with monkeypatch.context() as patch:        # the separate passes (pool, mask, sums)
+        patch.setattr(nn.Conv2d, "_narrow_backward", lambda self, x: False)
+        separate = grads(2)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    for wgrad, bgrad in fused:
+        np.testing.assert_array_equal(wgrad, fused[0][0])       # any thread count: same bits
+        np.testing.assert_array_equal(wgrad, separate[0])        # same planar values and order
+        if bgrad is not None:
+            np.testing.assert_array_equal(bgrad, fused[0][1])
+            np.testing.assert_allclose(bgrad, separate[1], rtol=tol, atol=tol)
+
+
+def test_conv_direct_backward_gradient_sources_refused(rng):
+    x = rng.standard_normal((4, 12, 12, 1)).astype(np.float32)
+    dy = rng.standard_normal((4, 8, 8, 6)).astype(np.float32)
+    slots = np.zeros((2, 5, 5, 1, 6), np.float32)
+    geom = (1, 1, 0, 0, 1, 1)
+    chunks = [(0, 2), (2, 4)]
+    if not _conv._narrow_fits(1, 6, 5, 1, 1, 1, _conv.direct_lanes(np.dtype(np.float32)), False):
+        pytest.skip("the narrow kernels need AVX-512")
+    sums = np.zeros((2, 6))
+    with pytest.raises(ValueError, match="relu_y of shape"):
+        _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, 1, relu_y=dy[:, :7].copy())
+    with pytest.raises(ValueError, match="bias_sums of shape"):
+        _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, 1, bias_sums=sums[:, :5].copy())
+    with pytest.raises(ValueError, match="pool is"):
+        _conv.conv_direct_backward(x, None, slots, chunks, 2, *geom, 1, pool=(dy,))
+    g = rng.standard_normal((4, 4, 4, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        _conv.conv_direct_backward(x, None, slots, chunks, 2, *geom, 1,
+                                   pool=(g, np.zeros((4, 4, 3, 6), np.int32), 2, 2, 2, 2, 0, 0,
+                                         1, 1))
+    with pytest.raises(ValueError, match="no output gradient"):
+        _conv.conv_direct_backward(x, None, slots, chunks, 2, *geom, 1)
+    with pytest.raises(ValueError, match="without dx"):
+        _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, 1, 1,
+                                   np.zeros_like(x), _conv.flip_weight(
+                                       np.zeros((5, 5, 1, 6), np.float32), 1, 1), relu_y=dy)

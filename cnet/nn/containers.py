@@ -102,8 +102,20 @@ class Sequential(Module):
         return x, False
 
     def backward(self, grad):
-        for layer in reversed(self._plan or self._build_plan()):
-            grad = layer.backward(grad)
+        plan = self._plan or self._build_plan()
+        i = len(plan) - 1
+        while i >= 0:
+            layer = plan[i]
+            before = plan[i - 1] if i > 0 else None
+            # A max pool's gradient handed to the layer before it, which may gather
+            # it in its own pass (Conv2d.backward_through_pool).
+            if (before is not None and type(layer).__name__ == "MaxPool2d"
+                    and hasattr(before, "backward_through_pool")):
+                grad = before.backward_through_pool(layer, grad)
+                i -= 2
+            else:
+                grad = layer.backward(grad)
+                i -= 1
         return grad if self.input_grad else None
 
 

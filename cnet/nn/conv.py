@@ -904,15 +904,58 @@ class Conv2d(Module):
         return y
 
     def backward(self, grad_out):
+        return self._backward(grad_out)
+
+    def backward_through_pool(self, pool, grad):
+        """The backward of this layer and the MaxPool2d right after it (Sequential's
+        plan), given the pool's output gradient: ``self.backward(pool.backward(grad))``.
+        Where this layer's weight gradient is the narrow kernel's and no input
+        gradient is wanted (LeNet's conv1 -> ReLU -> pool), the kernel gathers each
+        row of its gradient from the pool's gradient and argmax, applies the fused
+        ReLU's mask and sums the bias gradient while making it planar: the pool's
+        dx and the masked gradient are never written (LeNet conv1 + pool1 backward,
+        batch 256, see bench/RESULTS.md).  Same values; the bias sums in another
+        fixed order."""
+        idx = getattr(pool, "_idx", None)
+        if (type(pool).__name__ != "MaxPool2d" or idx is None or self.input_grad
+                or "backward" in self.__dict__ or "backward" in pool.__dict__
+                or self._x is None or not isinstance(grad, np.ndarray)
+                or grad.shape != idx.shape or grad.dtype != self.weight.data.dtype
+                or not self._narrow_backward(self._x)):
+            return self.backward(pool.backward(grad))
+        return self._backward(None, (pool, np.ascontiguousarray(grad)))
+
+    def _narrow_weight_grad(self, ws, dtype):
+        """Whether backward's weight gradient is the narrow kernel's (in
+        conv_direct_backward's parallel region)."""
+        return ws["paths"][1] == "small" and _conv._narrow_fits(
+            self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1],
+            self.dilation[1], self.groups, _conv.direct_lanes(dtype), False)
+
+    def _narrow_backward(self, x):
+        """Whether backward is the narrow weight-gradient kernel alone, with no input
+        gradient: its planar pass can mask, sum and gather the gradient."""
+        ws = self._workspace(x, self.output_shape(x.shape))
+        return (not self.input_grad and ws["regions"] is None
+                and self._narrow_weight_grad(ws, x.dtype))
+
+    def _backward(self, grad_out, pooled=None):
         x = require_cache(self, self._x)
         w = self.weight.data
         out_shape = self.output_shape(x.shape)
-        dy = _check_grad(self, grad_out, out_shape, w.dtype)
+        dy = None if pooled else _check_grad(self, grad_out, out_shape, w.dtype)
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
         bias_done = False
-        if self._relu:
+        # The narrow kernel masks, sums the bias gradient (and gathers from the pool)
+        # in its planar pass: no separate pass over the gradient.
+        in_kernel = self._narrow_backward(x)
+        bias_sums = None
+        if in_kernel and self.bias is not None:
+            bias_sums = _scratch("bias_sums", (ws["stripes"], cout), np.float64)
+            bias_done = True
+        if self._relu and not in_kernel:
             # The fused ReLU's backward, into a workspace: a fresh 5 MB array per
             # step (LeNet conv1) costs more in page faults than the masking itself.
             # With a bias, its gradient's sums come from the same pass (LeNet conv1,
@@ -970,7 +1013,7 @@ class Conv2d(Module):
             else:
                 wflip, packed_flip = _conv.flip_weight(w, self.groups, nt), None
         x2 = x.reshape(-1, self.in_channels)
-        dy2 = dy.reshape(-1, cout)
+        dy2 = None if dy is None else dy.reshape(-1, cout)
         dx = None if dx_path is None else np.empty_like(x)
         dx2 = None if dx_path is None else dx.reshape(-1, self.in_channels)
 
@@ -1025,10 +1068,20 @@ class Conv2d(Module):
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
-        narrow_dw = dw_path == "small" and _conv._narrow_fits(
-            self.in_channels, cout, kw, self.stride[1], dw, self.groups,
-            _conv.direct_lanes(w.dtype), False)
-        if (dw_path == "direct" or narrow_dw) and dx_path in ("direct", "scatter", None):
+        narrow_dw = dw_path == "small" and self._narrow_weight_grad(ws, w.dtype)
+        if in_kernel:
+            pool = None
+            if pooled:
+                pool_layer, grad_pool = pooled
+                pool = (grad_pool, pool_layer._idx, *pool_layer.kernel_size, *pool_layer.stride,
+                        *pool_layer.padding, *pool_layer.dilation)
+            _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
+                                       self.groups, relu_y=self._y if self._relu else None,
+                                       pool=pool, bias_sums=bias_sums)
+            if bias_sums is not None:
+                np.add(self.bias.grad, bias_sums[:stripes].sum(axis=0).astype(w.dtype),
+                       out=self.bias.grad)
+        elif (dw_path == "direct" or narrow_dw) and dx_path in ("direct", "scatter", None):
             # All stripes in one parallel region of the kernels (no Python per chunk).
             _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
                                        self.groups, dx, wflip, packed_flip, by_images,
