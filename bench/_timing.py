@@ -1,4 +1,5 @@
-"""Timing for the per-layer micro-benchmarks (bench_batchnorm.py, bench_pool_relu.py).
+"""Timing for the per-layer micro-benchmarks (bench_batchnorm.py, bench_pool_relu.py,
+bench_first_layer.py).
 
 Contenders (cnet and torch variants) run in interleaved rounds in one process, so
 machine noise spreads over all of them; a round's figure is the median of ``reps``
