@@ -68,7 +68,10 @@ static inline void cnet_tap_columns(Py_ssize_t off, Py_ssize_t s, Py_ssize_t n, 
  * loops ran 3-10x slower than the tap-major body.  One thread, 64x28x28xC, min ms
  * fwd / bwd, tap-major -> by windows: C=1 0.089 / 0.062 -> 0.028 / 0.054, C=16
  * 0.245 / 0.162 -> 0.115 / 0.141, C=32 0.36 / 0.30 -> 0.17 / 0.18, C=64 0.87 / 0.64
- * -> 0.58-0.75 / 0.43-0.48; C=6 0.14 / 0.11 -> 0.92 / 0.77 (hence not there). */
+ * -> 0.58-0.75 / 0.43-0.48; C=6 0.14 / 0.11 -> 0.92 / 0.77 (hence not there).  The
+ * forward of 2..15 channels takes cnet_max_row_pairs_ instead, the backward the
+ * tap-major body (a pairs backward, expanding each window to its two pixels, won
+ * at C = 3 and 12 but lost at 6 and 8: 0.40 -> 0.49-0.64 ms, 256x28x28x6). */
 static inline int cnet_pool_is_2x2(Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
                                    Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
                                    Py_ssize_t C)
@@ -183,6 +186,61 @@ CNET_INLINE void CNET_FN(cnet_max_row_2x2_)(
     }
 }
 
+/* The 2x2 / stride 2 window without padding for 2..15 channels, where the window
+ * loops compile badly (see cnet_pool_is_2x2): flat over the two input rows, so
+ * every loop runs over contiguous values and vectorises.  Each window's rule
+ * (take v if v > m or v is NaN, in the order a b / c d) is folded as fold(a, b),
+ * fold(c, d), then the bottom pair taken if it wins the same test: the same value
+ * and position in every case (no NaN: the first maximum in window order; else
+ * the last NaN in it).  The pair folds run at every pixel of the row, against the
+ * pixel to its right (the odd pixels' are not needed: 2x the comparisons, but 16
+ * lanes instead of scalar selects), in blocks of CNET_POOL_PAIR_WINDOWS windows
+ * whose results (in L1) are then compacted to the even pixels.  The selects are
+ * bit masks (cnet_pick): as ternaries GCC left the loop scalar with branches (25x
+ * slower).  256x28x28xC with argmax, one thread, min ms, tap-major -> pairs: C=6
+ * 0.93 -> 0.37, C=3 2.60 -> 0.49, C=12 2.09 -> 0.43 (two threads: 0.28 -> 0.18). */
+#ifndef CNET_POOL_PAIR_WINDOWS
+#define CNET_POOL_PAIR_WINDOWS 32
+#endif
+CNET_INLINE void CNET_FN(cnet_max_row_pairs_)(
+    const T *x, T *y, int *idx, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW, Py_ssize_t oh)
+{
+    enum { BW = CNET_POOL_PAIR_WINDOWS };
+    T r[2 * BW * 15];
+    int ri[2 * BW * 15];
+    const T *x0 = x + 2 * oh * W * C, *x1 = x0 + W * C;
+    const int row_pos = (int)(2 * oh * W);
+    for (Py_ssize_t w0 = 0; w0 < OW; w0 += BW) {
+        const Py_ssize_t nw = OW - w0 < BW ? OW - w0 : BW;
+        const Py_ssize_t len = (2 * nw - 1) * C;   /* through the last window's left pixel */
+        const T *a0 = x0 + 2 * w0 * C, *a1 = x1 + 2 * w0 * C;
+CNET_SIMD
+        for (Py_ssize_t k = 0; k < len; k++) {
+            const T a = a0[k], b = a0[k + C], c = a1[k], d = a1[k + C];
+            int take = (b > a) | (b != b);
+            const T top = cnet_pick(take, b, a);
+            const int itop = take;
+            take = (d > c) | (d != d);
+            const T bottom = cnet_pick(take, d, c);
+            const int ibottom = (int)W + take;
+            take = (bottom > top) | (bottom != bottom);
+            r[k] = cnet_pick(take, bottom, top);
+            ri[k] = itop ^ ((ibottom ^ itop) & -take);
+        }
+        for (Py_ssize_t j = 0; j < nw; j++) {
+            const T *rj = r + 2 * j * C;
+            T *yj = y + (w0 + j) * C;
+            for (Py_ssize_t ch = 0; ch < C; ch++) yj[ch] = rj[ch];
+            if (idx) {
+                const int *rij = ri + 2 * j * C;
+                int *ij = idx + (w0 + j) * C;
+                const int pos = row_pos + (int)(2 * (w0 + j));
+                for (Py_ssize_t ch = 0; ch < C; ch++) ij[ch] = pos + rij[ch];
+            }
+        }
+    }
+}
+
 CNET_CLONES static void CNET_FN(cnet_max_row_)(
     const T *x, T *y, int *idx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OW,
     Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
@@ -190,6 +248,13 @@ CNET_CLONES static void CNET_FN(cnet_max_row_)(
 {
     if (cnet_pool_is_2x2(kh, kw, sh, sw, ph, pw, dh, dw, C) && 2 * oh + 1 < H && 2 * OW <= W) {
 #define CNET_CALL_(c) CNET_FN(cnet_max_row_2x2_)(x, y, idx, W, c, OW, oh)
+        CNET_SMALL_C_SWITCH(C, CNET_CALL_)
+#undef CNET_CALL_
+        return;
+    }
+    if (cnet_pool_is_2x2(kh, kw, sh, sw, ph, pw, dh, dw, 16) && C < 16 && 2 * oh + 1 < H
+        && 2 * OW <= W) {
+#define CNET_CALL_(c) CNET_FN(cnet_max_row_pairs_)(x, y, idx, W, c, OW, oh)
         CNET_SMALL_C_SWITCH(C, CNET_CALL_)
 #undef CNET_CALL_
         return;

@@ -64,6 +64,29 @@ static inline double cnet_keep_f64(double g, int keep)
 }
 #define cnet_keep(g, keep) _Generic((g), float: cnet_keep_f32, double: cnet_keep_f64)(g, keep)
 
+/* take ? a : b by bit masks (keeps -0.0 and NaN payloads as they are), for the
+ * same reason: GCC turned the max pool's chained ternaries into branches. */
+static inline float cnet_pick_f32(int take, float a, float b)
+{
+    unsigned int ua, ub, m = -(unsigned int)take;
+    memcpy(&ua, &a, sizeof ua);
+    memcpy(&ub, &b, sizeof ub);
+    ua = (ua & m) | (ub & ~m);
+    memcpy(&a, &ua, sizeof ua);
+    return a;
+}
+static inline double cnet_pick_f64(int take, double a, double b)
+{
+    unsigned long long ua, ub, m = -(unsigned long long)take;
+    memcpy(&ua, &a, sizeof ua);
+    memcpy(&ub, &b, sizeof ub);
+    ua = (ua & m) | (ub & ~m);
+    memcpy(&a, &ua, sizeof ua);
+    return a;
+}
+#define cnet_pick(take, a, b) \
+    _Generic((a), float: cnet_pick_f32, double: cnet_pick_f64)(take, a, b)
+
 #define CNET_CAT_(a, b) a##b
 #define CNET_CAT(a, b) CNET_CAT_(a, b)
 #define CNET_FN(name) CNET_CAT(name, SFX)

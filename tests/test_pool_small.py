@@ -90,12 +90,14 @@ def _torch_rule_2x2(x):
     return y, idx
 
 
-@pytest.mark.parametrize("c", [1, 6, 16, 20])
-@pytest.mark.parametrize("hw", [(6, 8), (7, 9)])
+@pytest.mark.parametrize("c", [1, 2, 3, 6, 12, 15, 16, 20])
+@pytest.mark.parametrize("hw", [(6, 8), (7, 9), (4, 71)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_2x2_windows_ties_nans_and_routing(c, hw, dtype, rng):
     # 2x2 / stride 2 (one channel and C >= 16: the window-by-window forward and
-    # one-pass backward; 6: the tap-major loops): ties in every order, NaNs, -inf,
+    # one-pass backward; 2-15: the forward's pair folds over flat rows in blocks of
+    # 32 windows (W = 71: two blocks), the backward's tap-major loops): ties in
+    # every order, NaNs, -inf,
     # odd sizes whose last row and column no window covers; values and indices as
     # torch's rule, gradients routed to them.
     x = rng.integers(-2, 2, (3,) + hw + (c,)).astype(dtype)
