@@ -15,7 +15,8 @@ class Sequential(Module):
     ReLU inside its own kernel and the ReLU is skipped: one pass over the
     activations instead of two.  In eval mode a Conv2d followed by a BatchNorm2d
     applies it to each output chunk while in cache (folds_batchnorm).  The
-    result is identical.
+    result is identical.  Backward hands a MaxPool2d's gradient to the layer
+    before it (Conv2d.backward_through_pool), which may gather it in its own pass.
     """
 
     def __init__(self, *layers):
