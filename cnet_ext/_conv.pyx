@@ -952,7 +952,9 @@ def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
 cdef void _fill_grad_sources(cnet_grad_src* srcs, Py_ssize_t stripes, relu_y, pool, bias_sums,
                              Py_ssize_t N, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
                              floating* dtype_tag) except *:
-    """conv_direct_backward's per-stripe gradient sources, checked (see there)."""
+    """conv_direct_backward's per-stripe gradient sources, checked (see there); the
+    arrays stay the caller's (their memory outlives the kernel call).  dtype_tag is
+    NULL, typed only to pick the float / double version."""
     cdef floating[:, :, :, ::1] yv, pgv
     cdef int[:, :, :, ::1] piv
     cdef double[:, ::1] bsv
