@@ -7,8 +7,8 @@ GEMM (Linear's 256 x 400 x 120 is ~120 us on one core).  Here each worker calls
 the BLAS's cblas_?gemm itself, with no Python in between.  The function
 pointers are those of the BLAS numpy links (found by cnet.nn.conv through
 threadpoolctl: OpenBLAS's cblas symbols, with 64-bit or 32-bit integers, and its
-thread-count functions); with none set, gemms / gemm_rows decline and the caller
-takes its Python tasks.
+thread-count functions); with none set, gemms declines and the caller takes its
+Python tasks.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uintptr_t
@@ -123,16 +123,6 @@ cdef struct GemmJob:
 
 cdef enum:
     _MAX_JOBS = 4
-
-
-def gemm_rows(a, b, out, Py_ssize_t parts, int n_threads):
-    """out = a @ b (2-D, float32 or float64), rows split into ``parts`` ranges
-    [m * i // parts, m * (i + 1) // parts) run on an n_threads OpenMP team, each
-    one cblas call (see gemms).  ``a`` and ``b`` may be
-    row-major or transposed views; ``out`` must be C-contiguous.  Returns False,
-    having done nothing, where it cannot (no BLAS pointers, other dtypes or
-    strides): the caller then runs the parts itself."""
-    return gemms([(a, b, out, parts, False, None, False)], n_threads)
 
 
 def gemms(jobs, int n_threads, bint blas_pool=False):

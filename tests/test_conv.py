@@ -914,7 +914,7 @@ def test_small_gemm_row_parts_match_one_thread(m, k, n, from_c, dtype, rng, monk
     for threads in (1, 2, 3):
         out = np.full((m, n), np.nan, dtype)
         with cnet.threads(threads):
-            conv_mod._gemm(a, b, out)
+            conv_mod._gemms([(a, b, out, False, None, False)])
         outs.append(out)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(outs[0], a.astype(np.float64) @ b, rtol=tol, atol=tol * 10)
@@ -922,7 +922,7 @@ def test_small_gemm_row_parts_match_one_thread(m, k, n, from_c, dtype, rng, monk
         np.testing.assert_array_equal(out, outs[0])
 
 
-def test_gemm_rows_parts_and_refusals(rng):
+def test_gemms_row_parts_and_refusals(rng):
     from cnet_ext import _blas
     from cnet.nn import conv as conv_mod
     if not conv_mod._cblas_ready():
@@ -930,16 +930,20 @@ def test_gemm_rows_parts_and_refusals(rng):
     a = rng.standard_normal((37, 20)).astype(np.float32)
     b = rng.standard_normal((20, 9)).astype(np.float32)
     out = np.full((37, 9), np.nan, np.float32)
-    assert _blas.gemm_rows(a, b, out, 5, 2)
+
+    def rows(a, b, out, parts):
+        return _blas.gemms([(a, b, out, parts, False, None, False)], 2)
+
+    assert rows(a, b, out, 5)
     for i in range(5):                      # each part is one BLAS call on its rows
         r0, r1 = 37 * i // 5, 37 * (i + 1) // 5
         np.testing.assert_array_equal(out[r0:r1], a[r0:r1] @ b)
     with pytest.raises(ValueError, match="38 row parts of 37 rows"):
-        _blas.gemm_rows(a, b, out, 38, 2)
-    assert not _blas.gemm_rows(a[:, ::2], b[::2], out, 2, 2)           # strided: declined
-    assert not _blas.gemm_rows(a, b, np.zeros((9, 37), np.float32).T, 2, 2)
-    assert not _blas.gemm_rows(a.astype(np.float64), b, out, 2, 2)       # mixed dtypes
-    assert not _blas.gemm_rows(a, b[:19], out, 2, 2)                     # shapes
+        rows(a, b, out, 38)
+    assert not rows(a[:, ::2], b[::2], out, 2)                            # strided: declined
+    assert not rows(a, b, np.zeros((9, 37), np.float32).T, 2)
+    assert not rows(a.astype(np.float64), b, out, 2)                     # mixed dtypes
+    assert not rows(a, b[:19], out, 2)                                   # shapes
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

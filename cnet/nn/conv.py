@@ -135,7 +135,7 @@ _STRIPE_UNIT = max(_MIN_TASKS, _STRIPES - _STRIPES % _MIN_TASKS)
 # thread, 24-50 ms on two while another process kept the second core busy.
 # Instead they are split by rows over the OpenMP team, each part on one BLAS
 # thread.  Where the BLAS's cblas symbols are known (_threads.cblas_gemm) every
-# worker calls it from C (_blas.gemm_rows), parts of _MIN_PART_MACS_C (~20 us);
+# worker calls it from C (_blas.gemms), parts of _MIN_PART_MACS_C (~20 us);
 # else a part is a Python task, and a worker that waits for the GIL sleeps (~50-100
 # us to wake), so parts are _MIN_PART_MACS (~80 us).  Linear fwd+bwd, 2 threads,
 # ms (min of 200), one thread -> Python tasks -> C: LeNet's fc1 (256 x 400 x 120)
@@ -247,11 +247,12 @@ def _one_thread_blas(enabled=True):
 
 
 def _gemm(a, b, out):
-    """out = a @ b (2-D).  Large GEMMs use BLAS's threads; small ones (waking BLAS's
-    sleeping pool costs more than they take) run in row parts on the OpenMP team
-    (called from C where it can, else as Python tasks; or on this thread), each
-    part on one BLAS thread.  Each element's sum is over k in the same order
-    however the rows are split."""
+    """out = a @ b (2-D), where _blas.gemms cannot run it (_gemms' fallback: no cblas
+    symbols, or operands it declines).  Large GEMMs use BLAS's threads; small ones
+    (waking BLAS's sleeping pool costs more than they take) run in row parts as
+    Python tasks on the OpenMP team (or on this thread), each part on one BLAS
+    thread.  Each element's sum is over k in the same order however the rows are
+    split."""
     m, k = a.shape
     n = b.shape[1]
     nt = num_threads()
@@ -260,9 +261,6 @@ def _gemm(a, b, out):
         np.matmul(a, b, out=out)
         return
     with _one_thread_blas():
-        if (_cblas_ready() and min(nt, m, macs // _MIN_PART_MACS_C) >= nt
-                and _blas.gemm_rows(a, b, out, nt, nt)):
-            return
         parts = min(nt, m, max(1, macs // _MIN_PART_MACS))
         if parts < nt:
             np.matmul(a, b, out=out)
@@ -326,7 +324,7 @@ _cblas_state = []
 
 
 def _cblas_ready():
-    """Whether _blas.gemm_rows can call numpy's BLAS from the OpenMP team (once: the
+    """Whether _blas.gemms can call numpy's BLAS from the OpenMP team (once: the
     symbols of the BLAS numpy loaded, see _threads.cblas_gemm)."""
     if not _cblas_state:
         found = _threads.cblas_gemm()
@@ -339,6 +337,20 @@ def _cblas_ready():
 def _bias_grad(dy2d, bias_grad):
     """bias.grad += dy2d.sum(axis=0), deterministic in the thread count."""
     _conv.bias_grad(dy2d, bias_grad.reshape(-1), num_threads())
+
+
+def _relu_backward(dy2, y2, bias):
+    """A fused ReLU's backward, dy2 masked where its output y2 <= 0 (as
+    relu_backward), into a workspace: a fresh array per step (5 MB for LeNet's
+    conv1) costs more in page faults than the masking itself.  With a bias, its
+    gradient's sums come from the same pass (LeNet conv1, 200K x 6, 2 threads:
+    0.43 -> 0.21 ms for the two).  Rows (M, C) in, the masked rows out."""
+    masked = _scratch("masked", dy2.shape, dy2.dtype)
+    if bias is not None:
+        _conv.bias_grad(dy2, bias.grad.reshape(-1), num_threads(), y2, masked)
+    else:
+        _elementwise.relu_backward(dy2, y2, masked, num_threads())
+    return masked
 
 
 def _check_param_dtype(layer, dtype):
@@ -956,18 +968,9 @@ class Conv2d(Module):
             bias_sums = _scratch("bias_sums", (ws["stripes"], cout), np.float64)
             bias_done = True
         if self._relu and not in_kernel:
-            # The fused ReLU's backward, into a workspace: a fresh 5 MB array per
-            # step (LeNet conv1) costs more in page faults than the masking itself.
-            # With a bias, its gradient's sums come from the same pass (LeNet conv1,
-            # 200K x 6, 2 threads: 0.43 -> 0.21 ms for the two).
-            masked = _scratch("masked", dy.shape, dy.dtype)
-            if self.bias is not None:
-                _conv.bias_grad(dy.reshape(-1, cout), self.bias.grad.reshape(-1), nt,
-                                self._y.reshape(-1, cout), masked.reshape(-1, cout))
-                bias_done = True
-            else:
-                _elementwise.relu_backward(dy, self._y, masked, nt)
-            dy = masked
+            dy = _relu_backward(dy.reshape(-1, cout), self._y.reshape(-1, cout),
+                                self.bias).reshape(dy.shape)
+            bias_done = self.bias is not None
         chunk, n_chunks, stripes, rows = ws["chunk"], ws["n_chunks"], ws["stripes"], oh * ow
         bounds = ws["bounds"]
         _, dw_path, dx_path, by_images = ws["paths"]
@@ -1156,12 +1159,7 @@ class Linear(Module):
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
         if self._relu:
-            y2 = require_cache(self, self._y).reshape(dy2.shape)
-            g = _scratch("linear_masked_grad", dy2.shape, dy2.dtype)
-            if self.bias is not None:
-                _conv.bias_grad(dy2, self.bias.grad.reshape(-1), num_threads(), y2, g)
-            else:
-                _elementwise.relu_backward(dy2, y2, g, num_threads())
+            g = _relu_backward(dy2, require_cache(self, self._y).reshape(dy2.shape), self.bias)
         else:
             g = dy2
             if self.bias is not None:
