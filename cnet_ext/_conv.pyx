@@ -18,7 +18,7 @@ count (bitwise).
 
 The wrappers are the only shape checks (bounds checking is off).
 """
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, malloc, free
 
@@ -731,6 +731,22 @@ cdef extern from *:
     CNET_DIRECT_ENTRIES(f32, float)
     CNET_DIRECT_ENTRIES(f64, double)
 
+    /* The calling thread's staging buffer (_direct_group_image) of at least
+       `bytes`, kept between calls: a chunk can be one image, and a fresh
+       half-megabyte block per call is a fresh mmap whose pages the kernel zeroes
+       (12% of a ResNeXt layer's fwd+bwd).  NULL where it cannot be allocated. */
+    static void* cnet_stage_buffer(size_t bytes) {
+        static __thread void* buffer = NULL;
+        static __thread size_t size = 0;
+        if (bytes > size) {
+            free(buffer);
+            size = (bytes + 63) / 64 * 64;
+            buffer = aligned_alloc(64, size);
+            if (buffer == NULL) size = 0;
+        }
+        return buffer;
+    }
+
     /* The two-vector blocks only pay where 32 vector registers hold them. */
     static int cnet_wide_vectors(void) {
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -782,6 +798,7 @@ cdef extern from *:
                              Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
                              Py_ssize_t dw) noexcept nogil
     int cnet_wide_vectors() noexcept nogil
+    void* cnet_stage_buffer(size_t bytes) noexcept nogil
     ctypedef struct cnet_grad_src:
         const void* y
         const void* pool_g
@@ -838,6 +855,21 @@ def _wide_vectors(enable=None):
     previous = bool(_WIDE)
     if enable is not None:
         _WIDE = bool(enable) and bool(cnet_wide_vectors())
+    return previous
+
+
+cdef bint _STAGE_GROUPS = True
+
+
+def _stage_groups(enable=None):
+    """Whether grouped direct layers copy each image into per-group planes first
+    (_direct_group_image); tests and benchmarks switch it off to compare with the
+    in-place reads, the path taken where the buffer cannot be allocated (returns
+    the previous setting)."""
+    global _STAGE_GROUPS
+    previous = bool(_STAGE_GROUPS)
+    if enable is not None:
+        _STAGE_GROUPS = bool(enable)
     return previous
 
 
@@ -1014,7 +1046,9 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     order, into ``slots[s]`` (HWIO, overwritten).  With ``dx``, each chunk's
     input gradient is written too: conv_direct of dy with the flipped kernel
     (``wflip`` = flip_weight(w, groups), or ``packed_flip`` = flip_weight(...,
-    blocked=True) for by_images) at stride 1, padding dilation * (k - 1) - padding;
+    blocked=True) for by_images or to stage a grouped dy (_direct_group_image;
+    Conv2d does not: after the chunk's weight gradient has read dy, the in-place
+    reads measured as fast)) at stride 1, padding dilation * (k - 1) - padding;
     that needs stride 1 (sh, sw describe the forward); or, given ``wscatter`` =
     scatter_weight(w), conv_scatter_dx's (any stride).  Layers with one input
     channel and C_out below a vector take the narrow weight gradient
@@ -1216,6 +1250,73 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
     else:
         cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, Cg, C, OW, Cog, Cout,
                             Cw, KH, KW, sh, sw, ph, pw, dh, dw)
+
+cdef inline void _direct_group_image(const floating* x, const floating* wpk,
+                                     const floating* bias, const floating* zeros, floating* y,
+                                     floating* stage, Py_ssize_t n, Py_ssize_t G, Py_ssize_t H,
+                                     Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW,
+                                     Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                     Py_ssize_t dh, Py_ssize_t dw, int variant,
+                                     Py_ssize_t co_block) noexcept nogil:
+    """Image n of a grouped layer from a copy of its input, one plane per group.
+
+    In NHWC a group's C/G inputs are one slice of every pixel, C values apart; at
+    ResNeXt's 128-512 channels (a power of two) that stride maps every pixel, and
+    every HWIO weight row, onto 1/8 to 1/32 of L1's sets, which then cannot hold
+    a kernel row's window and the weights: the broadcasts come from L2.  So the
+    image is first copied, in one sequential pass, into ``stage`` as G contiguous
+    (H, W + 2 pw, C/G) planes (the padding columns zeros, as the unstaged
+    kernel reads them; padding rows still skipped), and the weights are
+    direct_weight_blocks' packed blocks (wpk), each read for all of a plane's rows.
+    The same products in the same order as _direct_row.  ``stage`` NULL: the
+    strided slices in place.  ResNeXt-29's 32x32x128 in 8 groups (16 channels
+    each), batch 64, forward ms, in place -> staged: one thread 40-42 -> 31-35,
+    two 20-24 -> 16-18; its 16x16 and 8x8 layers (32 and 64 per group): a tie."""
+    cdef Py_ssize_t Cg = C // G, Cog = Cout // G, Wp = W + 2 * pw
+    cdef Py_ssize_t per_group = Cog // co_block, g, cb, oh, ih, iw, c
+    cdef Py_ssize_t plane = H * Wp * Cg
+    cdef const floating* src
+    cdef floating* dst
+    cdef const floating* img
+    cdef const floating* wb
+    cdef floating* yb
+    cdef Py_ssize_t img_n = 0, img_w = Wp, img_c = Cg, img_pw = 0
+    if stage == NULL:
+        img_n, img_w, img_c, img_pw = n, W, C, pw
+    else:
+        src = x + n * H * W * C
+        for ih in range(H):
+            if pw:
+                for g in range(G):
+                    dst = stage + g * plane + ih * Wp * Cg
+                    memset(dst, 0, pw * Cg * sizeof(floating))
+                    memset(dst + (pw + W) * Cg, 0, pw * Cg * sizeof(floating))
+            for iw in range(W):
+                dst = stage + (ih * Wp + iw + pw) * Cg
+                for g in range(G):
+                    for c in range(Cg):
+                        dst[g * plane + c] = src[g * Cg + c]
+                src += C
+    for g in range(G):
+        img = stage + g * plane if stage != NULL else x + g * Cg
+        for cb in range(per_group):
+            wb = wpk + (g * per_group + cb) * KH * KW * Cg * co_block
+            yb = y + n * OH * OW * Cout + g * Cog + cb * co_block
+            for oh in range(OH):
+                if floating is float:
+                    cnet_direct_row_f32(variant, img, wb,
+                                        bias + g * Cog + cb * co_block if bias != NULL else NULL,
+                                        zeros, yb + oh * OW * Cout, img_n, oh, H, img_w, Cg,
+                                        img_c, OW, co_block, Cout, co_block, KH, KW, sh, sw, ph,
+                                        img_pw, dh, dw)
+                else:
+                    cnet_direct_row_f64(variant, img, wb,
+                                        bias + g * Cog + cb * co_block if bias != NULL else NULL,
+                                        zeros, yb + oh * OW * Cout, img_n, oh, H, img_w, Cg,
+                                        img_c, OW, co_block, Cout, co_block, KH, KW, sh, sw, ph,
+                                        img_pw, dh, dw)
+
 
 cdef extern from *:
     """
@@ -1442,6 +1543,17 @@ cdef inline Py_ssize_t _image_co_block(Py_ssize_t cout_g, Py_ssize_t lanes) noex
     return lanes * (2 if _direct_variant(cout_g, lanes) == 2 else 1)
 
 
+def _grouped_blocks(w, Py_ssize_t G, int n_threads):
+    """The packed weight grouped rows read (_direct_group_image), or None where w
+    is not a weight direct_weight_blocks takes (the operand checks then say why)."""
+    w = np.asarray(w)
+    lanes = 16 if w.dtype == np.float32 else 8
+    if (w.ndim != 4 or w.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
+            or w.shape[3] % G or (w.shape[3] // G) % lanes):
+        return None
+    return direct_weight_blocks(w, G, n_threads)
+
+
 def direct_weight_blocks(floating[:, :, :, ::1] w, Py_ssize_t groups, int n_threads):
     """The HWIO weight (KH, KW, C_in/G, C_out) as conv_direct(by_images=True)'s
     ``packed`` operand: (C_out / B, KH, KW, C_in/G, B), group-major, with B output
@@ -1609,8 +1721,8 @@ def _direct_operands(str what, tuple xshape, w, bias, tuple yshape, dtype, Py_ss
     OH, OW = yshape[1], yshape[2]
     lanes = 16 if dtype == np.float32 else 8
     if packed is not None:
-        if not by_images:
-            raise ValueError(f"{what}: a packed weight needs by_images=True")
+        if not by_images and G == 1:
+            raise ValueError(f"{what}: a packed weight needs by_images=True or groups")
         pk = np.asarray(packed)
         if pk.ndim != 5:
             raise ValueError(f"{what}: a packed weight has 5 axes, got shape {pk.shape}")
@@ -1673,7 +1785,8 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     instead of consecutive pixels of one row (small maps: no padding products, no
     half-empty blocks); the same sums in the same order either way.  ``packed``:
     the weight as direct_weight_blocks(w, groups) (or flip_weight(..., blocked=True))
-    for by_images (wide layers: see _direct_images); then w may be None.
+    for by_images (wide layers: see _direct_images) or for a grouped layer's rows
+    (made here from w where not given: _direct_group_image); then w may be None.
 
     C_out/groups must be a multiple of direct_lanes(dtype); with groups == 1 C_out
     may also be smaller than it (LeNet's 6 channels): then the weight and bias are
@@ -1697,6 +1810,8 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     if chunks is not None:
         ck = _direct_chunks("conv_direct", chunks, n0, n1, by_images)
         n_chunks = ck.shape[0]
+    if packed is None and G > 1 and not by_images and w is not None:
+        packed = _grouped_blocks(w, G, n_threads)
     weight, bias_flat, Cw, KH, KW, variant, co_block = _direct_operands(
         "conv_direct", (N, H, W, C), w, bias, (y.shape[0], OH, OW, Cout),
         np.float32 if floating is float else np.float64, n0, n1, sh, sw, ph, pw, dh, dw, G,
@@ -1735,6 +1850,26 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
     """conv_direct's y[n0:n1] on nt threads (1: this thread alone), then its ReLU."""
     cdef Py_ssize_t t, n, per_image = OH * OW * Cout
     cdef Py_ssize_t tasks = (n1 - n0) * OH * G
+    cdef floating* stage
+    cdef size_t stage_bytes = H * (W + 2 * pw) * C * sizeof(floating)
+    if packed and not by_images:
+        # grouped (_direct_group_image): w is direct_weight_blocks', each thread
+        # stages images in its own buffer (none: reads x in place)
+        if nt == 1:
+            stage = <floating*>cnet_stage_buffer(stage_bytes) if _STAGE_GROUPS else NULL
+            for n in range(n0, n1):
+                _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW, Cout,
+                                    KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
+        else:
+            with parallel(num_threads=nt):
+                stage = <floating*>cnet_stage_buffer(stage_bytes) if _STAGE_GROUPS else NULL
+                for n in prange(n0, n1, schedule="static"):
+                    _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW,
+                                        Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
+        if relu:
+            for n in prange(n0, n1, num_threads=nt, schedule="static"):
+                _relu_inplace(y + n * per_image, per_image)
+        return
     if by_images:
         tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
                  * ((Cout // G + co_block - 1) // co_block))

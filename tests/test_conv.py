@@ -273,6 +273,64 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
     assert np.array_equal(images[0], np.full_like(images[0], 7))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grouped_staging_matches_in_place_bitwise(dtype, rng):
+    """Grouped direct layers copy each image into per-group planes
+    (_direct_group_image); the same products in the same order as reading the
+    strided slices in place, and both as the numpy reference."""
+    from cnet_ext import _conv
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    # (N, H, W, C_in/G, C_out/G in vectors, k, stride, pad, dilation, groups): widths
+    # that leave partial pixel blocks, padding wider than the kernel, 1x1
+    for n, h, w, cg, vout, k, st, pad, dil, g in [
+            (3, 6, 11, 16, 1, 3, 1, 1, 1, 8), (4, 7, 9, 8, 2, 3, 2, 1, 1, 4),
+            (2, 9, 10, 4, 1, (3, 5), 1, (1, 3), 2, 2), (3, 5, 6, 16, 1, 1, 1, 0, 1, 4),
+            (2, 4, 5, 3, 4, 3, 1, 3, 1, 2)]:
+        kh, kw = pair(k)
+        cout = vout * lanes * g
+        x = rng.standard_normal((n, h, w, cg * g)).astype(dtype)
+        wt = rng.standard_normal((kh, kw, cg, cout)).astype(dtype)
+        b = rng.standard_normal(cout).astype(dtype)
+        want = reference_conv(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64),
+                              st, pad, dil, g)
+        for n0, n1 in [(0, n), (1, n)]:
+            for threads in (1, 2):
+                args = (n0, n1) + pair(st) + pair(pad) + pair(dil) + (threads, g)
+                outs = []
+                for staged in (True, False):
+                    previous = _conv._stage_groups(staged)
+                    try:
+                        for relu in (False, True):
+                            out = np.full((n,) + want.shape[1:], 7, dtype)
+                            _conv.conv_direct(x, wt, b, out, *args, False, None, None, relu)
+                            outs.append(out)
+                    finally:
+                        _conv._stage_groups(previous)
+                np.testing.assert_array_equal(outs[0], outs[2])
+                np.testing.assert_array_equal(outs[1], outs[3])
+                assert np.all(outs[0][:n0] == 7)
+                np.testing.assert_allclose(outs[0][n0:], want[n0:],
+                                           rtol=1e-4 if dtype == np.float32 else 1e-10,
+                                           atol=1e-4 if dtype == np.float32 else 1e-10)
+                np.testing.assert_array_equal(outs[1], np.where(outs[0] < 0, 0, outs[0]))
+        if st == 1 and cg % lanes == 0:
+            # the input gradient (a grouped convolution of dy with the flipped kernel)
+            # given the flipped kernel's packed blocks stages dy the same way
+            dy = rng.standard_normal(want.shape).astype(dtype)
+            slots = np.empty((2, kh, kw, cg, cout), dtype)
+            dxs = []
+            for blocked in (True, False):
+                dx = np.full_like(x, np.nan)
+                flipped = _conv.flip_weight(wt, g, 1, blocked)
+                _conv.conv_direct_backward(x, dy, slots, [(0, 1), (1, n)], 2, 1, 1,
+                                           *pair(pad), *pair(dil), 2, g, dx,
+                                           None if blocked else flipped,
+                                           flipped if blocked else None)
+                dxs.append(dx)
+            np.testing.assert_array_equal(dxs[0], dxs[1])
+            assert not np.isnan(dxs[0]).any()
+
+
 def test_direct_backward_errors():
     from cnet_ext import _conv
     x = np.zeros((16, 4, 4, 16), np.float32)
