@@ -414,8 +414,8 @@ cdef extern from *:
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
         Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,            \
         Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t Cy,       \
-        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,         \
-        Py_ssize_t dw)                                                                     \
+        Py_ssize_t Cgw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,        \
+        Py_ssize_t dh, Py_ssize_t dw)                                                      \
     {                                                                                      \
         typedef T VT __attribute__((vector_size(64)));                                     \
         typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
@@ -453,7 +453,7 @@ cdef extern from *:
                 }                                                                          \
                 for (Py_ssize_t j = 0; j < nb; j++)                                        \
                     for (int v = 0; v < NV; v++) {                                         \
-                        VTU* g = (VTU*)(gw + (ci0 + j) * Cy + co + v * VW);                \
+                        VTU* g = (VTU*)(gw + (ci0 + j) * Cgw + co + v * VW);               \
                         if (accumulate) *g += acc[v][j]; else *g = acc[v][j];              \
                     }                                                                      \
             }                                                                              \
@@ -720,13 +720,13 @@ cdef extern from *:
         int variant, const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0,        \
         Py_ssize_t n1, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W,           \
         Py_ssize_t C, Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,        \
-        Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,         \
-        Py_ssize_t dh, Py_ssize_t dw)                                                      \
+        Py_ssize_t Cy, Py_ssize_t Cgw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,         \
+        Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
     {                                                                                      \
         (variant == 3 ? cnet_direct_wgrad6x4_##SFX                                         \
          : CNET_DIRECT_PICK(cnet_direct_wgrad, SFX))(x, dy, gw, accumulate, n0, n1, kh, kw, \
-                                                 H, W, C, Cx, OH, OW, Cout, Cy, sh, sw,    \
-                                                 ph, pw, dh, dw);                          \
+                                                 H, W, C, Cx, OH, OW, Cout, Cy, Cgw, sh,   \
+                                                 sw, ph, pw, dh, dw);                      \
     }
     CNET_DIRECT_ENTRIES(f32, float)
     CNET_DIRECT_ENTRIES(f64, double)
@@ -775,14 +775,16 @@ cdef extern from *:
                                int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
                                Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                                Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
-                               Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                               Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+                               Py_ssize_t Cy, Py_ssize_t Cgw, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
     void cnet_direct_wgrad_f64(int variant, const double* x, const double* dy, double* gw,
                                int accumulate, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t kh,
                                Py_ssize_t kw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                                Py_ssize_t Cx, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout,
-                               Py_ssize_t Cy, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                               Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw) noexcept nogil
+                               Py_ssize_t Cy, Py_ssize_t Cgw, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil
     void cnet_direct_img_f32(int variant, const float* x, const float* w, const float* bias,
                              float* y, Py_ssize_t n, Py_ssize_t nimg, Py_ssize_t oh,
                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t Cx,
@@ -878,21 +880,56 @@ cdef inline void _direct_wgrad_task(const floating* x, const floating* dy, float
                                     Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                                     Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KW,
                                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                    Py_ssize_t dh, Py_ssize_t dw, int variant) noexcept nogil:
+                                    Py_ssize_t dh, Py_ssize_t dw, int variant,
+                                    const floating* staged) noexcept nogil:
     """One (kernel tap, group) pair: task = tap * G + g.  C and Cout are totals; the
-    group's slices are reached through offsets with the full pixel pitches."""
+    group's slices are reached through offsets with the full pixel pitches, or,
+    given ``staged`` (_direct_wgrad_range), in its per-group planes of images
+    [n0, n1): x's G planes, then dy's."""
     cdef Py_ssize_t tap = task // G, g = task % G
     cdef Py_ssize_t kh = tap // KW, kw = tap % KW
     cdef Py_ssize_t Cg = C // G, Cog = Cout // G
-    x = x + g * Cg
-    dy = dy + g * Cog
+    cdef Py_ssize_t Cx = C, Cy = Cout
     gw = gw + tap * Cg * Cout + g * Cog
-    if floating is float:
-        cnet_direct_wgrad_f32(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, C, OH,
-                              OW, Cog, Cout, sh, sw, ph, pw, dh, dw)
+    if staged != NULL:
+        x = staged + g * (n1 - n0) * H * W * Cg
+        dy = staged + (n1 - n0) * (H * W * C + g * OH * OW * Cog)
+        n1 -= n0
+        n0 = 0
+        Cx, Cy = Cg, Cog
     else:
-        cnet_direct_wgrad_f64(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, C, OH,
-                              OW, Cog, Cout, sh, sw, ph, pw, dh, dw)
+        x = x + g * Cg
+        dy = dy + g * Cog
+    if floating is float:
+        cnet_direct_wgrad_f32(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, Cx, OH,
+                              OW, Cog, Cy, Cout, sh, sw, ph, pw, dh, dw)
+    else:
+        cnet_direct_wgrad_f64(variant, x, dy, gw, accumulate, n0, n1, kh, kw, H, W, Cg, Cx, OH,
+                              OW, Cog, Cy, Cout, sh, sw, ph, pw, dh, dw)
+
+
+cdef void _stage_group_planes(const floating* src, floating* dst, Py_ssize_t rows,
+                              Py_ssize_t W, Py_ssize_t C, Py_ssize_t G, Py_ssize_t pw,
+                              Py_ssize_t plane) noexcept nogil:
+    """Rows of W NHWC pixels (images * H of them) into G planes ``plane`` values
+    apart, each (rows, W + 2 pw, C/G) contiguous, the pw padding columns each side
+    zeros: a group's slice in place is C values apart per pixel, which at a
+    power-of-two C maps onto a few of L1's sets (_direct_group_image)."""
+    cdef Py_ssize_t Cg = C // G, Wp = W + 2 * pw
+    cdef Py_ssize_t r, iw, g, c
+    cdef floating* d
+    for r in range(rows):
+        if pw:
+            for g in range(G):
+                d = dst + g * plane + r * Wp * Cg
+                memset(d, 0, pw * Cg * sizeof(floating))
+                memset(d + (pw + W) * Cg, 0, pw * Cg * sizeof(floating))
+        for iw in range(W):
+            d = dst + (r * Wp + iw + pw) * Cg
+            for g in range(G):
+                for c in range(Cg):
+                    d[g * plane + c] = src[g * Cg + c]
+            src += C
 
 
 def _check_direct_groups(str what, Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t wcin,
@@ -937,26 +974,40 @@ cdef void _direct_wgrad_range(const floating* x, const floating* dy, floating* g
     of gw (HWIO), so they run as one tap of KW * C channels (5 x 6 channels in 4
     blocks instead of 5).  Every gw element sums the same products in the same
     order either way."""
-    cdef Py_ssize_t task, kh
+    cdef Py_ssize_t task, kh, n
     cdef Py_ssize_t block = 6 if variant == 0 or variant == 3 else 8
+    cdef Py_ssize_t x_image = H * W * C, dy_image = OH * OW * Cout
+    cdef floating* staged = NULL
+    if G > 1 and _STAGE_GROUPS:
+        # each (tap, group) task streams its group's slice of the chunk: from
+        # contiguous planes (_stage_group_planes), staged once for all taps
+        staged = <floating*>cnet_stage_buffer((n1 - n0) * (x_image + dy_image)
+                                              * sizeof(floating))
+    if staged != NULL:
+        for n in prange(n0, n1, num_threads=nt, schedule="static"):
+            _stage_group_planes(x + n * x_image, staged + (n - n0) * (x_image // G), H, W, C,
+                                G, 0, (n1 - n0) * (x_image // G))
+            _stage_group_planes(dy + n * dy_image,
+                                staged + (n1 - n0) * x_image + (n - n0) * (dy_image // G),
+                                OH, OW, Cout, G, 0, (n1 - n0) * (dy_image // G))
     if nt == 1 and G == 1 and pw == 0 and dw == 1 and KW > 1 and C % block:
         for kh in range(KH):
             if floating is float:
                 cnet_direct_wgrad_f32(variant, x, dy, gw + kh * KW * C * Cout, accumulate, n0,
-                                      n1, kh, 0, H, W, KW * C, C, OH, OW, Cout, Cout, sh, sw,
-                                      ph, 0, dh, 1)
+                                      n1, kh, 0, H, W, KW * C, C, OH, OW, Cout, Cout, Cout, sh,
+                                      sw, ph, 0, dh, 1)
             else:
                 cnet_direct_wgrad_f64(variant, x, dy, gw + kh * KW * C * Cout, accumulate, n0,
-                                      n1, kh, 0, H, W, KW * C, C, OH, OW, Cout, Cout, sh, sw,
-                                      ph, 0, dh, 1)
+                                      n1, kh, 0, H, W, KW * C, C, OH, OW, Cout, Cout, Cout, sh,
+                                      sw, ph, 0, dh, 1)
     elif nt == 1:
         for task in range(KH * KW * G):
             _direct_wgrad_task(x, dy, gw, accumulate, n0, n1, task, G, H, W, C, OH, OW, Cout,
-                               KW, sh, sw, ph, pw, dh, dw, variant)
+                               KW, sh, sw, ph, pw, dh, dw, variant, staged)
     else:
         for task in prange(KH * KW * G, num_threads=nt, schedule="dynamic"):
             _direct_wgrad_task(x, dy, gw, accumulate, n0, n1, task, G, H, W, C, OH, OW, Cout,
-                               KW, sh, sw, ph, pw, dh, dw, variant)
+                               KW, sh, sw, ph, pw, dh, dw, variant, staged)
 
 
 def conv_direct_wgrad(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
@@ -1274,10 +1325,8 @@ cdef inline void _direct_group_image(const floating* x, const floating* wpk,
     each), batch 64, forward ms, in place -> staged: one thread 40-42 -> 31-35,
     two 20-24 -> 16-18; its 16x16 and 8x8 layers (32 and 64 per group): a tie."""
     cdef Py_ssize_t Cg = C // G, Cog = Cout // G, Wp = W + 2 * pw
-    cdef Py_ssize_t per_group = Cog // co_block, g, cb, oh, ih, iw, c
+    cdef Py_ssize_t per_group = Cog // co_block, g, cb, oh
     cdef Py_ssize_t plane = H * Wp * Cg
-    cdef const floating* src
-    cdef floating* dst
     cdef const floating* img
     cdef const floating* wb
     cdef floating* yb
@@ -1285,19 +1334,7 @@ cdef inline void _direct_group_image(const floating* x, const floating* wpk,
     if stage == NULL:
         img_n, img_w, img_c, img_pw = n, W, C, pw
     else:
-        src = x + n * H * W * C
-        for ih in range(H):
-            if pw:
-                for g in range(G):
-                    dst = stage + g * plane + ih * Wp * Cg
-                    memset(dst, 0, pw * Cg * sizeof(floating))
-                    memset(dst + (pw + W) * Cg, 0, pw * Cg * sizeof(floating))
-            for iw in range(W):
-                dst = stage + (ih * Wp + iw + pw) * Cg
-                for g in range(G):
-                    for c in range(Cg):
-                        dst[g * plane + c] = src[g * Cg + c]
-                src += C
+        _stage_group_planes(x + n * H * W * C, stage, H, W, C, G, pw, plane)
     for g in range(G):
         img = stage + g * plane if stage != NULL else x + g * Cg
         for cb in range(per_group):

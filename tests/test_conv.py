@@ -275,9 +275,10 @@ def test_image_blocks_match_row_blocks_bitwise(dtype, rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grouped_staging_matches_in_place_bitwise(dtype, rng):
-    """Grouped direct layers copy each image into per-group planes
-    (_direct_group_image); the same products in the same order as reading the
-    strided slices in place, and both as the numpy reference."""
+    """Grouped direct layers copy each image (forward) or chunk (weight gradient)
+    into per-group planes (_direct_group_image, _stage_group_planes); the same
+    products in the same order as reading the strided slices in place, and both
+    as the numpy references."""
     from cnet_ext import _conv
     lanes = _conv.direct_lanes(np.dtype(dtype))
     # (N, H, W, C_in/G, C_out/G in vectors, k, stride, pad, dilation, groups): widths
@@ -313,6 +314,26 @@ def test_grouped_staging_matches_in_place_bitwise(dtype, rng):
                                            rtol=1e-4 if dtype == np.float32 else 1e-10,
                                            atol=1e-4 if dtype == np.float32 else 1e-10)
                 np.testing.assert_array_equal(outs[1], np.where(outs[0] < 0, 0, outs[0]))
+                # the weight gradient stages the chunk's x and dy (one copy for all taps)
+                dy = rng.standard_normal(want.shape).astype(dtype)
+                gws = []
+                for staged in (True, False):
+                    previous = _conv._stage_groups(staged)
+                    try:
+                        for accumulate in (False, True):
+                            gw = np.full((kh, kw, cg, cout), 0.5, dtype)
+                            _conv.conv_direct_wgrad(x, dy, gw, accumulate, *args)
+                            gws.append(gw)
+                    finally:
+                        _conv._stage_groups(previous)
+                np.testing.assert_array_equal(gws[0], gws[2])
+                np.testing.assert_array_equal(gws[1], gws[3])
+                np.testing.assert_allclose(gws[1], gws[0] + 0.5,
+                                           rtol=1e-5 if dtype == np.float32 else 1e-12)
+                ref = reference_wgrad(x[n0:n1].astype(np.float64),
+                                      dy[n0:n1].astype(np.float64), (kh, kw), st, pad, dil, g)
+                np.testing.assert_allclose(gws[0], ref, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                                           atol=1e-3 if dtype == np.float32 else 1e-10)
         if st == 1 and cg % lanes == 0:
             # the input gradient (a grouped convolution of dy with the flipped kernel)
             # given the flipped kernel's packed blocks stages dy the same way
@@ -684,18 +705,23 @@ def test_direct_kernel_block_variants(name, wide, rng):
         _conv._wide_vectors(previous)
 
 
-def reference_wgrad(x, dy, kernel, stride, padding, dilation):
-    """dW[i, j, c, o] = sum over output pixels of the tapped input times dy (float64)."""
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+def reference_wgrad(x, dy, kernel, stride, padding, dilation, groups=1):
+    """dW[i, j, c, o] = sum over output pixels of the tapped input times dy (float64),
+    group by group (HWIO: C_in/groups rows)."""
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     n, h, wd, c = x.shape
     _, oh, ow, cout = dy.shape
+    cg, cog = c // groups, cout // groups
     xp = np.zeros((n, h + 2 * ph, wd + 2 * pw, c))
     xp[:, ph:ph + h, pw:pw + wd] = x
-    gw = np.zeros(kernel + (c, cout))
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
-            gw[i, j] = np.einsum("nhwc,nhwo->co", patch, dy.astype(np.float64))
+    gw = np.zeros(tuple(kernel) + (cg, cout))
+    for g in range(groups):
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                           j * dw:j * dw + sw * (ow - 1) + 1:sw, g * cg:(g + 1) * cg]
+                gw[i, j, :, g * cog:(g + 1) * cog] = np.einsum(
+                    "nhwc,nhwo->co", patch, dy[..., g * cog:(g + 1) * cog].astype(np.float64))
     return gw
 
 
