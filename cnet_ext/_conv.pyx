@@ -2736,3 +2736,136 @@ def bias_grad(floating[:, ::1] dy, floating[::1] db, int n_threads, y=None, mask
     with nogil:
         _bias_sums(&dy[0, 0], &db[0], M, C, acc, nb, nt, yp, mp)
     free(acc)
+
+
+# ---------------------------------------------------------------------------
+# Strided input gradient by phases
+#
+# With stride s, input row ih receives dy only through the taps kh with
+# (ih + ph - kh) % s == 0: the dx pixels of one phase (ih % sh, iw % sw) are a
+# stride-1 convolution of dy with that phase's taps, flipped (3x3 stride 2: a
+# 1x1, two 1x2 / 2x1 and one 2x2 kernel).  Each runs on the direct row kernel,
+# writing every sw-th pixel of its dx rows: no column matrix, no col2im pass,
+# and the same multiply-adds as the GEMM.
+
+def phase_weights(w, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                  Py_ssize_t groups):
+    """conv_phase_dx's operand for an HWIO weight (KH, KW, C_in/G, C_out) of a
+    dilation-1 convolution: for each phase (a, b), in order a * sw + b, None (no
+    tap reaches it: dx is zero there) or (wsub, oh, ow): wsub[u, v, o, g*Cig + i] =
+    w[a + ph - sh*(oh + u), b + pw - sw*(ow + v), i, g*Cog + o] (inputs and outputs
+    of each group swapped, as flip_weight), oh/ow the dy offsets of its first tap."""
+    w = np.asarray(w)
+    KH, KW, cig, cout = w.shape
+    if groups < 1 or cout % groups or sh < 1 or sw < 1:
+        raise ValueError(f"phase_weights: weight {w.shape} in {groups} groups, stride "
+                         f"({sh}, {sw})")
+    cog = cout // groups
+    out = []
+    for a in range(sh):
+        taps_h = [k for k in range(KH) if (a + ph - k) % sh == 0][::-1]   # offsets ascending
+        for b in range(sw):
+            taps_w = [k for k in range(KW) if (b + pw - k) % sw == 0][::-1]
+            if not taps_h or not taps_w:
+                out.append(None)
+                continue
+            sub = w[np.ix_(taps_h, taps_w)]                      # (nu, nv, Cig, Cout)
+            sub = sub.reshape(len(taps_h), len(taps_w), cig, groups, cog)
+            wsub = np.ascontiguousarray(sub.transpose(0, 1, 4, 3, 2)).reshape(
+                len(taps_h), len(taps_w), cog, groups * cig)
+            out.append((wsub, (a + ph - taps_h[0]) // sh, (b + pw - taps_w[0]) // sw))
+    return out
+
+
+def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1] dx,
+                  Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, int n_threads,
+                  Py_ssize_t groups=1):
+    """Overwrite images [n0, n1) of dx (NHWC) with the input gradient of a strided,
+    dilation-1 convolution, given dy and phases = phase_weights(w, ...).  C_in per
+    group a multiple of direct_lanes.  Rows of dx in parallel on n_threads; each
+    element's sum in a fixed order (the phase's taps, then its channels)."""
+    cdef Py_ssize_t N = dx.shape[0], H = dx.shape[1], W = dx.shape[2], C = dx.shape[3]
+    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3], G = groups
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef Py_ssize_t p, r, nphase = sh * sw
+    dtype = np.float32 if floating is float else np.float64
+    if dy.shape[0] != N or not 0 <= n0 <= n1 <= N:
+        raise ValueError(f"conv_phase_dx: dy of {dy.shape[0]} images for dx of {N}, "
+                         f"images [{n0}, {n1})")
+    if sh < 1 or sw < 1 or len(phases) != nphase:
+        raise ValueError(f"conv_phase_dx: {len(phases)} phases for stride ({sh}, {sw})")
+    if G < 1 or C % G or Cout % G or (C // G) % lanes:
+        raise ValueError(f"conv_phase_dx: groups={G} needs a multiple of {lanes} input "
+                         f"channels per group, got {C} in total")
+    keep = []                           # the operands stay referenced while nogil
+    cdef Py_ssize_t[:, ::1] geo = np.zeros((nphase, 4), np.intp)   # nu, nv, oh, ow
+    cdef const floating** wp = <const floating**>calloc(nphase, sizeof(floating*))
+    if wp == NULL:
+        raise MemoryError()
+    cdef floating[:, :, :, ::1] wv
+    cdef floating* zeros = NULL
+    try:
+        for p in range(nphase):
+            if phases[p] is None:
+                continue
+            wsub, off_h, off_w = phases[p]
+            wsub = np.asarray(wsub)
+            if (wsub.ndim != 4 or wsub.dtype != dtype or not wsub.flags.c_contiguous
+                    or wsub.shape[2] != Cout // G or wsub.shape[3] != C):
+                raise ValueError(f"conv_phase_dx: phase {p} weight {wsub.shape} "
+                                 f"({wsub.dtype}) is not (taps, taps, {Cout // G}, {C}) "
+                                 f"{np.dtype(dtype)}")
+            wv = wsub
+            keep.append(wsub)
+            wp[p] = &wv[0, 0, 0, 0]
+            geo[p, 0], geo[p, 1], geo[p, 2], geo[p, 3] = (wsub.shape[0], wsub.shape[1],
+                                                          off_h, off_w)
+        zeros = <floating*>calloc(Cout, sizeof(floating))
+        if zeros == NULL:
+            raise MemoryError()
+        nt = effective_threads((n1 - n0) * H * W * C * Cout, n_threads)
+        with nogil:
+            if nt <= 1:
+                for r in range((n1 - n0) * H):
+                    _phase_row(&dy[0, 0, 0, 0], wp, geo, zeros, &dx[0, 0, 0, 0], n0 + r // H,
+                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes)
+            else:
+                for r in prange((n1 - n0) * H, num_threads=nt, schedule="static"):
+                    _phase_row(&dy[0, 0, 0, 0], wp, geo, zeros, &dx[0, 0, 0, 0], n0 + r // H,
+                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes)
+    finally:
+        free(wp)
+        free(zeros)
+
+
+cdef void _phase_row(const floating* dy, const floating** wp, Py_ssize_t[:, ::1] geo,
+                     const floating* zeros, floating* dx, Py_ssize_t n, Py_ssize_t ih,
+                     Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                     Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
+                     Py_ssize_t lanes) noexcept nogil:
+    """dx row (n, ih): for each phase b of its columns, the row ih // sh of phase
+    (ih % sh, b)'s stride-1 convolution, group by group, into every sw-th pixel."""
+    cdef Py_ssize_t a = ih % sh, i = ih // sh, b, g, p, j, wb
+    cdef Py_ssize_t Cig = C // G, Cog = Cout // G
+    cdef int variant = _direct_variant(Cig, lanes)
+    cdef floating* row = dx + (n * H + ih) * W * C
+    for b in range(sw):
+        p = a * sw + b
+        wb = (W - b + sw - 1) // sw           # this phase's pixels in the row
+        if wb <= 0:
+            continue
+        if wp[p] == NULL:
+            for j in range(wb):
+                memset(row + (b + j * sw) * C, 0, C * sizeof(floating))
+            continue
+        for g in range(G):
+            if floating is float:
+                cnet_direct_row_f32(variant, dy + g * Cog, wp[p] + g * Cig, NULL, zeros,
+                                    row + b * C + g * Cig, n, i, OH, OW, Cog, Cout, wb, Cig,
+                                    sw * C, C, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
+                                    -geo[p, 3], 1, 1)
+            else:
+                cnet_direct_row_f64(variant, dy + g * Cog, wp[p] + g * Cig, NULL, zeros,
+                                    row + b * C + g * Cig, n, i, OH, OW, Cog, Cout, wb, Cig,
+                                    sw * C, C, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
+                                    -geo[p, 3], 1, 1)

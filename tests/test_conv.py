@@ -585,7 +585,7 @@ def assert_same_training_step(fast, general, x, rng):
 
 @pytest.mark.parametrize("args,kwargs,dx_path", [
     ((32, 32, 3), dict(padding=1, groups=2), "direct"),            # 16 -> 16 per group
-    ((64, 32, 3), dict(stride=2, padding=1, groups=2), "col2im"),  # strided: col2im dx
+    ((64, 32, 3), dict(stride=2, padding=1, groups=2), "phase"),   # strided: dx by phases
     ((48, 96, 3), dict(padding=2, dilation=2, groups=3), "direct"),
     ((32, 64, 1), dict(groups=2), "direct"),
     ((256, 64, 1), {}, "pointwise"),                               # too wide for direct dx
@@ -598,6 +598,63 @@ def test_grouped_direct_kernel_matches_grouped_gemm_path(args, kwargs, dx_path, 
     assert direct._paths(np.float32) == ("direct", "direct", dx_path)
     x = rng.standard_normal((3, 9, 10, args[0])).astype(np.float32)
     assert_same_training_step(direct, general, x, rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_phase_dx_matches_col2im(dtype, rng):
+    """A strided layer's dx by phases (each a stride-1 convolution of dy with some of
+    the flipped taps) against the im2col / col2im path and the float64 reference;
+    phases no tap reaches (1x1 stride 2) are zeros; 1 and 2 threads bitwise."""
+    from cnet_ext import _conv
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    # (C_in, C_out, kernel, stride, padding, groups, H, W)
+    for cin, cout, k, st, pad, g, h, w in [
+            (lanes, 2 * lanes, 3, 2, 1, 1, 9, 8), (2 * lanes, 4 * lanes, 3, 2, 1, 2, 7, 10),
+            (lanes, lanes, 1, 2, 0, 1, 6, 7), (lanes, 2 * lanes, (3, 5), (2, 3), (1, 2), 1, 11, 13),
+            (lanes, lanes, 4, 2, 1, 1, 8, 8), (lanes, lanes, 3, 3, 0, 1, 10, 11),
+            (lanes, lanes, 3, 2, 3, 1, 5, 6)]:
+        m = nn.Conv2d(cin, cout, k, stride=st, padding=pad, groups=g)
+        general = nn.Conv2d(cin, cout, k, stride=st, padding=pad, groups=g)
+        if dtype == np.float64:
+            m, general = m.double(), general.double()
+        general.load_state_dict(m.state_dict())
+        general._paths = lambda dtype: ("im2col", "gemm", "col2im")
+        assert m._paths(dtype)[2] == "phase"
+        x = rng.standard_normal((3, h, w, cin)).astype(dtype)
+        y = m(x)
+        general(x)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = m.backward(dy)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(dx, general.backward(dy), rtol=tol, atol=tol)
+        np.testing.assert_allclose(m.weight.grad, general.weight.grad, rtol=tol, atol=10 * tol)
+        phases = _conv.phase_weights(m.weight.data, *m.stride, *m.padding, g)
+        for threads in (1, 2):
+            part = np.full_like(x, 7)
+            _conv.conv_phase_dx(dy, phases, part, 1, 3, *m.stride, threads, g)
+            assert np.all(part[0] == 7)
+            np.testing.assert_array_equal(part[1:], dx[1:])
+    m = nn.Conv2d(16, 16, 1, stride=2).double()
+    phases = _conv.phase_weights(m.weight.data, 2, 2, 0, 0, 1)
+    assert [p is None for p in phases] == [False, True, True, True]
+
+
+def test_phase_dx_errors():
+    from cnet_ext import _conv
+    w = np.zeros((3, 3, 16, 32), np.float32)
+    dy, dx = np.zeros((2, 4, 4, 32), np.float32), np.zeros((2, 8, 8, 16), np.float32)
+    phases = _conv.phase_weights(w, 2, 2, 1, 1, 1)
+    with pytest.raises(ValueError, match="3 phases for stride"):
+        _conv.conv_phase_dx(dy, phases[:3], dx, 0, 2, 2, 2, 1)
+    with pytest.raises(ValueError, match="is not"):
+        _conv.conv_phase_dx(dy, _conv.phase_weights(w.astype(np.float64), 2, 2, 1, 1, 1), dx,
+                            0, 2, 2, 2, 1)
+    with pytest.raises(ValueError, match="multiple of 16 input"):
+        _conv.conv_phase_dx(dy, phases, np.zeros((2, 8, 8, 12), np.float32), 0, 2, 2, 2, 1)
+    with pytest.raises(ValueError, match="images"):
+        _conv.conv_phase_dx(dy, phases, dx, 1, 3, 2, 2, 1)
+    with pytest.raises(ValueError, match="groups"):
+        _conv.phase_weights(w, 2, 2, 1, 1, 3)
 
 
 @pytest.mark.parametrize("wide", [False, True])

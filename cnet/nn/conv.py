@@ -542,6 +542,14 @@ class Conv2d(Module):
         # (LeNet's conv2, 6 -> 16, batch 256 in 8 chunks, one thread: 2.8 -> 2.0 ms).
         col2im = ("scatter" if _conv.scatter_dx_fits(cin, kw, self.dilation[1], g, dtype)
                   else "col2im")
+        # Strided: dx by phases (_conv.conv_phase_dx), each a stride-1 convolution of
+        # dy with some of the taps, on the direct row kernel: no column matrix and
+        # no col2im pass (dx ms, one / two threads, col2im -> phases: ResNet-20's
+        # 32x32x16 -> 16x16x32 6.7 / 4.7 -> 4.8 / 1.9, 16x16x32 -> 8x8x64 4.5 / 2.9 ->
+        # 3.4 / 2.8; ResNeXt's 32x32x256 s2 g8 48 / 37 -> 43 / 29).
+        if (self.stride != (1, 1) and self.dilation == (1, 1) and cin_g % lanes == 0
+                and cin_g <= _DIRECT_MAX_CHANNELS):
+            col2im = "phase"
         # A 1x1 is a plain GEMM with K = C_in: BLAS catches up sooner (ResNeXt's
         # 64 -> 128 at 32x32, 2 threads: direct 31.7 ms, GEMM 22.8; 64 -> 64 a tie).
         max_direct = (_DIRECT_MAX_POINTWISE if pointwise and g == 1
@@ -1006,6 +1014,8 @@ class Conv2d(Module):
         wflip = packed_flip = None
         if dx_path == "scatter":
             wscatter = _conv.scatter_weight(w)
+        if dx_path == "phase":
+            phases = _conv.phase_weights(w, *self.stride, ph, pw, self.groups)
         if dx_path == "direct":
             dx_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             # dx = grouped conv of dy with the flipped kernel, inputs and outputs of
@@ -1066,6 +1076,8 @@ class Conv2d(Module):
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif dx_path == "scatter":
                     _conv.conv_scatter_dx(dy, wscatter, dx, n0, n1, kh, kw, *geom[2:8], kt)
+                elif dx_path == "phase":
+                    _conv.conv_phase_dx(dy, phases, dx, n0, n1, *self.stride, kt, self.groups)
                 elif dx_path == "col2im":
                     dc = dcols[wid][:r1 - r0]
                     np.matmul(dys, wstack_t, out=self._group_view(dc))
