@@ -521,6 +521,9 @@ class Conv2d(Module):
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
         scatter:   dx of layers with few inputs (_conv.scatter_dx_fits) in place of
                    col2im.
+        phase:     dx of strided direct layers (C_in per group in whole vectors):
+                   per phase of dx pixels a stride-1 direct convolution of dy
+                   (_conv.conv_phase_dx) in place of col2im.
         otherwise im2col / batched GEMM / col2im, with the weight gradient
                    "direct" for spatial kernels whose C_out per group fills the
                    6 x 4 weight-gradient block; on small padded maps the im2col
