@@ -734,10 +734,14 @@ cdef extern from *:
     /* The calling thread's staging buffer (_direct_group_image) of at least
        `bytes`, kept between calls: a chunk can be one image, and a fresh
        half-megabyte block per call is a fresh mmap whose pages the kernel zeroes
-       (12% of a ResNeXt layer's fwd+bwd).  NULL where it cannot be allocated. */
+       (12% of a ResNeXt layer's fwd+bwd).  NULL (the caller reads in place) where
+       it cannot be allocated or would pass CNET_STAGE_MAX_BYTES: staging pays
+       while the copy stays in L2, and each thread keeps its buffer until exit. */
+    #define CNET_STAGE_MAX_BYTES ((size_t)8 << 20)
     static void* cnet_stage_buffer(size_t bytes) {
         static __thread void* buffer = NULL;
         static __thread size_t size = 0;
+        if (bytes > CNET_STAGE_MAX_BYTES) return NULL;
         if (bytes > size) {
             free(buffer);
             size = (bytes + 63) / 64 * 64;
