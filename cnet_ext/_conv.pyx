@@ -1895,21 +1895,23 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
     cdef size_t stage_bytes = H * (W + 2 * pw) * C * sizeof(floating)
     if packed and not by_images:
         # grouped (_direct_group_image): w is direct_weight_blocks', each thread
-        # stages images in its own buffer (none: reads x in place)
+        # stages images in its own buffer (none: reads x in place); the ReLU per
+        # image, while its output is in cache
         if nt == 1:
             stage = <floating*>cnet_stage_buffer(stage_bytes) if _STAGE_GROUPS else NULL
             for n in range(n0, n1):
                 _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW, Cout,
                                     KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
+                if relu:
+                    _relu_inplace(y + n * per_image, per_image)
         else:
             with parallel(num_threads=nt):
                 stage = <floating*>cnet_stage_buffer(stage_bytes) if _STAGE_GROUPS else NULL
                 for n in prange(n0, n1, schedule="static"):
                     _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW,
                                         Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
-        if relu:
-            for n in prange(n0, n1, num_threads=nt, schedule="static"):
-                _relu_inplace(y + n * per_image, per_image)
+                    if relu:
+                        _relu_inplace(y + n * per_image, per_image)
         return
     if by_images:
         tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
@@ -2792,6 +2794,7 @@ def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], Cout = dy.shape[3], G = groups
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef Py_ssize_t p, r, nphase = sh * sw
+    cdef int nt
     dtype = np.float32 if floating is float else np.float64
     if dy.shape[0] != N or not 0 <= n0 <= n1 <= N:
         raise ValueError(f"conv_phase_dx: dy of {dy.shape[0]} images for dx of {N}, "
