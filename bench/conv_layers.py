@@ -154,8 +154,8 @@ def profile_cnet(m, x, dy, repeats):
     conv_mod._conv = _Timed(orig_conv, {"im2col", "col2im", "im2col_region", "col2im_region_add",
                                         "bias_grad", "conv_direct", "conv_direct_wgrad",
                                         "depthwise_forward", "depthwise_input_grad",
-                                        "depthwise_weight_grad", "pointwise_gemm",
-                                        "pointwise_wgrad", "pointwise_pack",
+                                        "depthwise_weight_grad", "gemm_packed",
+                                        "gemm_tn", "gemm_pack",
                                         "conv_phase_dx"}, totals, "kernel")
     try:
         m(x)

@@ -2879,53 +2879,54 @@ cdef void _phase_row(const floating* dy, const floating** wp, Py_ssize_t[:, ::1]
 
 
 # ---------------------------------------------------------------------------
-# Pointwise GEMM: C = A B (+ bias, ReLU) for 1x1 layers, A read in place
+# cnet's GEMM: C = A B (+ bias, ReLU) and gw (+)= A^T B for 1x1 and im2col layers,
+# the maps (or column matrices) read in place, beating OpenBLAS's sgemm on them
 
 cdef extern from *:
     """
     #include "_simd.h"
-    typedef float cnet_pw_vf __attribute__((vector_size(64)));
-    typedef float cnet_pw_vfu __attribute__((vector_size(64), aligned(4)));
-    typedef double cnet_pw_vd __attribute__((vector_size(64)));
-    typedef double cnet_pw_vdu __attribute__((vector_size(64), aligned(8)));
+    typedef float cnet_gemm_vf __attribute__((vector_size(64)));
+    typedef float cnet_gemm_vfu __attribute__((vector_size(64), aligned(4)));
+    typedef double cnet_gemm_vd __attribute__((vector_size(64)));
+    typedef double cnet_gemm_vdu __attribute__((vector_size(64), aligned(8)));
 
     /* Rows per register tile, rows per cache block (the block's A rows stay in L1
        while every panel of B passes), and steps of K per pass over a tile (a
        KC x 4-vector panel of B is 64 KB in float32).  One thread, M = 4096, ResNeXt's
        K x N from 64 x 128 to 1024 x 512, GFLOP/s by (MC, KC): (24, 256) 89-111,
        (96, 256) 79-110, (48, 128) 55-108, (48, 64) 82-102; OpenBLAS 86-102. */
-    #define CNET_PW_MR 6
-    #define CNET_PW_MC 24
-    #define CNET_PW_KC 256
-    #define CNET_PW_KW 512
-    #define CNET_PW_B_BYTES (512 << 10)
-    #define CNET_PW_MB 256
+    #define CNET_GEMM_MR 6
+    #define CNET_GEMM_MC 24
+    #define CNET_GEMM_KC 256
+    #define CNET_GEMM_KW 512
+    #define CNET_GEMM_B_BYTES (512 << 10)
+    #define CNET_GEMM_MB 256
 
     /* One MR x NV-vector tile of C = A B over kc steps of K: A(p, k) at
        a[p * ars + k * aks] (rows < MR: the last row is read again, its sums not
        stored), B's NV vectors of step k at bp + k * bks (a packed panel, or the
        rows of an NHWC map).  The sums start at zero, at the bias (init 1) or at C
        (init 2: a later block of K, or accumulate); relu at the store. */
-    #define CNET_PW_TILE(NAME, T, VT, VTU, VW, NV)                                         \
+    #define CNET_GEMM_TILE(NAME, T, VT, VTU, VW, NV)                                         \
     static inline __attribute__((always_inline)) void NAME(                                \
         const T* a, Py_ssize_t ars, Py_ssize_t aks, const T* bp, Py_ssize_t bks,           \
         Py_ssize_t kc, T* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,             \
         const T* bias, int init, int relu)                                                 \
     {                                                                                      \
-        const T* ap[CNET_PW_MR];                                                           \
-        for (int p = 0; p < CNET_PW_MR; p++) ap[p] = a + (p < rows ? p : rows - 1) * ars;  \
-        VT acc[CNET_PW_MR][NV];                                                            \
-        int full = rows == CNET_PW_MR && cols == NV * VW;                                  \
+        const T* ap[CNET_GEMM_MR];                                                           \
+        for (int p = 0; p < CNET_GEMM_MR; p++) ap[p] = a + (p < rows ? p : rows - 1) * ars;  \
+        VT acc[CNET_GEMM_MR][NV];                                                            \
+        int full = rows == CNET_GEMM_MR && cols == NV * VW;                                  \
         for (int v = 0; v < NV; v++) {                                                     \
             VT b0 = {0};                                                                   \
             if (init == 1) b0 = *(const VTU*)(bias + v * VW);                              \
-            for (int p = 0; p < CNET_PW_MR; p++) acc[p][v] = b0;                           \
+            for (int p = 0; p < CNET_GEMM_MR; p++) acc[p][v] = b0;                           \
         }                                                                                  \
         if (init == 2) {                                                                   \
             /* a partial tile through a buffer: acc indexed by a variable would */        \
             /* live in memory in every tile */                                             \
             T part[NV * VW] = {0};                                                         \
-            for (int p = 0; p < CNET_PW_MR; p++) {                                         \
+            for (int p = 0; p < CNET_GEMM_MR; p++) {                                         \
                 if (full) {                                                                \
                     for (int v = 0; v < NV; v++) acc[p][v] = *(const VTU*)(c + p * ldc + v * VW); \
                 } else if (p < rows) {                                                     \
@@ -2938,7 +2939,7 @@ cdef extern from *:
             VT b[NV];                                                                      \
             for (int v = 0; v < NV; v++) b[v] = *(const VTU*)(bp + k * bks + v * VW);     \
             _Pragma("GCC unroll 16")                                                       \
-            for (int p = 0; p < CNET_PW_MR; p++) {                                         \
+            for (int p = 0; p < CNET_GEMM_MR; p++) {                                         \
                 T av = ap[p][k * aks];                                                     \
                 for (int v = 0; v < NV; v++) acc[p][v] += av * b[v];                       \
             }                                                                              \
@@ -2946,13 +2947,13 @@ cdef extern from *:
         if (relu) {                                                                        \
             /* max(acc, 0) by a mask, NaN passed through (as cnet_relu) */                 \
             VT zero = {0};                                                                 \
-            for (int p = 0; p < CNET_PW_MR; p++)                                           \
+            for (int p = 0; p < CNET_GEMM_MR; p++)                                           \
                 for (int v = 0; v < NV; v++) {                                             \
                     __typeof__(zero < zero) neg = acc[p][v] < zero;                        \
                     acc[p][v] = (VT)((__typeof__(neg))acc[p][v] & ~neg);                   \
                 }                                                                          \
         }                                                                                  \
-        for (int p = 0; p < CNET_PW_MR; p++) {                                             \
+        for (int p = 0; p < CNET_GEMM_MR; p++) {                                             \
             if (full) {                                                                    \
                 for (int v = 0; v < NV; v++) *(VTU*)(c + p * ldc + v * VW) = acc[p][v];    \
             } else {                                                                       \
@@ -2963,35 +2964,35 @@ cdef extern from *:
         }                                                                                  \
     }
 
-    /* Rows [r0, r1) of C (ldc) = A (lda) Bp, Bp from cnet_pw_pack: panels of 4
+    /* Rows [r0, r1) of C (ldc) = A (lda) Bp, Bp from cnet_gemm_pack: panels of 4
        vectors of columns (the last of whole vectors), each K steps deep. */
-    #define CNET_PW_ROWS(NAME, T, VT, VTU, VW)                                             \
-    CNET_PW_TILE(NAME##_t1, T, VT, VTU, VW, 1)                                             \
-    CNET_PW_TILE(NAME##_t2, T, VT, VTU, VW, 2)                                             \
-    CNET_PW_TILE(NAME##_t3, T, VT, VTU, VW, 3)                                             \
-    CNET_PW_TILE(NAME##_t4, T, VT, VTU, VW, 4)                                             \
+    #define CNET_GEMM_ROWS(NAME, T, VT, VTU, VW)                                             \
+    CNET_GEMM_TILE(NAME##_t1, T, VT, VTU, VW, 1)                                             \
+    CNET_GEMM_TILE(NAME##_t2, T, VT, VTU, VW, 2)                                             \
+    CNET_GEMM_TILE(NAME##_t3, T, VT, VTU, VW, 3)                                             \
+    CNET_GEMM_TILE(NAME##_t4, T, VT, VTU, VW, 4)                                             \
     CNET_CLONES static void NAME(                                                          \
         const T* A, Py_ssize_t lda, const T* Bp, const T* bias, T* C, Py_ssize_t ldc,      \
         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu)                \
     {                                                                                      \
-        Py_ssize_t nc = CNET_PW_B_BYTES / (CNET_PW_KC * sizeof(T)) / (4 * VW) * (4 * VW);  \
+        Py_ssize_t nc = CNET_GEMM_B_BYTES / (CNET_GEMM_KC * sizeof(T)) / (4 * VW) * (4 * VW);  \
         for (Py_ssize_t j0 = 0; j0 < N; j0 += nc)                                          \
-        for (Py_ssize_t k0 = 0; k0 < K; k0 += CNET_PW_KC) {                                \
-            Py_ssize_t kc = K - k0 < CNET_PW_KC ? K - k0 : CNET_PW_KC;                     \
+        for (Py_ssize_t k0 = 0; k0 < K; k0 += CNET_GEMM_KC) {                                \
+            Py_ssize_t kc = K - k0 < CNET_GEMM_KC ? K - k0 : CNET_GEMM_KC;                     \
             int init = k0 ? 2 : bias ? 1 : 0, last = relu && k0 + kc == K;                \
             Py_ssize_t j1 = N - j0 < nc ? N : j0 + nc;                                     \
-            for (Py_ssize_t i0 = r0; i0 < r1; i0 += CNET_PW_MC) {                          \
-                Py_ssize_t i1 = r1 - i0 < CNET_PW_MC ? r1 : i0 + CNET_PW_MC;               \
+            for (Py_ssize_t i0 = r0; i0 < r1; i0 += CNET_GEMM_MC) {                          \
+                Py_ssize_t i1 = r1 - i0 < CNET_GEMM_MC ? r1 : i0 + CNET_GEMM_MC;               \
                 for (Py_ssize_t j = j0; j < j1; j += 4 * VW) {                             \
                     Py_ssize_t cols = N - j < 4 * VW ? N - j : 4 * VW;                     \
                     int nv = (int)((cols + VW - 1) / VW);                                  \
                     const T* bp = Bp + j * K + k0 * nv * VW;                               \
                     const T* bj = bias ? bias + j : NULL;                                  \
-                    for (Py_ssize_t i = i0; i < i1; i += CNET_PW_MR) {                     \
-                        Py_ssize_t rows = i1 - i < CNET_PW_MR ? i1 - i : CNET_PW_MR;       \
+                    for (Py_ssize_t i = i0; i < i1; i += CNET_GEMM_MR) {                     \
+                        Py_ssize_t rows = i1 - i < CNET_GEMM_MR ? i1 - i : CNET_GEMM_MR;       \
                         const T* a = A + i * lda + k0;                                     \
                         T* c = C + i * ldc + j;                                            \
-                        CNET_PW_CALL(NAME, nv, a, lda, 1, bp, nv * VW, kc, c, ldc, rows,   \
+                        CNET_GEMM_CALL(NAME, nv, a, lda, 1, bp, nv * VW, kc, c, ldc, rows,   \
                                      cols, bj, init, last);                                \
                     }                                                                      \
                 }                                                                          \
@@ -2999,25 +3000,25 @@ cdef extern from *:
         }                                                                                  \
     }                                                                                      \
                                                                                            \
-    /* gw[c0:c1, :] (+)= x[r0:r1, c0:c1]^T dy[r0:r1, :]: a 1x1 layer's weight gradient    \
-       (gw K x N row-major, K = C_in, N = C_out a multiple of VW; x and dy rows lda,  \
-       ldb apart), both maps read in place.  Per block of CNET_PW_KW rows, each panel \
-       of dy (in L1) meets every 6 input channels; the tiles of gw go to memory     \
-       between blocks.  Fixed order: the same sums whatever the thread split. */      \
+    /* gw[c0:c1, :] (+)= x[r0:r1, c0:c1]^T dy[r0:r1, :]: a weight gradient (gw K x N    \
+       row-major, N a multiple of VW; x and dy rows lda, ldb apart), both read in    \
+       place.  Per block of CNET_GEMM_KW rows, each 4-vector panel of dy (in L2)     \
+       meets every 6 columns of x; gw's tiles are loaded and stored once per block. \
+       Fixed order: the same sums whatever the thread split. */                     \
     CNET_CLONES static void NAME##_wgrad(                                                  \
         const T* x, Py_ssize_t lda, const T* dy, Py_ssize_t ldb, T* gw, int accumulate,    \
         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N)          \
     {                                                                                      \
-        for (Py_ssize_t k0 = r0; k0 < r1; k0 += CNET_PW_KW) {                              \
-            Py_ssize_t kc = r1 - k0 < CNET_PW_KW ? r1 - k0 : CNET_PW_KW;                   \
+        for (Py_ssize_t k0 = r0; k0 < r1; k0 += CNET_GEMM_KW) {                              \
+            Py_ssize_t kc = r1 - k0 < CNET_GEMM_KW ? r1 - k0 : CNET_GEMM_KW;                   \
             int init = accumulate || k0 > r0 ? 2 : 0;                                      \
             for (Py_ssize_t j = 0; j < N; j += 4 * VW) {                                   \
                 Py_ssize_t cols = N - j < 4 * VW ? N - j : 4 * VW;                         \
                 int nv = (int)(cols / VW);                                                 \
                 const T* bp = dy + k0 * ldb + j;                                           \
-                for (Py_ssize_t i = c0; i < c1; i += CNET_PW_MR) {                         \
-                    Py_ssize_t rows = c1 - i < CNET_PW_MR ? c1 - i : CNET_PW_MR;           \
-                    CNET_PW_CALL(NAME, nv, x + k0 * lda + i, 1, lda, bp, ldb, kc,          \
+                for (Py_ssize_t i = c0; i < c1; i += CNET_GEMM_MR) {                         \
+                    Py_ssize_t rows = c1 - i < CNET_GEMM_MR ? c1 - i : CNET_GEMM_MR;           \
+                    CNET_GEMM_CALL(NAME, nv, x + k0 * lda + i, 1, lda, bp, ldb, kc,          \
                                  gw + i * N + j, N, rows, cols, NULL, init, 0);            \
                 }                                                                          \
             }                                                                              \
@@ -3025,7 +3026,7 @@ cdef extern from *:
     }
 
     /* The tile for nv (1-4) vectors of columns. */
-    #define CNET_PW_CALL(NAME, nv, ...)                                                    \
+    #define CNET_GEMM_CALL(NAME, nv, ...)                                                    \
         do {                                                                               \
             if ((nv) == 4) NAME##_t4(__VA_ARGS__);                                         \
             else if ((nv) == 3) NAME##_t3(__VA_ARGS__);                                    \
@@ -3036,7 +3037,7 @@ cdef extern from *:
        B (K x N, element (k, n) at B[k * rs + n * cs]) packed K rows deep at
        out + j * K.  A transposed B (rs 1: a weight read as W^T) in blocks of 16
        rows, so that both sides stay in L1. */
-    #define CNET_PW_PACK(NAME, T, VW)                                                      \
+    #define CNET_GEMM_PACK(NAME, T, VW)                                                      \
     static void NAME(const T* B, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K,               \
                      Py_ssize_t N, Py_ssize_t j, T* out)                                   \
     {                                                                                      \
@@ -3056,69 +3057,69 @@ cdef extern from *:
                 for (Py_ssize_t q = cols; q < w; q++) o[k * w + q] = 0;                    \
         }                                                                                  \
     }
-    CNET_PW_PACK(cnet_pw_pack_f32, float, 16)
-    CNET_PW_PACK(cnet_pw_pack_f64, double, 8)
+    CNET_GEMM_PACK(cnet_gemm_pack_f32, float, 16)
+    CNET_GEMM_PACK(cnet_gemm_pack_f64, double, 8)
 
-    CNET_PW_ROWS(cnet_pw_rows_f32, float, cnet_pw_vf, cnet_pw_vfu, 16)
-    CNET_PW_ROWS(cnet_pw_rows_f64, double, cnet_pw_vd, cnet_pw_vdu, 8)
+    CNET_GEMM_ROWS(cnet_gemm_rows_f32, float, cnet_gemm_vf, cnet_gemm_vfu, 16)
+    CNET_GEMM_ROWS(cnet_gemm_rows_f64, double, cnet_gemm_vd, cnet_gemm_vdu, 8)
     """
-    void cnet_pw_rows_f32(const float* A, Py_ssize_t lda, const float* Bp, const float* bias,
+    void cnet_gemm_rows_f32(const float* A, Py_ssize_t lda, const float* Bp, const float* bias,
                           float* C, Py_ssize_t ldc, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
                           Py_ssize_t N, int relu) noexcept nogil
-    void cnet_pw_rows_f64(const double* A, Py_ssize_t lda, const double* Bp,
+    void cnet_gemm_rows_f64(const double* A, Py_ssize_t lda, const double* Bp,
                           const double* bias, double* C, Py_ssize_t ldc, Py_ssize_t r0,
                           Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu) noexcept nogil
-    void cnet_pw_rows_f32_wgrad(const float* x, Py_ssize_t lda, const float* dy,
+    void cnet_gemm_rows_f32_wgrad(const float* x, Py_ssize_t lda, const float* dy,
                                 Py_ssize_t ldb, float* gw, int accumulate, Py_ssize_t r0,
                                 Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                                 Py_ssize_t N) noexcept nogil
-    void cnet_pw_rows_f64_wgrad(const double* x, Py_ssize_t lda, const double* dy,
+    void cnet_gemm_rows_f64_wgrad(const double* x, Py_ssize_t lda, const double* dy,
                                 Py_ssize_t ldb, double* gw, int accumulate, Py_ssize_t r0,
                                 Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                                 Py_ssize_t N) noexcept nogil
-    void cnet_pw_pack_f32(const float* B, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K,
+    void cnet_gemm_pack_f32(const float* B, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K,
                           Py_ssize_t N, Py_ssize_t j, float* out) noexcept nogil
-    void cnet_pw_pack_f64(const double* B, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K,
+    void cnet_gemm_pack_f64(const double* B, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t K,
                           Py_ssize_t N, Py_ssize_t j, double* out) noexcept nogil
-    enum: CNET_PW_MB
-    enum: CNET_PW_MR
+    enum: CNET_GEMM_MB
+    enum: CNET_GEMM_MR
 
 
-cdef bint _POINTWISE = cnet_wide_vectors()
+cdef bint _OWN_GEMM = cnet_wide_vectors()
 
 
-def pointwise_kernel(enable=None):
-    """Whether 1x1 layers use pointwise_gemm (AVX-512 machines: its 6 x 4-vector
-    tiles need 32 vector registers; elsewhere BLAS).  Tests and benchmarks may
-    switch it (returns the previous setting)."""
-    global _POINTWISE
-    previous = bool(_POINTWISE)
+def gemm_kernel(enable=None):
+    """Whether Conv2d's 1x1 and im2col GEMMs use gemm_packed / gemm_tn (AVX-512
+    machines: the 6 x 4-vector tiles need 32 vector registers; elsewhere BLAS).
+    Tests and benchmarks may switch it (returns the previous setting)."""
+    global _OWN_GEMM
+    previous = bool(_OWN_GEMM)
     if enable is not None:
-        _POINTWISE = bool(enable)
+        _OWN_GEMM = bool(enable)
     return previous
 
 
-def pointwise_packed_size(Py_ssize_t K, Py_ssize_t N, dtype):
-    """Elements of pointwise_pack's result for a K x N matrix."""
+def gemm_packed_size(Py_ssize_t K, Py_ssize_t N, dtype):
+    """Elements of gemm_pack's result for a K x N matrix."""
     lanes = direct_lanes(dtype)
     return K * (-(-N // lanes) * lanes)
 
 
-def pointwise_pack(b, out=None, int n_threads=1):
-    """B (K x N, any strides) as pointwise_gemm reads it: panels of 4 vectors of
+def gemm_pack(b, out=None, int n_threads=1):
+    """B (K x N, any strides) as gemm_packed reads it: panels of 4 vectors of
     columns (the last one of whole vectors, zero-padded), each K rows deep, one
     after another.  Returns the flat packed array (written into ``out`` if given)."""
     b = np.asarray(b)
     if b.ndim != 2 or b.dtype not in (np.float32, np.float64):
-        raise ValueError(f"pointwise_pack: B must be a 2-D float32/float64 matrix, got "
+        raise ValueError(f"gemm_pack: B must be a 2-D float32/float64 matrix, got "
                          f"shape {b.shape} {b.dtype}")
     if b.strides[0] % b.itemsize or b.strides[1] % b.itemsize:
         b = np.ascontiguousarray(b)
-    size = pointwise_packed_size(b.shape[0], b.shape[1], b.dtype)
+    size = gemm_packed_size(b.shape[0], b.shape[1], b.dtype)
     if out is None:
         out = np.empty(size, b.dtype)
     elif out.shape != (size,) or out.dtype != b.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"pointwise_pack: out must be a contiguous ({size},) {b.dtype} "
+        raise ValueError(f"gemm_pack: out must be a contiguous ({size},) {b.dtype} "
                          f"array, got {out.shape} {out.dtype}")
     if b.dtype == np.float32:
         _pack_panels[float](b, out, n_threads)
@@ -3141,33 +3142,33 @@ cdef void _pack_panels(floating[:, :] b, floating[::1] out, int n_threads):
     with nogil:
         for j in prange(panels, num_threads=nt, schedule="static"):
             if floating is float:
-                cnet_pw_pack_f32(B, rs, cs, K, N, j * 4 * lanes, o)
+                cnet_gemm_pack_f32(B, rs, cs, K, N, j * 4 * lanes, o)
             else:
-                cnet_pw_pack_f64(B, rs, cs, K, N, j * 4 * lanes, o)
+                cnet_gemm_pack_f64(B, rs, cs, K, N, j * 4 * lanes, o)
 
 
-def pointwise_gemm(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
-                   bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads):
-    """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as pointwise_pack(B) (K x N,
+def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
+                bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads):
+    """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as gemm_pack(B) (K x N,
     K = a's columns, N = c's columns).  Register tiles of 6 rows x 4 vectors, A
-    read in place; rows split over n_threads in blocks of CNET_PW_MC.  Each row's
+    read in place; rows split over n_threads in blocks of CNET_GEMM_MB.  Each row's
     sums run in the same order whatever the thread count (bitwise the same)."""
     cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = c.shape[1]
     cdef Py_ssize_t lda = a.strides[0] // sizeof(floating)
     cdef Py_ssize_t ldc = c.strides[0] // sizeof(floating)
     dtype = np.float32 if floating is float else np.float64
     if c.shape[0] != M or not 0 <= r0 <= r1 <= M:
-        raise ValueError(f"pointwise_gemm: A has {M} rows and C {c.shape[0]}, rows "
+        raise ValueError(f"gemm_packed: A has {M} rows and C {c.shape[0]}, rows "
                          f"[{r0}, {r1}) asked")
-    if bp.shape[0] != pointwise_packed_size(K, N, dtype):
-        raise ValueError(f"pointwise_gemm: packed B of {bp.shape[0]} elements is not "
-                         f"pointwise_pack of a {K} x {N} matrix")
+    if bp.shape[0] != gemm_packed_size(K, N, dtype):
+        raise ValueError(f"gemm_packed: packed B of {bp.shape[0]} elements is not "
+                         f"gemm_pack of a {K} x {N} matrix")
     cdef floating[::1] bias_v
     cdef const floating* bias_p = NULL
     if bias is not None:
         bias_v = bias
         if bias_v.shape[0] != N:
-            raise ValueError(f"pointwise_gemm: bias of {bias_v.shape[0]} values for {N} "
+            raise ValueError(f"gemm_packed: bias of {bias_v.shape[0]} values for {N} "
                              f"columns")
         bias_p = &bias_v[0]
     if r1 == r0 or N == 0:
@@ -3175,46 +3176,46 @@ def pointwise_gemm(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bia
     cdef const floating* A = &a[0, 0]
     cdef const floating* B = &bp[0]
     cdef floating* C = &c[0, 0]
-    cdef Py_ssize_t blocks = (r1 - r0 + CNET_PW_MB - 1) // CNET_PW_MB, blk, i0, i1
+    cdef Py_ssize_t blocks = (r1 - r0 + CNET_GEMM_MB - 1) // CNET_GEMM_MB, blk, i0, i1
     cdef int nt = effective_threads((r1 - r0) * K * N, n_threads)
     if nt > blocks:
         nt = <int>blocks
     with nogil:
         if nt <= 1:
-            _pw_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu)
+            _gemm_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu)
         else:
             for blk in prange(blocks, num_threads=nt, schedule="dynamic"):
-                i0 = r0 + blk * CNET_PW_MB
-                i1 = min(i0 + CNET_PW_MB, r1)
-                _pw_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu)
+                i0 = r0 + blk * CNET_GEMM_MB
+                i1 = min(i0 + CNET_GEMM_MB, r1)
+                _gemm_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu)
 
 
-cdef inline void _pw_rows(const floating* A, Py_ssize_t lda, const floating* Bp,
+cdef inline void _gemm_rows(const floating* A, Py_ssize_t lda, const floating* Bp,
                           const floating* bias, floating* C, Py_ssize_t ldc, Py_ssize_t r0,
                           Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, bint relu) noexcept nogil:
     if floating is float:
-        cnet_pw_rows_f32(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
+        cnet_gemm_rows_f32(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
     else:
-        cnet_pw_rows_f64(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
+        cnet_gemm_rows_f64(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
 
 
-def pointwise_wgrad(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] gw,
-                    bint accumulate, Py_ssize_t r0, Py_ssize_t r1, int n_threads):
-    """gw (+)= x[r0:r1].T @ dy[r0:r1]: a 1x1 layer's weight gradient (gw C_in x C_out,
-    C_out a multiple of direct_lanes), both maps read in place, the tiles of gw
-    split over n_threads by blocks of input channels; the same sums in the same
-    order whatever the thread count."""
+def gemm_tn(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] gw,
+            bint accumulate, Py_ssize_t r0, Py_ssize_t r1, int n_threads):
+    """gw (+)= x[r0:r1].T @ dy[r0:r1]: a weight gradient (x a 1x1 layer's input or a
+    column matrix, gw K x C_out, C_out a multiple of direct_lanes), both read in
+    place, the tiles of gw split over n_threads by blocks of its rows; the same
+    sums in the same order whatever the thread count."""
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = dy.shape[1]
     cdef Py_ssize_t lda = x.strides[0] // sizeof(floating)
     cdef Py_ssize_t ldb = dy.strides[0] // sizeof(floating)
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     if dy.shape[0] != M or gw.shape[0] != K or gw.shape[1] != N:
-        raise ValueError(f"pointwise_wgrad: x {tuple(x.shape)[:2]}, dy {tuple(dy.shape)[:2]} "
+        raise ValueError(f"gemm_tn: x {tuple(x.shape)[:2]}, dy {tuple(dy.shape)[:2]} "
                          f"and gw {tuple(gw.shape)[:2]} do not fit (gw = x.T @ dy)")
     if N % lanes:
-        raise ValueError(f"pointwise_wgrad: C_out {N} is not a multiple of {lanes}")
+        raise ValueError(f"gemm_tn: C_out {N} is not a multiple of {lanes}")
     if not 0 <= r0 <= r1 <= M:
-        raise ValueError(f"pointwise_wgrad: rows [{r0}, {r1}) of {M}")
+        raise ValueError(f"gemm_tn: rows [{r0}, {r1}) of {M}")
     if K == 0 or N == 0:
         return
     if r1 == r0:
@@ -3225,24 +3226,24 @@ def pointwise_wgrad(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] gw
     cdef const floating* D = &dy[0, 0]
     cdef floating* G = &gw[0, 0]
     # blocks of 4 tiles of input channels: enough blocks to balance two threads
-    cdef Py_ssize_t step = 4 * CNET_PW_MR, blocks = (K + step - 1) // step, blk, c0
+    cdef Py_ssize_t step = 4 * CNET_GEMM_MR, blocks = (K + step - 1) // step, blk, c0
     cdef int nt = effective_threads((r1 - r0) * K * N, n_threads)
     if nt > blocks:
         nt = <int>blocks
     with nogil:
         if nt <= 1:
-            _pw_wgrad(X, lda, D, ldb, G, accumulate, r0, r1, 0, K, N)
+            _gemm_tn(X, lda, D, ldb, G, accumulate, r0, r1, 0, K, N)
         else:
             for blk in prange(blocks, num_threads=nt, schedule="dynamic"):
                 c0 = blk * step
-                _pw_wgrad(X, lda, D, ldb, G, accumulate, r0, r1, c0, min(c0 + step, K), N)
+                _gemm_tn(X, lda, D, ldb, G, accumulate, r0, r1, c0, min(c0 + step, K), N)
 
 
-cdef inline void _pw_wgrad(const floating* x, Py_ssize_t lda, const floating* dy,
+cdef inline void _gemm_tn(const floating* x, Py_ssize_t lda, const floating* dy,
                            Py_ssize_t ldb, floating* gw, bint accumulate, Py_ssize_t r0,
                            Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                            Py_ssize_t N) noexcept nogil:
     if floating is float:
-        cnet_pw_rows_f32_wgrad(x, lda, dy, ldb, gw, accumulate, r0, r1, c0, c1, N)
+        cnet_gemm_rows_f32_wgrad(x, lda, dy, ldb, gw, accumulate, r0, r1, c0, c1, N)
     else:
-        cnet_pw_rows_f64_wgrad(x, lda, dy, ldb, gw, accumulate, r0, r1, c0, c1, N)
+        cnet_gemm_rows_f64_wgrad(x, lda, dy, ldb, gw, accumulate, r0, r1, c0, c1, N)

@@ -1363,22 +1363,22 @@ def test_residual_join_refusals(rng, monkeypatch):
 
 
 @pytest.fixture
-def pointwise_kernel_on():
+def gemm_kernel_on():
     """cnet's own 1x1 GEMM, whatever this machine's default (it is on where AVX-512
     is: elsewhere the layers use BLAS and only these tests run the kernel)."""
     from cnet_ext import _conv
-    previous = _conv.pointwise_kernel(True)
+    previous = _conv.gemm_kernel(True)
     yield _conv
-    _conv.pointwise_kernel(previous)
+    _conv.gemm_kernel(previous)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pointwise_gemm_matches_reference(dtype, rng, pointwise_kernel_on):
+def test_gemm_packed_matches_reference(dtype, rng, gemm_kernel_on):
     """C = A B (+ bias) (ReLU) against float64 numpy: tails of rows (not whole 6-row
     tiles) and columns (not whole panels, not whole vectors), several blocks of K
     and of columns, a transposed B, NaN through the ReLU, rows outside [r0, r1)
     untouched, 1 and 2 threads bitwise."""
-    _conv = pointwise_kernel_on
+    _conv = gemm_kernel_on
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for m, k, n in [(1, 1, 1), (7, 3, 5), (13, 16, 48), (100, 70, 90), (50, 600, 17),
                     (31, 300, 600), (257, 40, 64)]:
@@ -1387,8 +1387,8 @@ def test_pointwise_gemm_matches_reference(dtype, rng, pointwise_kernel_on):
         bias = rng.standard_normal(n).astype(dtype)
         a[0, 0] = np.nan                      # row 0 all NaN: kept through the ReLU
         for b_view in (b, np.asfortranarray(b)):
-            packed = _conv.pointwise_pack(b_view, None, 2)
-            np.testing.assert_array_equal(packed, _conv.pointwise_pack(b_view))
+            packed = _conv.gemm_pack(b_view, None, 2)
+            np.testing.assert_array_equal(packed, _conv.gemm_pack(b_view))
             for use_bias in (False, True):
                 for relu in (False, True):
                     want = a.astype(np.float64) @ b + (bias if use_bias else 0)
@@ -1397,7 +1397,7 @@ def test_pointwise_gemm_matches_reference(dtype, rng, pointwise_kernel_on):
                     got = {}
                     for threads in (1, 2):
                         c = np.full((m, n), 7, dtype)
-                        _conv.pointwise_gemm(a, packed, c, bias if use_bias else None, relu,
+                        _conv.gemm_packed(a, packed, c, bias if use_bias else None, relu,
                                              0, m, threads)
                         got[threads] = c
                     np.testing.assert_array_equal(got[1], got[2])
@@ -1405,7 +1405,7 @@ def test_pointwise_gemm_matches_reference(dtype, rng, pointwise_kernel_on):
                     np.testing.assert_allclose(got[1][1:], want[1:], rtol=tol, atol=tol * k)
         r0, r1 = m // 3, m - m // 4
         c = np.full((m, n), 7, dtype)
-        _conv.pointwise_gemm(a, _conv.pointwise_pack(b), c, None, False, r0, r1, 2)
+        _conv.gemm_packed(a, _conv.gemm_pack(b), c, None, False, r0, r1, 2)
         np.testing.assert_array_equal(c[r1:], 7)
         np.testing.assert_array_equal(c[:r0], 7)
         np.testing.assert_allclose(c[max(r0, 1):r1], (a @ b)[max(r0, 1):r1], rtol=tol,
@@ -1413,11 +1413,11 @@ def test_pointwise_gemm_matches_reference(dtype, rng, pointwise_kernel_on):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pointwise_wgrad_matches_reference(dtype, rng, pointwise_kernel_on):
+def test_gemm_tn_matches_reference(dtype, rng, gemm_kernel_on):
     """gw (+)= x[r0:r1].T @ dy[r0:r1] against float64 numpy: input channels not in
     whole 6-row tiles, output channels not in whole panels, several blocks of rows,
     an empty range, 1 and 2 threads bitwise."""
-    _conv = pointwise_kernel_on
+    _conv = gemm_kernel_on
     lanes = _conv.direct_lanes(np.dtype(dtype))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for m, k, n in [(1, 1, lanes), (7, 3, 5 * lanes), (100, 70, 6 * lanes),
@@ -1431,59 +1431,66 @@ def test_pointwise_wgrad_matches_reference(dtype, rng, pointwise_kernel_on):
                 got = {}
                 for threads in (1, 2):
                     gw = start.copy()
-                    _conv.pointwise_wgrad(x, dy, gw, accumulate, r0, r1, threads)
+                    _conv.gemm_tn(x, dy, gw, accumulate, r0, r1, threads)
                     got[threads] = gw
                 np.testing.assert_array_equal(got[1], got[2])
                 want = part + start if accumulate else part
                 np.testing.assert_allclose(got[1], want, rtol=tol, atol=tol * max(1, r1 - r0))
 
 
-def test_pointwise_kernel_errors(pointwise_kernel_on):
-    _conv = pointwise_kernel_on
+def test_gemm_kernel_errors(gemm_kernel_on):
+    _conv = gemm_kernel_on
     a, c = np.zeros((8, 5), np.float32), np.zeros((8, 20), np.float32)
-    packed = _conv.pointwise_pack(np.zeros((5, 20), np.float32))
-    assert packed.shape == (_conv.pointwise_packed_size(5, 20, np.float32),) == (5 * 32,)
-    with pytest.raises(ValueError, match="not pointwise_pack of a 5 x 40"):
-        _conv.pointwise_gemm(a, packed, np.zeros((8, 40), np.float32), None, False, 0, 8, 1)
+    packed = _conv.gemm_pack(np.zeros((5, 20), np.float32))
+    assert packed.shape == (_conv.gemm_packed_size(5, 20, np.float32),) == (5 * 32,)
+    with pytest.raises(ValueError, match="not gemm_pack of a 5 x 40"):
+        _conv.gemm_packed(a, packed, np.zeros((8, 40), np.float32), None, False, 0, 8, 1)
     with pytest.raises(ValueError, match=r"rows \[0, 9\)"):
-        _conv.pointwise_gemm(a, packed, c, None, False, 0, 9, 1)
+        _conv.gemm_packed(a, packed, c, None, False, 0, 9, 1)
     with pytest.raises(ValueError, match="bias of 3 values for 20"):
-        _conv.pointwise_gemm(a, packed, c, np.zeros(3, np.float32), False, 0, 8, 1)
+        _conv.gemm_packed(a, packed, c, np.zeros(3, np.float32), False, 0, 8, 1)
     with pytest.raises(ValueError, match="2-D float32/float64"):
-        _conv.pointwise_pack(np.zeros(5, np.float32))
+        _conv.gemm_pack(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="out must be"):
-        _conv.pointwise_pack(np.zeros((5, 20), np.float32), np.zeros(10, np.float32))
+        _conv.gemm_pack(np.zeros((5, 20), np.float32), np.zeros(10, np.float32))
     with pytest.raises(ValueError, match="C_out 20 is not a multiple of 16"):
-        _conv.pointwise_wgrad(a, c, np.zeros((5, 20), np.float32), False, 0, 8, 1)
+        _conv.gemm_tn(a, c, np.zeros((5, 20), np.float32), False, 0, 8, 1)
     with pytest.raises(ValueError, match="do not fit"):
-        _conv.pointwise_wgrad(a, np.zeros((8, 32), np.float32), np.zeros((6, 32), np.float32),
-                              False, 0, 8, 1)
+        _conv.gemm_tn(a, np.zeros((8, 32), np.float32), np.zeros((6, 32), np.float32),
+                      False, 0, 8, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pointwise_layer_on_own_gemm_matches_blas(dtype, rng, pointwise_kernel_on):
-    """A 1x1 layer on cnet's GEMM (forward with bias and fused ReLU, input and weight
-    gradients over several chunks and stripes, the eval batch norm per chunk) gives
-    what the BLAS path gives."""
-    _conv = pointwise_kernel_on
+def test_layers_on_own_gemm_match_blas(dtype, rng, gemm_kernel_on, monkeypatch):
+    """1x1 and im2col layers on cnet's GEMM (forward with bias and fused ReLU, input
+    and weight gradients over several chunks and stripes, the eval batch norm per
+    chunk) give what the BLAS path gives."""
+    _conv = gemm_kernel_on
+    monkeypatch.setattr(conv_mod, "_IMAGE_BLOCK_MAX_WIDTH", 0)   # im2col, not image blocks
+    monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1 << 16)   # several chunks
     tol = 2e-5 if dtype == np.float32 else 1e-12
-    for cin, cout, relu, bias in [(70, 96, True, True), (128, 80, False, False)]:
-        conv = nn.Conv2d(cin, cout, 1, bias=bias, dtype=dtype)
+    for cin, cout, relu, bias, kwargs, paths in [
+            (70, 96, True, True, {}, ("pointwise", "gemm", "pointwise")),
+            (128, 80, False, False, {}, ("pointwise", "gemm", "pointwise")),
+            (144, 160, False, True, dict(stride=2), ("im2col", "gemm", "col2im")),
+            (48, 144, True, False, dict(kernel_size=3, padding=1), ("im2col", "gemm", "col2im"))]:
+        conv = nn.Conv2d(cin, cout, kwargs.pop("kernel_size", 1), bias=bias, dtype=dtype,
+                         **kwargs)
         if relu:
             conv.fuse_relu()
-        assert conv._paths(dtype) == ("pointwise", "gemm", "pointwise")
+        assert conv._paths(dtype)[:3] == paths
         x = rng.standard_normal((12, 9, 7, cin)).astype(dtype)
-        dy = rng.standard_normal((12, 9, 7, cout)).astype(dtype)
+        dy = rng.standard_normal(conv.output_shape(x.shape)).astype(dtype)
         results = {}
         for own in (True, False):
-            _conv.pointwise_kernel(own)
+            _conv.gemm_kernel(own)
             conv.zero_grad()
             with cnet.threads(2):
                 y = conv(x)
                 dx = conv.backward(dy)
             results[own] = (y, dx, conv.weight.grad.copy(),
                             None if conv.bias is None else conv.bias.grad.copy())
-        _conv.pointwise_kernel(True)
+        _conv.gemm_kernel(True)
         for got, want in zip(results[True], results[False]):
             if want is not None:
                 np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

@@ -93,7 +93,7 @@ _STRIPE_BYTES = 32 << 20
 # 112/66; 128 ch 78/57, 73/55; 256 ch a tie; 512 ch (7x7) BLAS wins.  With
 # AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
-_DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
+_DIRECT_MAX_OWN_GEMM = min(64, _DIRECT_MAX_CHANNELS)
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -520,7 +520,7 @@ class Conv2d(Module):
                    over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix; on
                    AVX-512 machines forward, dx and dW run on cnet's own GEMM
-                   (_conv.pointwise_gemm / pointwise_wgrad: 6 x 4-vector register
+                   (_conv.gemm_packed / gemm_tn: 6 x 4-vector register
                    tiles, the maps read in place, bias and ReLU in the store), which
                    beats OpenBLAS's sgemm on these shapes (ResNeXt's 1x1 layers, 2
                    threads: forward 3-16% faster, ResNeXt-29 inference ~5%, training
@@ -561,7 +561,7 @@ class Conv2d(Module):
             col2im = "phase"
         # A 1x1 is a plain GEMM with K = C_in: BLAS catches up sooner (ResNeXt's
         # 64 -> 128 at 32x32, 2 threads: direct 31.7 ms, GEMM 22.8; 64 -> 64 a tie).
-        max_direct = (_DIRECT_MAX_POINTWISE if pointwise and g == 1
+        max_direct = (_DIRECT_MAX_OWN_GEMM if pointwise and g == 1
                       else _DIRECT_MAX_CHANNELS)
         if cout_g <= max_direct and cout_g % lanes == 0:
             # (a 1x1 with too many inputs for the direct dx kernel: one GEMM into dx)
@@ -586,11 +586,11 @@ class Conv2d(Module):
             return "direct", "small" if small else "gemm", "direct" if direct_dx else col2im
         return "im2col", wide_dw, col2im
 
-    def _pointwise_kernel(self):
-        """Whether this 1x1 layer's forward and input gradient run on cnet's own GEMM
-        (_conv.pointwise_gemm) instead of BLAS: ungrouped, on machines with the
-        AVX-512 registers its 6 x 4-vector tiles need (_conv.pointwise_kernel)."""
-        return self.groups == 1 and _conv.pointwise_kernel()
+    def _own_gemm(self):
+        """Whether this layer's GEMMs (1x1 or im2col paths) run on cnet's own kernels
+        (_conv.gemm_packed, gemm_tn) instead of BLAS: ungrouped, on machines with
+        the AVX-512 registers their 6 x 4-vector tiles need (_conv.gemm_kernel)."""
+        return self.groups == 1 and _conv.gemm_kernel()
 
     def _flipped_dx_fits(self, lanes):
         """Whether dx can run as a convolution of dy with the flipped kernel (stride 1,
@@ -877,9 +877,10 @@ class Conv2d(Module):
         wstack = self._weight_stack(w)
         bias = None if self.bias is None else self.bias.data
         geom = self._geometry()
-        # A 1x1 on cnet's own GEMM (bias and ReLU in its store); else BLAS.
-        pw_packed = (_conv.pointwise_pack(wstack, None, nt) if path == "pointwise"
-                     and self._pointwise_kernel() else None)
+        # The GEMM of a 1x1 or im2col layer on cnet's own kernel (bias and ReLU in
+        # its store) where it has one (_own_gemm); else BLAS.
+        packed_gemm = (_conv.gemm_pack(wstack, None, nt) if path in ("pointwise", "im2col")
+                       and self._own_gemm() else None)
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
         residual2 = None if residual is None else residual.reshape(-1, cout)
@@ -897,11 +898,6 @@ class Conv2d(Module):
                 _conv.conv_direct(xs, w, bias, ys, n0, n1, *geom[2:8], kt, self.groups,
                                   by_images, packed, None, self._relu)
                 return
-            if pw_packed is not None:
-                _conv.pointwise_gemm(xs.reshape(-1, self.in_channels), pw_packed,
-                                     ys.reshape(-1, cout), bias, self._relu, n0 * rows,
-                                     n1 * rows, kt)
-                return
             if path == "depthwise":
                 _conv.depthwise_forward(xs, w, bias, ys, n0, n1, *geom[2:8], kt)
             elif path == "region":
@@ -915,6 +911,9 @@ class Conv2d(Module):
                 else:
                     c = cols[wid][:(n1 - n0) * rows]
                     _conv.im2col(xs, c, n0, n1, oh, ow, *geom, kt)
+                if packed_gemm is not None:
+                    _conv.gemm_packed(c, packed_gemm, yc, bias, self._relu, 0, len(c), kt)
+                    return
                 np.matmul(self._group_view(c), wstack, out=self._group_view(yc))
                 if bias is not None:
                     np.add(yc, bias, out=yc)   # while the chunk is still in cache
@@ -939,10 +938,10 @@ class Conv2d(Module):
             # 32x32x16 3.20 -> 3.04).
             _conv.conv_direct(x, w, bias, y, 0, n, *geom[2:8], nt, self.groups, by_images,
                               packed, bounds if nt > 1 and n_chunks >= nt else None, self._relu)
-        elif pw_packed is not None and bn is None:
+        elif packed_gemm is not None and path == "pointwise" and bn is None:
             # the whole batch in one parallel region: no Python per chunk
-            _conv.pointwise_gemm(x.reshape(-1, self.in_channels), pw_packed, y2, bias,
-                                 self._relu, 0, n * rows, nt)
+            _conv.gemm_packed(x.reshape(-1, self.in_channels), packed_gemm, y2, bias,
+                              self._relu, 0, n * rows, nt)
         else:
             _run_tasks(task, n_chunks, nt)
         if self.training:
@@ -1024,11 +1023,13 @@ class Conv2d(Module):
         # The kernels write HWIO gradients; the GEMMs write (G, K, Cout/G) stacks.
         target = self._weight_stack(self.weight.grad) if dw_path == "gemm" else self.weight.grad
         slots = _scratch("slots", (stripes,) + target.shape, w.dtype)
-        # cnet's GEMM sums a 1x1's weight gradient into the stripe's slot in place
-        pw_wgrad = (pointwise and dw_path == "gemm" and self._pointwise_kernel()
-                    and cout % _conv.direct_lanes(w.dtype) == 0)
-        if dw_path == "gemm" and not pw_wgrad:
-            dws = self._worker_buffers("dw", n_workers, target.shape, w.dtype)
+        # cnet's GEMM sums the weight gradient into the stripe's slot in place
+        own_gemm = self._own_gemm()
+        own_dw = (dw_path == "gemm" and own_gemm
+                  and cout % _conv.direct_lanes(w.dtype) == 0)
+        if dw_path == "gemm":
+            if not own_dw:
+                dws = self._worker_buffers("dw", n_workers, target.shape, w.dtype)
             if not pointwise:
                 cols = self._worker_buffers("col", n_workers, ws["col_shape"], x.dtype)
         if "region" in (dw_path, dx_path):
@@ -1055,8 +1056,8 @@ class Conv2d(Module):
                 wflip, packed_flip = None, _conv.flip_weight(w, self.groups, nt, True)
             else:
                 wflip, packed_flip = _conv.flip_weight(w, self.groups, nt), None
-        pw_packed_t = (_conv.pointwise_pack(wstack_t, None, nt) if dx_path == "pointwise"
-                       and self._pointwise_kernel() else None)
+        packed_t = (_conv.gemm_pack(wstack_t, None, nt) if dx_path in ("pointwise", "col2im")
+                    and own_gemm else None)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = None if dy is None else dy.reshape(-1, cout)
         dx = None if dx_path is None else np.empty_like(x)
@@ -1085,8 +1086,6 @@ class Conv2d(Module):
                     _conv.depthwise_weight_grad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
                 elif dw_path == "small":
                     _conv.conv_small_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt)
-                elif pw_wgrad:
-                    _conv.pointwise_wgrad(x2, dy2, acc, t != first, r0, r1, kt)
                 else:
                     if pointwise:
                         c = x2[r0:r1]
@@ -1095,7 +1094,10 @@ class Conv2d(Module):
                         c = cols[wid][:r1 - r0]
                         _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
                     ct = np.swapaxes(self._group_view(c), -1, -2)
-                    if t == first:
+                    if own_dw:
+                        _conv.gemm_tn(c, dy2[r0:r1], acc.reshape(c.shape[1], cout), t != first,
+                                      0, r1 - r0, kt)
+                    elif t == first:
                         np.matmul(ct, dys, out=acc)
                     else:
                         np.matmul(ct, dys, out=dws[wid])
@@ -1106,8 +1108,8 @@ class Conv2d(Module):
                                       self.groups, by_images, packed_flip)
                 elif dx_path == "depthwise":
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
-                elif pw_packed_t is not None:
-                    _conv.pointwise_gemm(dy2, pw_packed_t, dx2, None, False, r0, r1, kt)
+                elif dx_path == "pointwise" and packed_t is not None:
+                    _conv.gemm_packed(dy2, packed_t, dx2, None, False, r0, r1, kt)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif dx_path == "scatter":
@@ -1116,7 +1118,11 @@ class Conv2d(Module):
                     _conv.conv_phase_dx(dy, phases, dx, n0, n1, *self.stride, kt, self.groups)
                 elif dx_path == "col2im":
                     dc = dcols[wid][:r1 - r0]
-                    np.matmul(dys, wstack_t, out=self._group_view(dc))
+                    if packed_t is not None:
+                        _conv.gemm_packed(dy2[r0:r1], packed_t, dc, None, False, 0, r1 - r0,
+                                          kt)
+                    else:
+                        np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
         narrow_dw = dw_path == "small" and self._narrow_weight_grad(ws, w.dtype)
