@@ -518,13 +518,7 @@ class Conv2d(Module):
                    C_out below one vector (LeNet's 6) takes the direct forward too,
                    with zero-padded weights; its weight gradient is "small" (blocked
                    over a kernel row's (kw, c) pairs) when KW * C_in <= 8.
-        pointwise: 1x1 stride 1 padding 0, the input is its own column matrix; on
-                   AVX-512 machines forward, dx and dW run on cnet's own GEMM
-                   (_conv.gemm_packed / gemm_tn: 6 x 4-vector register
-                   tiles, the maps read in place, bias and ReLU in the store), which
-                   beats OpenBLAS's sgemm on these shapes (ResNeXt's 1x1 layers, 2
-                   threads: forward 3-16% faster, ResNeXt-29 inference ~5%, training
-                   5-10%; bench/RESULTS.md).
+        pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
         scatter:   dx of layers with few inputs (_conv.scatter_dx_fits) in place of
                    col2im.
         phase:     dx of strided direct layers (C_in per group in whole vectors):
@@ -535,6 +529,10 @@ class Conv2d(Module):
                    6 x 4 weight-gradient block; on small padded maps the im2col
                    and col2im run by regions (decided per input shape: _workspace).
         Per input shape, _shape_paths moves small maps to image-blocked kernels.
+        On AVX-512 machines the GEMMs of pointwise and im2col layers (groups 1) run
+        on cnet's own kernels (_own_gemm: _conv.gemm_packed / gemm_tn, 6 x 4-vector
+        register tiles, the maps or columns read in place, bias and ReLU in the
+        store), at or above OpenBLAS's sgemm on these shapes (bench/RESULTS.md).
         """
         cin, cout, g = self.in_channels, self.out_channels, self.groups
         kw = self.kernel_size[1]
