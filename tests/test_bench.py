@@ -184,3 +184,14 @@ def test_conv_layers_can_switch_image_blocks_off(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "image blocks up to width 0" in out and "8x8x64->64 3x3" in out
     assert conv._IMAGE_BLOCK_MAX_WIDTH == 0
+
+
+def test_gemm_kernel_bench_times_every_product(monkeypatch, capsys):
+    import gemm_kernel
+    monkeypatch.setattr(gemm_kernel, "LAYERS", {"tiny": (128, 32, 64)})
+    gemm_kernel.main(["--threads", "1", "--rounds", "1", "--reps", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("tiny")]
+    assert [r[1] for r in rows] == ["forward", "dx", "dW"]
+    assert [r[2] for r in rows] == ["128x32x64", "128x64x32", "32x128x64"]
+    assert all(float(r[-1]) > 0 for r in rows)
