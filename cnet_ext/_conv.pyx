@@ -2890,11 +2890,14 @@ cdef extern from *:
     typedef double cnet_gemm_vd __attribute__((vector_size(64)));
     typedef double cnet_gemm_vdu __attribute__((vector_size(64), aligned(8)));
 
-    /* Rows per register tile, rows per cache block (the block's A rows stay in L1
-       while every panel of B passes), and steps of K per pass over a tile (a
-       KC x 4-vector panel of B is 64 KB in float32).  One thread, M = 4096, ResNeXt's
-       K x N from 64 x 128 to 1024 x 512, GFLOP/s by (MC, KC): (24, 256) 89-111,
-       (96, 256) 79-110, (48, 128) 55-108, (48, 64) 82-102; OpenBLAS 86-102. */
+    /* MR rows per register tile; MC rows per cache block (its MC x KC slice of A
+       stays in L1 while the panels of B pass); KC steps of K per pass over a tile;
+       columns in groups whose KC-deep slice of B is at most B_BYTES (stays in L2);
+       MB rows per thread task; KW rows per pass of gemm_tn over gw's tiles.
+       ResNeXt's products (K x N from 64 x 256 to 1024 x 512, batch 64), 2 threads,
+       GFLOP/s by (MC, KC): (24, 256) 150-205, (24, 128) 150-200, (48, 128)
+       139-199, (12, 256) 134-207, (24, 64) 148-191; B_BYTES 256 KB and MB 1024 a
+       tie.  gemm_tn, one thread, KW 64 / 128 / 256-1024: 90-102 / 100-110 / 97-115. */
     #define CNET_GEMM_MR 6
     #define CNET_GEMM_MC 24
     #define CNET_GEMM_KC 256
@@ -2922,6 +2925,11 @@ cdef extern from *:
         if (init != 2)                                                                      \
             for (int p = 0; p < rows; p++)                                                  \
                 for (int v = 0; v < NV; v++) __builtin_prefetch(c + p * ldc + v * VW, 1);   \
+        T bias_part[NV * VW] = {0};      /* the bias of a partial panel: no read past it */ \
+        if (init == 1 && cols < NV * VW) {                                                  \
+            memcpy(bias_part, bias, cols * sizeof(T));                                      \
+            bias = bias_part;                                                               \
+        }                                                                                   \
         for (int v = 0; v < NV; v++) {                                                      \
             VT b0 = {0};                                                                    \
             if (init == 1) b0 = *(const VTU*)(bias + v * VW);                               \

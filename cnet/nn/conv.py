@@ -93,7 +93,7 @@ _STRIPE_BYTES = 32 << 20
 # 112/66; 128 ch 78/57, 73/55; 256 ch a tie; 512 ch (7x7) BLAS wins.  With
 # AVX2's 16 registers (6 x 1 blocks) they tie with BLAS from 64 channels.
 _DIRECT_MAX_CHANNELS = 128 if _conv._wide_vectors() else 32
-_DIRECT_MAX_OWN_GEMM = min(64, _DIRECT_MAX_CHANNELS)
+_DIRECT_MAX_POINTWISE = min(64, _DIRECT_MAX_CHANNELS)
 # im2col layers (groups 1, dilation 1) whose columns would be at least this
 # fraction padding zeros run by regions instead (see _tap_runs): VGG's 3x3 at
 # 4x4 (31% zeros) and 2x2 (56%), ResNet-18's layer3/layer4.
@@ -559,7 +559,7 @@ class Conv2d(Module):
             col2im = "phase"
         # A 1x1 is a plain GEMM with K = C_in: BLAS catches up sooner (ResNeXt's
         # 64 -> 128 at 32x32, 2 threads: direct 31.7 ms, GEMM 22.8; 64 -> 64 a tie).
-        max_direct = (_DIRECT_MAX_OWN_GEMM if pointwise and g == 1
+        max_direct = (_DIRECT_MAX_POINTWISE if pointwise and g == 1
                       else _DIRECT_MAX_CHANNELS)
         if cout_g <= max_direct and cout_g % lanes == 0:
             # (a 1x1 with too many inputs for the direct dx kernel: one GEMM into dx)
@@ -1093,8 +1093,7 @@ class Conv2d(Module):
                         _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
                     ct = np.swapaxes(self._group_view(c), -1, -2)
                     if own_dw:
-                        _conv.gemm_tn(c, dy2[r0:r1], acc.reshape(c.shape[1], cout), t != first,
-                                      0, r1 - r0, kt)
+                        _conv.gemm_tn(c, dy2[r0:r1], acc, t != first, 0, r1 - r0, kt)
                     elif t == first:
                         np.matmul(ct, dys, out=acc)
                     else:
