@@ -591,7 +591,8 @@ def assert_same_training_step(fast, general, x, rng):
     ((256, 64, 1), {}, "pointwise"),                               # too wide for direct dx
     ((256, 256, 3), dict(padding=1, groups=8), "direct"),          # ResNeXt-29 8x32d-like
 ])
-def test_grouped_direct_kernel_matches_grouped_gemm_path(args, kwargs, dx_path, rng):
+def test_grouped_direct_kernel_matches_grouped_gemm_path(args, kwargs, dx_path, rng,
+                                                        own_gemm_off):
     direct = nn.Conv2d(*args, **kwargs)
     general = nn.Conv2d(*args, **kwargs)
     general._paths = lambda dtype: ("im2col", "gemm", "col2im")
@@ -1360,6 +1361,16 @@ def test_residual_join_refusals(rng, monkeypatch):
         16, np.float32, rng)), nn.Identity()), nn.ReLU()).eval()
     with pytest.raises(ValueError, match="Add: branch outputs differ in shape"):
         block(x)
+
+
+@pytest.fixture
+def own_gemm_off():
+    """BLAS and the direct kernels for 1x1 layers, as on machines without AVX-512 (with
+    it, ungrouped 1x1 layers run on cnet's GEMM whatever their width)."""
+    from cnet_ext import _conv
+    previous = _conv.gemm_kernel(False)
+    yield
+    _conv.gemm_kernel(previous)
 
 
 @pytest.fixture
