@@ -169,6 +169,13 @@ def _scratch(name, shape, dtype):
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+def _packed_gemm_operand(b, n_threads):
+    """b (K x N) packed for _conv.gemm_packed into the calling thread's scratch (one
+    layer call packs one operand at a time: no allocation per call)."""
+    size = _conv.gemm_packed_size(b.shape[0], b.shape[1], b.dtype)
+    return _conv.gemm_pack(b, _scratch("gemm_b", (size,), b.dtype), n_threads)
+
+
 def _balanced_chunks(n, wanted):
     """How many chunks to split a batch of n images into, given the wanted count.
 
@@ -883,7 +890,7 @@ class Conv2d(Module):
         geom = self._geometry()
         # The GEMM of a 1x1 or im2col layer on cnet's own kernel (bias and ReLU in
         # its store) where it has one (_own_gemm); else BLAS.
-        packed_gemm = (_conv.gemm_pack(wstack, None, nt) if path in ("pointwise", "im2col")
+        packed_gemm = (_packed_gemm_operand(wstack, nt) if path in ("pointwise", "im2col")
                        and self._own_gemm() else None)
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
@@ -1060,7 +1067,7 @@ class Conv2d(Module):
                 wflip, packed_flip = None, _conv.flip_weight(w, self.groups, nt, True)
             else:
                 wflip, packed_flip = _conv.flip_weight(w, self.groups, nt), None
-        packed_t = (_conv.gemm_pack(wstack_t, None, nt) if dx_path in ("pointwise", "col2im")
+        packed_t = (_packed_gemm_operand(wstack_t, nt) if dx_path in ("pointwise", "col2im")
                     and own_gemm else None)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = None if dy is None else dy.reshape(-1, cout)
@@ -1097,14 +1104,15 @@ class Conv2d(Module):
                         # Recompute the columns from the saved input: cheaper than keeping them.
                         c = cols[wid][:r1 - r0]
                         _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
-                    ct = np.swapaxes(self._group_view(c), -1, -2)
                     if own_dw:
                         _conv.gemm_tn(c, dy2[r0:r1], acc, t != first, 0, r1 - r0, kt)
-                    elif t == first:
-                        np.matmul(ct, dys, out=acc)
                     else:
-                        np.matmul(ct, dys, out=dws[wid])
-                        np.add(acc, dws[wid], out=acc)
+                        ct = np.swapaxes(self._group_view(c), -1, -2)
+                        if t == first:
+                            np.matmul(ct, dys, out=acc)
+                        else:
+                            np.matmul(ct, dys, out=dws[wid])
+                            np.add(acc, dws[wid], out=acc)
                 # input gradient of this chunk
                 if dx_path == "direct":
                     _conv.conv_direct(dy, wflip, None, dx, n0, n1, 1, 1, *dx_pad, dh, dw, kt,
