@@ -30,10 +30,14 @@ How it measures:
   counted the same way for both frameworks.
 - Warm turns: each turn of a framework starts with untimed iterations for
   --warm seconds (at least one) when a step takes under --slow seconds.  After
-  the pause between turns the cores have idled, and on this VM the second core
-  then takes ~60 ms to come back to full speed (LeNet-5, cnet, 2 threads: 11-14 ms
-  per step back to back; right after a 0.25 s sleep the next steps take 19, 19,
-  18, 15, 15, 14 ms: the parallel kernels run at one-core speed).  An engine
+  the pause between turns the cores have idled, and on this VM they take a
+  while to come back to full speed: ~60 ms when first measured (LeNet-5, cnet,
+  2 threads: 11-14 ms per step back to back; right after a 0.25 s sleep 19, 19,
+  18, 15, 15, 14 ms), 0.3-0.7 s on 2026-11-28 (mean step by time since a 0.25 s
+  sleep, 12 trials: 1 thread 15.7 ms in the first 20 ms, 13.4 at 0.15-0.2 s,
+  12.7 from 0.4 s; 2 threads 9.1, 8.1, 7.4 from 0.7 s).  With 0.1 s of warm
+  turns LeNet-5's 2-thread medians read 6.4-8.1 ms (iqr 17-37%) against 5.3-5.8
+  back to back; with 0.5 s, 5.3-5.6 ms (iqr 2-9%), hence the default.  An engine
   whose idle threads spin long (torch's default OpenMP policy) hides part of
   it, one that sleeps soon (cnet spins ~0.5 ms) does not; training runs its
   steps back to back, so both are timed warm.
@@ -369,7 +373,7 @@ def main(argv=None):
                     help="at most this many seconds of timed iterations per framework and config")
     ap.add_argument("--slow", type=float, default=2.0,
                     help="a step slower than this gets one warm-up iteration instead of two")
-    ap.add_argument("--warm", type=float, default=0.1,
+    ap.add_argument("--warm", type=float, default=0.5,
                     help="untimed iterations for this many seconds at the start of each turn "
                          "(steps faster than --slow only): the cores come back from idle")
     ap.add_argument("--gap", type=float, default=0.25,

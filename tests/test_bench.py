@@ -26,7 +26,7 @@ from _torch_models import spec_from_cnet  # noqa: E402
 
 HAVE_TORCH = common.torch_available()
 TINY = ["--models", "lenet5", "--threads", "1", "--batch", "4", "--repeats", "2",
-        "--rounds", "2", "--min-repeats", "1", "--no-ceiling", "--gap", "0"]
+        "--rounds", "2", "--min-repeats", "1", "--no-ceiling", "--gap", "0", "--warm", "0"]
 
 
 def _to_nchw(x):
@@ -113,7 +113,7 @@ def test_scaling_mode_interleaves_thread_counts(tmp_path):
     out = tmp_path / "s.json"
     args = ["--scaling", "--models", "lenet5", "--threads", "1,2", "--batch", "4",
             "--modes", "train", "--repeats", "2", "--rounds", "2", "--min-repeats", "1",
-            "--gap", "0", "--json", str(out)]
+            "--gap", "0", "--warm", "0", "--json", str(out)]
     results = throughput.main(args)
     (r,) = results
     assert set(r["times"]) == {"1", "2"} and all(len(v) == 2 for v in r["times"].values())
