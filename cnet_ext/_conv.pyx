@@ -2909,7 +2909,24 @@ cdef extern from *:
        a[p * ars + k * aks] (rows < MR: the last row is read again, its sums not
        stored), B's NV vectors of step k at bp + k * bks (a packed panel, or the
        rows of an NHWC map).  The sums start at zero, at the bias (init 1) or at C
-       (init 2: a later block of K, or accumulate); relu at the store. */
+       (init 2: a later block of K, or accumulate); init 3 starts at zero and adds
+       C at the store (accumulate into C from memory: its lines arrive while the
+       sums run instead of stalling the tile's start); relu at the store. */
+    /* acc += the tile's C (CNET_GEMM_TILE); a partial tile through a buffer: acc
+       indexed by a variable would live in memory in every tile. */
+    #define CNET_GEMM_ADD_C(T, VTU, VW, NV)                                                 \
+        do {                                                                                \
+            T part[NV * VW] = {0};                                                          \
+            for (int p = 0; p < CNET_GEMM_MR; p++) {                                        \
+                if (full) {                                                                 \
+                    for (int v = 0; v < NV; v++) acc[p][v] += *(const VTU*)(c + p * ldc + v * VW); \
+                } else if (p < rows) {                                                      \
+                    memcpy(part, c + p * ldc, cols * sizeof(T));                            \
+                    for (int v = 0; v < NV; v++) acc[p][v] += *(const VTU*)(part + v * VW); \
+                }                                                                           \
+            }                                                                               \
+        } while (0)
+
     #define CNET_GEMM_TILE(NAME, T, VT, VTU, VW, NV)                                        \
     static inline __attribute__((always_inline)) void NAME(                                 \
         const T* a, Py_ssize_t ars, Py_ssize_t aks, const T* bp, Py_ssize_t bks,            \
@@ -2935,19 +2952,7 @@ cdef extern from *:
             if (init == 1) b0 = *(const VTU*)(bias + v * VW);                               \
             for (int p = 0; p < CNET_GEMM_MR; p++) acc[p][v] = b0;                          \
         }                                                                                   \
-        if (init == 2) {                                                                    \
-            /* a partial tile through a buffer: acc indexed by a variable would */          \
-            /* live in memory in every tile */                                              \
-            T part[NV * VW] = {0};                                                          \
-            for (int p = 0; p < CNET_GEMM_MR; p++) {                                        \
-                if (full) {                                                                 \
-                    for (int v = 0; v < NV; v++) acc[p][v] = *(const VTU*)(c + p * ldc + v * VW); \
-                } else if (p < rows) {                                                      \
-                    memcpy(part, c + p * ldc, cols * sizeof(T));                            \
-                    for (int v = 0; v < NV; v++) acc[p][v] = *(const VTU*)(part + v * VW);  \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
+        if (init == 2) CNET_GEMM_ADD_C(T, VTU, VW, NV);                                     \
         for (Py_ssize_t k = 0; k < kc; k++) {                                               \
             VT b[NV];                                                                       \
             for (int v = 0; v < NV; v++) b[v] = *(const VTU*)(bp + k * bks + v * VW);       \
@@ -2957,6 +2962,7 @@ cdef extern from *:
                 for (int v = 0; v < NV; v++) acc[p][v] += av * b[v];                        \
             }                                                                               \
         }                                                                                   \
+        if (init == 3) CNET_GEMM_ADD_C(T, VTU, VW, NV);                                     \
         if (relu) {                                                                         \
             /* max(acc, 0) by a mask, NaN passed through (as cnet_relu) */                  \
             VT zero = {0};                                                                  \
@@ -2977,8 +2983,9 @@ cdef extern from *:
         }                                                                                   \
     }
 
-    /* Rows [r0, r1) of C (ldc) = A (lda) Bp, Bp from cnet_gemm_pack: panels of 4
-       vectors of columns (the last of whole vectors), each K steps deep. */
+    /* Rows [r0, r1) of C (ldc) = A (lda) Bp (C += A Bp where accumulate), Bp from
+       cnet_gemm_pack: panels of 4 vectors of columns (the last of whole vectors),
+       each K steps deep. */
     #define CNET_GEMM_ROWS(NAME, T, VT, VTU, VW)                                            \
     CNET_GEMM_TILE(NAME##_t1, T, VT, VTU, VW, 1)                                            \
     CNET_GEMM_TILE(NAME##_t2, T, VT, VTU, VW, 2)                                            \
@@ -2986,13 +2993,13 @@ cdef extern from *:
     CNET_GEMM_TILE(NAME##_t4, T, VT, VTU, VW, 4)                                            \
     CNET_CLONES static void NAME(                                                           \
         const T* A, Py_ssize_t lda, const T* Bp, const T* bias, T* C, Py_ssize_t ldc,       \
-        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu)                 \
+        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu, int accumulate) \
     {                                                                                       \
         Py_ssize_t nc = CNET_GEMM_B_BYTES / (CNET_GEMM_KC * sizeof(T)) / (4 * VW) * (4 * VW); \
         for (Py_ssize_t j0 = 0; j0 < N; j0 += nc)                                           \
         for (Py_ssize_t k0 = 0; k0 < K; k0 += CNET_GEMM_KC) {                               \
             Py_ssize_t kc = K - k0 < CNET_GEMM_KC ? K - k0 : CNET_GEMM_KC;                  \
-            int init = k0 ? 2 : bias ? 1 : 0, last = relu && k0 + kc == K;                  \
+            int init = k0 ? 2 : accumulate ? 3 : bias ? 1 : 0, last = relu && k0 + kc == K; \
             Py_ssize_t j1 = N - j0 < nc ? N : j0 + nc;                                      \
             for (Py_ssize_t i0 = r0; i0 < r1; i0 += CNET_GEMM_MC) {                         \
                 Py_ssize_t i1 = r1 - i0 < CNET_GEMM_MC ? r1 : i0 + CNET_GEMM_MC;            \
@@ -3078,10 +3085,11 @@ cdef extern from *:
     """
     void cnet_gemm_rows_f32(const float* A, Py_ssize_t lda, const float* Bp, const float* bias,
                           float* C, Py_ssize_t ldc, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
-                          Py_ssize_t N, int relu) noexcept nogil
+                          Py_ssize_t N, int relu, int accumulate) noexcept nogil
     void cnet_gemm_rows_f64(const double* A, Py_ssize_t lda, const double* Bp,
                           const double* bias, double* C, Py_ssize_t ldc, Py_ssize_t r0,
-                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu) noexcept nogil
+                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu,
+                          int accumulate) noexcept nogil
     void cnet_gemm_rows_f32_wgrad(const float* x, Py_ssize_t lda, const float* dy,
                                 Py_ssize_t ldb, float* gw, int accumulate, Py_ssize_t r0,
                                 Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
@@ -3161,11 +3169,15 @@ cdef void _pack_panels(floating[:, :] b, floating[::1] out, int n_threads):
 
 
 def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
-                bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads):
+                bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads,
+                bint accumulate=False):
     """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as gemm_pack(B) (K x N,
     K = a's columns, N = c's columns).  Register tiles of 6 rows x 4 vectors, A
     read in place; rows split over n_threads in blocks of CNET_GEMM_MB.  Each row's
-    sums run in the same order whatever the thread count (bitwise the same)."""
+    sums run in the same order whatever the thread count (bitwise the same).
+    ``accumulate``: c[r0:r1] += a[r0:r1] @ B (ReLU of the sum; no bias), C added
+    in the tiles' store (a residual's input gradient: no separate add pass).
+    a and c must not overlap."""
     cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = c.shape[1]
     cdef Py_ssize_t lda = a.strides[0] // sizeof(floating)
     cdef Py_ssize_t ldc = c.strides[0] // sizeof(floating)
@@ -3176,6 +3188,9 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
     if bp.shape[0] != gemm_packed_size(K, N, dtype):
         raise ValueError(f"gemm_packed: packed B of {bp.shape[0]} elements is not "
                          f"gemm_pack of a {K} x {N} matrix")
+    if accumulate and bias is not None:
+        raise ValueError("gemm_packed: accumulate adds A @ B to C; a bias is not taken "
+                         "with it")
     cdef floating[::1] bias_v
     cdef const floating* bias_p = NULL
     if bias is not None:
@@ -3189,27 +3204,31 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
     cdef const floating* A = &a[0, 0]
     cdef const floating* B = &bp[0]
     cdef floating* C = &c[0, 0]
+    # a tile's store would overwrite rows of A that later panels still read
+    if A < <const floating*>(C + M * ldc) and <const floating*>C < A + M * lda:
+        raise ValueError("gemm_packed: A and C overlap in memory")
     cdef Py_ssize_t blocks = (r1 - r0 + CNET_GEMM_MB - 1) // CNET_GEMM_MB, blk, i0, i1
     cdef int nt = effective_threads((r1 - r0) * K * N, n_threads)
     if nt > blocks:
         nt = <int>blocks
     with nogil:
         if nt <= 1:
-            _gemm_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu)
+            _gemm_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu, accumulate)
         else:
             for blk in prange(blocks, num_threads=nt, schedule="dynamic"):
                 i0 = r0 + blk * CNET_GEMM_MB
                 i1 = min(i0 + CNET_GEMM_MB, r1)
-                _gemm_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu)
+                _gemm_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu, accumulate)
 
 
 cdef inline void _gemm_rows(const floating* A, Py_ssize_t lda, const floating* Bp,
                           const floating* bias, floating* C, Py_ssize_t ldc, Py_ssize_t r0,
-                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, bint relu) noexcept nogil:
+                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, bint relu,
+                          bint accumulate) noexcept nogil:
     if floating is float:
-        cnet_gemm_rows_f32(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
+        cnet_gemm_rows_f32(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu, accumulate)
     else:
-        cnet_gemm_rows_f64(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu)
+        cnet_gemm_rows_f64(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu, accumulate)
 
 
 def gemm_tn(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] gw,

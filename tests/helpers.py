@@ -94,3 +94,17 @@ def torch_conv_grads(m, x, dy):
     return (nchw_to_nhwc(yt.detach().numpy()), nchw_to_nhwc(xt.grad.numpy()),
             oihw_to_hwio(t.weight.grad.numpy()),
             None if m.bias is None else t.bias.grad.numpy())
+
+
+def spy_gemm_accumulate(monkeypatch, kernels):
+    """Records, per call of kernels.gemm_packed (cnet_ext._conv), whether it was asked
+    to accumulate into C; returns the list it appends to."""
+    accumulated = []
+    plain = kernels.gemm_packed
+
+    def spy(*args, **kw):
+        accumulated.append(kw.get("accumulate", False))
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(kernels, "gemm_packed", spy)
+    return accumulated

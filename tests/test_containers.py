@@ -7,7 +7,7 @@ import pytest
 import cnet
 from cnet import nn
 from cnet.nn.module import Module, Parameter, check_input, require_cache
-from helpers import check_gradients
+from helpers import check_gradients, spy_gemm_accumulate
 
 
 class Scale(Module):
@@ -111,6 +111,54 @@ def test_gradients_with_conv_branches(rng):
     inception = nn.Concat(_conv(4, 2, 1), nn.Sequential(_conv(4, 3, 3, padding=1), nn.ReLU()),
                           nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv(4, 2, 1)))
     check_gradients(inception, _x(rng), max_checks=60)
+
+
+def _bottleneck(cin, width):
+    """A bottleneck residual block: 1x1 -> BN -> ReLU -> 1x1 -> BN, identity shortcut."""
+    body = nn.Sequential(_conv(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         _conv(width, cin, 1, bias=False), nn.BatchNorm2d(cin))
+    return nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU())
+
+
+@pytest.fixture
+def own_gemm_on():
+    from cnet_ext import _conv as kernels
+    previous = kernels.gemm_kernel(True)
+    yield kernels
+    kernels.gemm_kernel(previous)
+
+
+def test_bottleneck_adds_its_input_gradient_in_the_gemm(rng, own_gemm_on, monkeypatch):
+    """An identity block whose body starts with a 1x1 convolution on cnet's GEMM: the
+    convolution adds its input gradient to the shortcut's (the masked gradient) in
+    the GEMM's store.  Finite differences in float64; in float32 the same values as
+    backward-then-add (Module._backward_into) and the same parameter gradients."""
+    kernels = own_gemm_on
+    accumulated = spy_gemm_accumulate(monkeypatch, kernels)
+    x = rng.standard_normal((3, 5, 4, 16))
+    check_gradients(_bottleneck(16, 8), x, max_checks=60, rtol=1e-5, atol=1e-7)
+    assert True in accumulated
+
+    from cnet.nn.conv import Conv2d
+    from cnet.nn.module import Module
+    xf = x.astype(np.float32)
+    g = rng.standard_normal(xf.shape).astype(np.float32)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Conv2d, "_backward_into", Module._backward_into)
+        cnet.manual_seed(0)
+        block = _bottleneck(16, 8).float()
+        with cnet.threads(2):
+            block(xf)
+            accumulated.clear()
+            g0 = g.copy()
+            gx = block.backward(g)
+        np.testing.assert_array_equal(g, g0)          # grad_out untouched
+        assert (True in accumulated) == fused
+        results.append([gx] + [p.grad.copy() for p in block.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 # -- fused add + ReLU -----------------------------------------------------------------

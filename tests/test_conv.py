@@ -8,7 +8,7 @@ import pytest
 import cnet
 from cnet import nn
 from cnet.nn import conv as conv_mod
-from helpers import check_gradients, torch_conv_grads
+from helpers import check_gradients, spy_gemm_accumulate, torch_conv_grads
 
 
 
@@ -1421,6 +1421,23 @@ def test_gemm_packed_matches_reference(dtype, rng, gemm_kernel_on):
         np.testing.assert_array_equal(c[:r0], 7)
         np.testing.assert_allclose(c[max(r0, 1):r1], (a @ b)[max(r0, 1):r1], rtol=tol,
                                    atol=tol * k)
+        # accumulate: C += A B (ReLU of the sum), rows outside [r0, r1) untouched
+        start = rng.standard_normal((m, n)).astype(dtype)
+        for relu in (False, True):
+            want = start.astype(np.float64) + a.astype(np.float64) @ b
+            if relu:
+                want = np.where(want < 0, 0, want)
+            got = {}
+            for threads in (1, 2):
+                c = start.copy()
+                _conv.gemm_packed(a, _conv.gemm_pack(b), c, None, relu, r0, r1, threads,
+                                  accumulate=True)
+                got[threads] = c
+            np.testing.assert_array_equal(got[1], got[2])
+            np.testing.assert_array_equal(got[1][:r0], start[:r0])
+            np.testing.assert_array_equal(got[1][r1:], start[r1:])
+            lo = max(r0, 1)
+            np.testing.assert_allclose(got[1][lo:r1], want[lo:r1], rtol=tol, atol=tol * k)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -1460,6 +1477,16 @@ def test_gemm_kernel_errors(gemm_kernel_on):
         _conv.gemm_packed(a, packed, c, None, False, 0, 9, 1)
     with pytest.raises(ValueError, match="bias of 3 values for 20"):
         _conv.gemm_packed(a, packed, c, np.zeros(3, np.float32), False, 0, 8, 1)
+    with pytest.raises(ValueError, match="a bias is not taken with it"):
+        _conv.gemm_packed(a, packed, c, np.zeros(20, np.float32), False, 0, 8, 1,
+                          accumulate=True)
+    square = np.zeros((8, 8), np.float32)
+    with pytest.raises(ValueError, match="A and C overlap"):
+        _conv.gemm_packed(square, _conv.gemm_pack(square), square, None, False, 0, 8, 1)
+    rows = np.zeros((16, 8), np.float32)
+    with pytest.raises(ValueError, match="A and C overlap"):   # C shares rows of A
+        _conv.gemm_packed(rows[:8], _conv.gemm_pack(square), rows[6:14], None, False, 0, 8, 1)
+    _conv.gemm_packed(rows[:8], _conv.gemm_pack(square), rows[8:], None, False, 0, 8, 1)
     with pytest.raises(ValueError, match="2-D float32/float64"):
         _conv.gemm_pack(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="out must be"):
@@ -1469,6 +1496,66 @@ def test_gemm_kernel_errors(gemm_kernel_on):
     with pytest.raises(ValueError, match="do not fit"):
         _conv.gemm_tn(a, np.zeros((8, 32), np.float32), np.zeros((6, 32), np.float32),
                       False, 0, 8, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_into_adds_the_input_gradient(dtype, rng, gemm_kernel_on, monkeypatch):
+    """Conv2d._backward_into(dy, into) leaves into + dL/dx and backward's weight and
+    bias gradients: in the GEMM's store for a 1x1 layer on cnet's GEMM (over
+    several chunks), by backward-then-add for a 3x3 layer, an ``into`` that is dy
+    itself, BLAS, and a backward replaced on the instance (a profiler's wrapper
+    must see its call); None and ``into`` untouched without an input gradient."""
+    _conv = gemm_kernel_on
+    monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1 << 16)   # several chunks
+    accumulated = spy_gemm_accumulate(monkeypatch, _conv)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    for cin, cout, kwargs, own, fused in [(40, 40, {}, True, True),
+                                         (24, 56, dict(bias=True), True, True),
+                                         (24, 56, dict(kernel_size=3, padding=1), True, False),
+                                         (24, 56, {}, False, False)]:
+        _conv.gemm_kernel(own)
+        conv = nn.Conv2d(cin, cout, kwargs.pop("kernel_size", 1), dtype=dtype,
+                         bias=kwargs.pop("bias", False), **kwargs)
+        x = rng.standard_normal((12, 9, 7, cin)).astype(dtype)
+        dy = rng.standard_normal(conv.output_shape(x.shape)).astype(dtype)
+        start = rng.standard_normal(x.shape).astype(dtype)
+        with cnet.threads(2):
+            conv.zero_grad()
+            conv(x)
+            dx = conv.backward(dy)
+            want = [p.grad.copy() for p in conv.parameters()]
+            conv.zero_grad()
+            conv(x)
+            into = start.copy()
+            accumulated.clear()
+            assert conv._backward_into(dy, into) is into
+        assert (True in accumulated) == fused
+        np.testing.assert_allclose(into, start + dx, rtol=tol, atol=tol)
+        for p, w in zip(conv.parameters(), want):
+            np.testing.assert_allclose(p.grad, w, rtol=tol, atol=tol)
+        if cin == cout:                      # into is dy: backward, then the add
+            conv(x)
+            both = dy.copy()
+            accumulated.clear()
+            conv._backward_into(both, both)
+            assert True not in accumulated
+            np.testing.assert_allclose(both, dy + dx, rtol=tol, atol=tol)
+    _conv.gemm_kernel(True)
+    conv = nn.Conv2d(16, 32, 1, dtype=dtype)
+    x = rng.standard_normal((4, 5, 5, 16)).astype(dtype)
+    dy = rng.standard_normal(conv.output_shape(x.shape)).astype(dtype)
+    seen = []
+    conv.backward = lambda g: seen.append(g) or nn.Conv2d.backward(conv, g)
+    conv(x)
+    into = np.zeros_like(x)
+    conv._backward_into(dy, into)
+    assert len(seen) == 1 and np.abs(into).max() > 0
+    del conv.backward
+    conv.requires_input_grad_(False)
+    conv(x)
+    into = np.ones_like(x)
+    assert conv._backward_into(dy, into) is None
+    np.testing.assert_array_equal(into, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -4,7 +4,7 @@ import numpy as np
 from cnet_ext import _elementwise
 
 from .._threads import num_threads
-from .module import Module, require_cache, residual_fits
+from .module import Module, add_into, require_cache, residual_fits
 
 
 class Sequential(Module):
@@ -103,8 +103,19 @@ class Sequential(Module):
         return x, False
 
     def backward(self, grad):
+        return self._backward_steps(grad, None)
+
+    def _backward_into(self, grad, into):
+        """The first layer adds its input gradient into ``into`` itself (see
+        Module._backward_into)."""
+        if "backward" in self.__dict__:          # a profiler's wrapper sees its call
+            return super()._backward_into(grad, into)
+        return self._backward_steps(grad, into)
+
+    def _backward_steps(self, grad, into):
         plan = self._plan or self._build_plan()
         i = len(plan) - 1
+        added = into is None
         while i >= 0:
             layer = plan[i]
             before = plan[i - 1] if i > 0 else None
@@ -114,10 +125,15 @@ class Sequential(Module):
                     and hasattr(before, "backward_through_pool")):
                 grad = before.backward_through_pool(layer, grad)
                 i -= 2
+            elif i == 0 and not added:
+                grad, added = layer._backward_into(grad, into), True
+                i -= 1
             else:
                 grad = layer.backward(grad)
                 i -= 1
-        return grad if self.input_grad else None
+        if not self.input_grad:
+            return None
+        return grad if added else add_into(into, grad)
 
 
 class _Branches(Module):
@@ -162,6 +178,10 @@ class _Branches(Module):
         grads_in = [branch.backward(g) for branch, g in zip(self.branches, grads)]
         if not self.input_grad:
             return None
+        return self._sum_grads(grads_in, out)
+
+    def _sum_grads(self, grads_in, out=None):
+        """The sum of the branches' input gradients, into ``out`` where it fits."""
         if len(grads_in) == 1:
             return grads_in[0]
         grads_in = [np.ascontiguousarray(g) for g in grads_in]
@@ -180,7 +200,9 @@ class Add(_Branches):
     ``Sequential(Add(body, shortcut), ReLU())`` is the ResNet block: Sequential
     calls ``fuse_relu()`` and the add and the ReLU run as one pass (backward
     masks the gradient by the cached output, into a scratch array that then
-    receives the branches' summed input gradients).
+    receives the branches' summed input gradients; with an identity shortcut the
+    body adds its input gradient into it itself, in the GEMM's store where it
+    starts with a 1x1 convolution: see Module._backward_into).
     """
 
     def __init__(self, *branches):
@@ -244,6 +266,14 @@ class Add(_Branches):
                              f"{y.shape} {y.dtype}")
         masked = np.empty_like(y)
         _elementwise.relu_backward(np.ascontiguousarray(grad), y, masked, num_threads())
+        if self.input_grad and len(self.branches) == 2:
+            shortcut_grad = self.branches[1].backward(masked)
+            if shortcut_grad is masked:
+                # An identity shortcut's input gradient is `masked` itself: the body
+                # adds its own into it (Module._backward_into; a bottleneck's first
+                # 1x1 convolution in its GEMM's store): no add pass over the input.
+                return self.branches[0]._backward_into(masked, masked)
+            return self._sum_grads([self.branches[0].backward(masked), shortcut_grad], masked)
         # `masked` is ours: once every branch is done with it, it takes the sum
         return self._backward_branches([masked] * len(self.branches), out=masked)
 

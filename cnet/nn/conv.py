@@ -963,6 +963,22 @@ class Conv2d(Module):
     def backward(self, grad_out):
         return self._backward(grad_out)
 
+    def _backward_into(self, grad_out, into):
+        """A 1x1 layer on cnet's GEMM adds its input gradient to ``into`` in the
+        GEMM's store (C += dY W^T); elsewhere Module's backward-then-add.  ResNeXt-29
+        training, 2 threads: the add pass of its six identity blocks saved (see
+        bench/RESULTS.md)."""
+        x = self._x
+        if ("backward" in self.__dict__ or x is None or not self.input_grad
+                or not residual_fits(into, x.shape, x.dtype)
+                or not isinstance(grad_out, np.ndarray) or np.may_share_memory(into, grad_out)
+                or np.may_share_memory(into, x) or not self._own_gemm()):
+            return super()._backward_into(grad_out, into)
+        ws = self._workspace(x, self.output_shape(x.shape))
+        if ws["paths"][2] != "pointwise" or ws["regions"] is not None:
+            return super()._backward_into(grad_out, into)
+        return self._backward(grad_out, into=into)
+
     def backward_through_pool(self, pool, grad):
         """The backward of this layer and the MaxPool2d right after it (Sequential's
         plan), given the pool's output gradient: ``self.backward(pool.backward(grad))``.
@@ -996,7 +1012,9 @@ class Conv2d(Module):
         return (not self.input_grad and ws["regions"] is None
                 and self._narrow_weight_grad(ws, x.dtype))
 
-    def _backward(self, grad_out, pooled=None):
+    def _backward(self, grad_out, pooled=None, into=None):
+        """dL/dx (added to ``into`` instead: only on the own-GEMM 1x1 path, see
+        _backward_into)."""
         x = require_cache(self, self._x)
         w = self.weight.data
         out_shape = self.output_shape(x.shape)
@@ -1071,7 +1089,7 @@ class Conv2d(Module):
                     and own_gemm else None)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = None if dy is None else dy.reshape(-1, cout)
-        dx = None if dx_path is None else np.empty_like(x)
+        dx = None if dx_path is None else into if into is not None else np.empty_like(x)
         dx2 = None if dx_path is None else dx.reshape(-1, self.in_channels)
 
         def stripe(s, wid, kt):
@@ -1120,7 +1138,8 @@ class Conv2d(Module):
                 elif dx_path == "depthwise":
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise" and packed_t is not None:
-                    _conv.gemm_packed(dy2, packed_t, dx2, None, False, r0, r1, kt)
+                    _conv.gemm_packed(dy2, packed_t, dx2, None, False, r0, r1, kt,
+                                      accumulate=into is not None)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif dx_path == "scatter":

@@ -14,6 +14,10 @@ from collections import OrderedDict
 
 import numpy as np
 
+from cnet_ext import _elementwise
+
+from .._threads import num_threads
+
 
 class Parameter:
     """A trainable array: ``.data`` and ``.grad`` are numpy arrays of one shape.
@@ -188,6 +192,14 @@ class Module:
 
     def backward(self, grad_out):
         raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def _backward_into(self, grad_out, into):
+        """backward, its input gradient added to ``into`` (an array of the input's
+        shape that the caller owns; it may be grad_out itself): returns into, or
+        None where this module computes no input gradient.  A residual join uses it
+        (Add): layers whose last pass can add dL/dx in place (Conv2d's 1x1 on
+        cnet's GEMM) save the add pass over the input; the rest add backward's."""
+        return add_into(into, self.backward(grad_out))
 
     def __call__(self, x):
         return self.forward(x)
@@ -392,3 +404,17 @@ def residual_fits(residual, shape, dtype):
     exactly that shape and dtype."""
     return (isinstance(residual, np.ndarray) and residual.shape == tuple(shape)
             and residual.dtype == dtype and residual.flags.c_contiguous)
+
+
+def add_into(into, grad):
+    """into += grad in one parallel pass (Module._backward_into); returns into, or
+    None when grad is None (no input gradient was computed)."""
+    if grad is None:
+        return None
+    if not (residual_fits(into, grad.shape, grad.dtype)):
+        raise ValueError(f"gradient sum: cannot add a {grad.dtype} {grad.shape} gradient into "
+                         f"{getattr(into, 'dtype', type(into).__name__)} "
+                         f"{getattr(into, 'shape', '')} (a C-contiguous array of its shape "
+                         "and dtype)")
+    _elementwise.add(into, np.ascontiguousarray(grad), into, False, num_threads())
+    return into
