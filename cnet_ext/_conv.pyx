@@ -2912,17 +2912,18 @@ cdef extern from *:
        (init 2: a later block of K, or accumulate); init 3 starts at zero and adds
        C at the store (accumulate into C from memory: its lines arrive while the
        sums run instead of stalling the tile's start); relu at the store. */
-    /* acc += the tile's C (CNET_GEMM_TILE); a partial tile through a buffer: acc
-       indexed by a variable would live in memory in every tile. */
-    #define CNET_GEMM_ADD_C(T, VTU, VW, NV)                                                 \
+    /* acc OP the tile's C (OP = to load, += to add; inside CNET_GEMM_TILE); a partial
+       tile through a buffer: acc indexed by a variable would live in memory in every
+       tile. */
+    #define CNET_GEMM_TILE_C(T, VTU, VW, NV, OP)                                            \
         do {                                                                                \
             T part[NV * VW] = {0};                                                          \
             for (int p = 0; p < CNET_GEMM_MR; p++) {                                        \
                 if (full) {                                                                 \
-                    for (int v = 0; v < NV; v++) acc[p][v] += *(const VTU*)(c + p * ldc + v * VW); \
+                    for (int v = 0; v < NV; v++) acc[p][v] OP *(const VTU*)(c + p * ldc + v * VW); \
                 } else if (p < rows) {                                                      \
                     memcpy(part, c + p * ldc, cols * sizeof(T));                            \
-                    for (int v = 0; v < NV; v++) acc[p][v] += *(const VTU*)(part + v * VW); \
+                    for (int v = 0; v < NV; v++) acc[p][v] OP *(const VTU*)(part + v * VW); \
                 }                                                                           \
             }                                                                               \
         } while (0)
@@ -2952,7 +2953,7 @@ cdef extern from *:
             if (init == 1) b0 = *(const VTU*)(bias + v * VW);                               \
             for (int p = 0; p < CNET_GEMM_MR; p++) acc[p][v] = b0;                          \
         }                                                                                   \
-        if (init == 2) CNET_GEMM_ADD_C(T, VTU, VW, NV);                                     \
+        if (init == 2) CNET_GEMM_TILE_C(T, VTU, VW, NV, =);                                 \
         for (Py_ssize_t k = 0; k < kc; k++) {                                               \
             VT b[NV];                                                                       \
             for (int v = 0; v < NV; v++) b[v] = *(const VTU*)(bp + k * bks + v * VW);       \
@@ -2962,7 +2963,7 @@ cdef extern from *:
                 for (int v = 0; v < NV; v++) acc[p][v] += av * b[v];                        \
             }                                                                               \
         }                                                                                   \
-        if (init == 3) CNET_GEMM_ADD_C(T, VTU, VW, NV);                                     \
+        if (init == 3) CNET_GEMM_TILE_C(T, VTU, VW, NV, +=);                                \
         if (relu) {                                                                         \
             /* max(acc, 0) by a mask, NaN passed through (as cnet_relu) */                  \
             VT zero = {0};                                                                  \
