@@ -61,7 +61,7 @@ from .. import init
 from .. import _threads
 from .._args import int_pair
 from .._threads import num_threads
-from .module import Module, Parameter, check_input, require_cache, residual_fits
+from .module import Module, Parameter, add_into, check_input, require_cache, residual_fits
 
 __all__ = ["Conv2d", "Linear"]
 
@@ -965,17 +965,14 @@ class Conv2d(Module):
 
     def _backward_into(self, grad_out, into):
         """A 1x1 layer on cnet's GEMM adds its input gradient to ``into`` in the
-        GEMM's store (C += dY W^T); elsewhere Module's backward-then-add.  ResNeXt-29
-        training, 2 threads: the add pass of its six identity blocks saved (see
-        bench/RESULTS.md)."""
+        GEMM's store (C += dY W^T); elsewhere backward, then the add (_backward
+        decides).  ResNeXt-29 training, 2 threads: the add pass of its six identity
+        blocks saved (see bench/RESULTS.md)."""
         x = self._x
         if ("backward" in self.__dict__ or x is None or not self.input_grad
                 or not residual_fits(into, x.shape, x.dtype)
                 or not isinstance(grad_out, np.ndarray) or np.may_share_memory(into, grad_out)
-                or np.may_share_memory(into, x) or not self._own_gemm()):
-            return super()._backward_into(grad_out, into)
-        ws = self._workspace(x, self.output_shape(x.shape))
-        if ws["paths"][2] != "pointwise" or ws["regions"] is not None:
+                or np.may_share_memory(into, x)):
             return super()._backward_into(grad_out, into)
         return self._backward(grad_out, into=into)
 
@@ -1013,8 +1010,8 @@ class Conv2d(Module):
                 and self._narrow_weight_grad(ws, x.dtype))
 
     def _backward(self, grad_out, pooled=None, into=None):
-        """dL/dx (added to ``into`` instead: only on the own-GEMM 1x1 path, see
-        _backward_into)."""
+        """dL/dx, or ``into`` + dL/dx (see _backward_into): in the GEMM's store on
+        the own-GEMM 1x1 path, else by an add after the backward."""
         x = require_cache(self, self._x)
         w = self.weight.data
         out_shape = self.output_shape(x.shape)
@@ -1089,7 +1086,9 @@ class Conv2d(Module):
                     and own_gemm else None)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = None if dy is None else dy.reshape(-1, cout)
-        dx = None if dx_path is None else into if into is not None else np.empty_like(x)
+        # into + dL/dx straight from the GEMM's store where the 1x1 runs on it
+        into_gemm = into is not None and dx_path == "pointwise" and packed_t is not None
+        dx = None if dx_path is None else into if into_gemm else np.empty_like(x)
         dx2 = None if dx_path is None else dx.reshape(-1, self.in_channels)
 
         def stripe(s, wid, kt):
@@ -1139,7 +1138,7 @@ class Conv2d(Module):
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise" and packed_t is not None:
                     _conv.gemm_packed(dy2, packed_t, dx2, None, False, r0, r1, kt,
-                                      accumulate=into is not None)
+                                      accumulate=into_gemm)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif dx_path == "scatter":
@@ -1182,6 +1181,8 @@ class Conv2d(Module):
                 np.add(target, slots[s], out=target)
         if self.bias is not None and not bias_done:
             _bias_grad(dy2, self.bias.grad)
+        if into is not None and not into_gemm:
+            return add_into(into, dx)
         return dx
 
 
