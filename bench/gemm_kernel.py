@@ -7,7 +7,9 @@ forward / dx: C = A B with A an NHWC map read in place (M = batch * H * W rows)
 and B the weight packed once (cnet: _conv.gemm_pack, timed apart; the layers pack
 per call).  dW: gw += A^T dY summed over a chunk's rows, as Conv2d's backward
 runs it per chunk (cnet: _conv.gemm_tn accumulating in place; BLAS and torch: the
-product into a buffer, then an add).  Contenders alternate in rounds in one
+product into a buffer, then an add).  dx+=: C += A B, a residual block's input
+gradient added to the shortcut's (cnet: gemm_packed(accumulate=True), C added in
+the store; numpy: the product into a buffer, then an add; torch: addmm_).  Contenders alternate in rounds in one
 process (bench/_timing.py); a row's figure is the best round's median.  Ratios
 are cnet / best other (< 1: cnet faster).  Without AVX-512 cnet's layers use BLAS
 for these products (_conv.gemm_kernel()); the kernels still run here.
@@ -64,7 +66,7 @@ def main(argv=None):
     header = f"{'layer':16} {'product':7} {'M x K x N':>18} {'cnet':>8} {'pack':>6} {'numpy':>8}"
     print(header + (f" {'torch':>8}" if torch else "") + f" {'ratio':>6}")
     for label, (m, k, n) in LAYERS.items():
-        for product in ("forward", "dx", "dW"):
+        for product in ("forward", "dx", "dx+=", "dW"):
             if product == "dW":
                 rows = _chunk_rows(m, k)
                 x = rng.standard_normal((rows, k), dtype=np.float32)
@@ -80,18 +82,22 @@ def main(argv=None):
                                                    gwt.add_(tt))
                 shape, pack_ms = (k, rows, n), None
             else:
-                kk, nn_ = (k, n) if product == "forward" else (n, k)
+                kk, nn_ = (k, n) if product == "forward" else (n, k)   # dx: dY W^T
                 a = rng.standard_normal((m, kk), dtype=np.float32)
                 b = rng.standard_normal((kk, nn_), dtype=np.float32)
-                c = np.empty((m, nn_), np.float32)
+                c = rng.standard_normal((m, nn_), dtype=np.float32)
                 packed = _conv.gemm_pack(b, None, args.threads)
+                add = product == "dx+="
+                tmp = np.empty_like(c) if add else c
                 contenders = {
                     "cnet": lambda: _conv.gemm_packed(a, packed, c, None, False, 0, m,
-                                                      args.threads),
-                    "numpy": lambda: np.matmul(a, b, out=c)}
+                                                      args.threads, accumulate=add),
+                    "numpy": lambda: (np.matmul(a, b, out=tmp),
+                                      np.add(c, tmp, out=c) if add else None)}
                 if torch:
                     at, bt, ct = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
-                    contenders["torch"] = lambda: torch.matmul(at, bt, out=ct)
+                    contenders["torch"] = ((lambda: ct.addmm_(at, bt)) if add else
+                                           (lambda: torch.matmul(at, bt, out=ct)))
                 pack_ms = best_of_rounds({"p": lambda: _conv.gemm_pack(b, packed, args.threads)},
                                          1, args.reps)["p"]
                 shape = (m, kk, nn_)

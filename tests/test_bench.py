@@ -192,6 +192,6 @@ def test_gemm_kernel_bench_times_every_product(monkeypatch, capsys):
     gemm_kernel.main(["--threads", "1", "--rounds", "1", "--reps", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("tiny")]
-    assert [r[1] for r in rows] == ["forward", "dx", "dW"]
-    assert [r[2] for r in rows] == ["128x32x64", "128x64x32", "32x128x64"]
+    assert [r[1] for r in rows] == ["forward", "dx", "dx+=", "dW"]
+    assert [r[2] for r in rows] == ["128x32x64", "128x64x32", "128x64x32", "32x128x64"]
     assert all(float(r[-1]) > 0 for r in rows)
