@@ -113,6 +113,30 @@ cdef extern from *:
     void cnet_bias_act_f64(double*, const double*, Py_ssize_t, Py_ssize_t, int) noexcept nogil
 
 
+# Row parts start at multiples of this many rows.  A BLAS kernel runs whole blocks of
+# rows (its register tile: 12 for OpenBLAS's Haswell sgemm, 2 for its dgemm) with one
+# instruction sequence and a last partial block with another, whose sums can round
+# differently (Zen 5 with OPENBLAS_CORETYPE=Haswell: a 513-row product split at any
+# row but a multiple of 12 changed 2-9% of the elements).  Splits at a multiple of
+# every such block leave each row in the kind of block the whole product puts it in.
+cdef enum:
+    _ROW_ALIGN = 48
+ROW_ALIGN = _ROW_ALIGN
+
+
+cdef inline Py_ssize_t _row_bound(Py_ssize_t m, Py_ssize_t part, Py_ssize_t parts) noexcept nogil:
+    """First row of row part ``part`` of ``parts`` (m at part == parts): the even
+    split rounded to the nearest multiple of ROW_ALIGN; a part may be empty."""
+    cdef Py_ssize_t r = (m * part // parts + _ROW_ALIGN // 2) // _ROW_ALIGN * _ROW_ALIGN
+    return m if part >= parts or r > m else r
+
+
+def row_bound(Py_ssize_t m, Py_ssize_t part, Py_ssize_t parts):
+    """First row of part ``part`` of an m-row product split in ``parts`` (_row_bound):
+    where gemms and cnet's Python row parts split a product."""
+    return _row_bound(m, part, parts)
+
+
 cdef struct GemmJob:
     int ta, tb
     Py_ssize_t m, n, k, step_a, parts, first_task
@@ -129,8 +153,8 @@ def gemms(jobs, int n_threads, bint blas_pool=False):
     """Several independent GEMMs in one parallel region: for each job
     ``(a, b, out, parts, accumulate, bias, relu)``, out = a @ b (out += a @ b with
     ``accumulate``), then out += bias (a 1-D array of out's columns, or None) and
-    ReLU where ``relu`` is set, each row part [m * i // parts, m * (i + 1) // parts)
-    one task: its cblas call and its epilogue while the rows are in cache.  Tasks
+    ReLU where ``relu`` is set, each row part [row_bound(m, i, parts), row_bound(m,
+    i + 1, parts)) one task: its cblas call and its epilogue while the rows are in cache.  Tasks
     are dealt round-robin over an n_threads OpenMP team, BLAS pinned to one
     thread meanwhile (here where set_gemm gave its thread-count functions, see
     pins_blas, else by the caller), unless ``blas_pool`` (one thread running
@@ -216,8 +240,10 @@ cdef inline void _run_task(GemmJob* js, Py_ssize_t n_jobs, Py_ssize_t task,
     while j + 1 < n_jobs and task >= js[j + 1].first_task:
         j += 1
     part = task - js[j].first_task
-    r0 = js[j].m * part // js[j].parts
-    r1 = js[j].m * (part + 1) // js[j].parts
+    r0 = _row_bound(js[j].m, part, js[j].parts)
+    r1 = _row_bound(js[j].m, part + 1, js[j].parts)
+    if r1 == r0:
+        return
     _call(single, js[j].ta, js[j].tb, r1 - r0, js[j].n, js[j].k, js[j].pa, js[j].lda,
           js[j].pb, js[j].ldb, js[j].pc, r0 * js[j].step_a, r0 * js[j].n, js[j].accumulate)
     if js[j].pbias or js[j].relu:

@@ -1069,23 +1069,37 @@ def test_gemms_row_parts_and_refusals(rng):
     from cnet.nn import conv as conv_mod
     if not conv_mod._cblas_ready():
         pytest.skip("numpy's BLAS has no cblas symbols cnet knows")
-    a = rng.standard_normal((37, 20)).astype(np.float32)
+    a = rng.standard_normal((237, 20)).astype(np.float32)
     b = rng.standard_normal((20, 9)).astype(np.float32)
-    out = np.full((37, 9), np.nan, np.float32)
+    out = np.full((237, 9), np.nan, np.float32)
 
     def rows(a, b, out, parts):
         return _blas.gemms([(a, b, out, parts, False, None, False)], 2)
 
     assert rows(a, b, out, 5)
-    for i in range(5):                      # each part is one BLAS call on its rows
-        r0, r1 = 37 * i // 5, 37 * (i + 1) // 5
+    bounds = [_blas.row_bound(237, i, 5) for i in range(6)]
+    assert bounds == [0, 48, 96, 144, 192, 237]
+    for r0, r1 in zip(bounds, bounds[1:]):  # each part is one BLAS call on its rows
         np.testing.assert_array_equal(out[r0:r1], a[r0:r1] @ b)
-    with pytest.raises(ValueError, match="38 row parts of 37 rows"):
-        rows(a, b, out, 38)
+    with pytest.raises(ValueError, match="238 row parts of 237 rows"):
+        rows(a, b, out, 238)
     assert not rows(a[:, ::2], b[::2], out, 2)                            # strided: declined
     assert not rows(a, b, np.zeros((9, 37), np.float32).T, 2)
     assert not rows(a.astype(np.float64), b, out, 2)                     # mixed dtypes
     assert not rows(a, b[:19], out, 2)                                   # shapes
+
+
+@pytest.mark.parametrize("m,parts", [(1, 1), (7, 2), (37, 5), (256, 2), (513, 3), (4096, 7)])
+def test_row_bounds_cover_the_rows_at_aligned_splits(m, parts):
+    """Row parts tile [0, m) in order, every inner split a multiple of ROW_ALIGN
+    (a BLAS block boundary) and within half of it of the even split."""
+    from cnet_ext import _blas
+    bounds = [_blas.row_bound(m, i, parts) for i in range(parts + 1)]
+    assert bounds[0] == 0 and bounds[-1] == m
+    assert all(r0 <= r1 for r0, r1 in zip(bounds, bounds[1:]))
+    for i, r in enumerate(bounds[1:-1], 1):
+        assert r == m or r % _blas.ROW_ALIGN == 0
+        assert abs(r - m * i // parts) <= _blas.ROW_ALIGN // 2
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

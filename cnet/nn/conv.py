@@ -272,11 +272,13 @@ def _gemm(a, b, out):
         if parts < nt:
             np.matmul(a, b, out=out)
             return
-    bounds = [(m * i // parts, m * (i + 1) // parts) for i in range(parts)]
+    bounds = [(_blas.row_bound(m, i, parts), _blas.row_bound(m, i + 1, parts))
+              for i in range(parts)]
 
     def part(t, worker, kernel_threads):
         r0, r1 = bounds[t]
-        np.matmul(a[r0:r1], b, out=out[r0:r1])
+        if r1 > r0:
+            np.matmul(a[r0:r1], b, out=out[r0:r1])
 
     _run_tasks(part, parts, nt)
 
