@@ -1,4 +1,4 @@
-"""The machine's measured sgemm ceiling: np.matmul float32 GFLOP/s.
+"""The machine's measured sgemm ceiling: float32 GEMM GFLOP/s (np.matmul, and cnet's own kernel).
 
     python bench/gemm_ceiling.py [--threads 1,2] [--repeats 7] [--json out.json]
 
@@ -9,10 +9,17 @@ inner dimension, a grouped layer's per-group product), at each thread count,
 with numpy's BLAS pool limited by threadpoolctl.  "2x1" is two Python threads
 each running its own products with a one-thread BLAS: how cnet's Conv2d uses
 two cores (chunk-parallel workers), so that column is the ceiling of that design.
+"cnet t": cnet's own GEMM kernel on t threads, where the machine has it
+(ungrouped shapes).
 
 GFLOP/s = 2*M*K*N / median time.  throughput.py calls ``ceiling()`` between
 models so every model's GFLOP/s is compared with a ceiling measured in the same
-run, under the same load.
+run, under the same load.  The ceiling is the faster of numpy's BLAS and cnet's
+own GEMM kernel (_conv.gemm_packed, where the machine has it) on the square 2048
+product: numpy's BLAS alone need not be the machine's best sgemm (a Zen 5 under
+OPENBLAS_CORETYPE=Haswell: OpenBLAS 228-236 GFLOP/s on two cores, cnet's kernel
+456 at square 2048, where whole models ran at 300-490 and read as 130-207% of
+"the ceiling").
 """
 import argparse
 import json
@@ -105,12 +112,48 @@ def sgemm_gflops_workers(m, k, n, workers, repeats=7, groups=1, min_seconds=0.05
     return median(samples)
 
 
-def ceiling(threads, repeats=5):
-    """The reference ceiling at ``threads``: square 2048 sgemm GFLOP/s, the best
-    sample (a ceiling is what the machine can do; on a shared machine the median
-    says more about the other processes)."""
+def own_gemm_gflops(m, k, n, threads, repeats=7, best=False, min_seconds=0.05):
+    """GFLOP/s of cnet's own GEMM kernel (_conv.gemm_packed, B packed once) on an
+    (m, k) by (k, n) float32 product on ``threads`` threads, or None where this
+    machine has no such kernel (no AVX-512)."""
+    from cnet_ext import _conv
+    if not _conv.gemm_kernel():
+        return None
+    a, b, c = (x[0] for x in _operands(m, k, n, 1))
+    packed = _conv.gemm_pack(b, None, threads)
+
+    def product():
+        _conv.gemm_packed(a, packed, c, None, False, 0, m, threads)
+    product()
+    t0 = time.perf_counter()
+    product()
+    inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            product()
+        samples.append(2.0 * m * k * n * inner / (time.perf_counter() - t0) / 1e9)
+    return max(samples) if best else median(samples)
+
+
+def ceiling_sources(threads, repeats=5):
+    """{source: best-sample GFLOP/s} of the square 2048 product at ``threads``:
+    numpy's BLAS ("blas") and, where the machine has it, cnet's own kernel
+    ("cnet")."""
     m, k, n, g = SHAPES["square 2048"]
-    return sgemm_gflops(m, k, n, threads, repeats, g, best=True)
+    found = {"blas": sgemm_gflops(m, k, n, threads, repeats, g, best=True)}
+    own = own_gemm_gflops(m, k, n, threads, repeats, best=True)
+    if own is not None:
+        found["cnet"] = own
+    return found
+
+
+def ceiling(threads, repeats=5):
+    """The reference ceiling at ``threads``: the faster of ceiling_sources, each its
+    best sample (a ceiling is what the machine can do; on a shared machine the
+    median says more about the other processes)."""
+    return max(ceiling_sources(threads, repeats).values())
 
 
 def main(argv=None):
@@ -133,13 +176,19 @@ def main(argv=None):
         r = {f"{t}": sgemm_gflops(m, k, n, t, args.repeats, g, best=args.best) for t in threads}
         if max(threads) > 1:
             r[f"{max(threads)}x1"] = sgemm_gflops_workers(m, k, n, max(threads), args.repeats, g)
+        if g == 1:
+            for t in threads:
+                own = own_gemm_gflops(m, k, n, t, args.repeats, best=args.best)
+                if own is not None:
+                    r[f"cnet {t}"] = own
         results[label] = r
         print(f"  {label:52s} " + "  ".join(f"{c}: {v:7.1f}" for c, v in r.items()), flush=True)
-    cols = list(next(iter(results.values())).keys()) if results else []
+    cols = list(dict.fromkeys(c for r in results.values() for c in r))
     print()
     print(f"GFLOP/s, {'best' if args.best else 'median'} of {args.repeats} samples")
     print(table(["shape (M x K x N)"] + [f"GFLOP/s {c} thr" for c in cols],
-                [[label] + [f"{r[c]:.1f}" for c in cols] for label, r in results.items()]))
+                [[label] + [f"{r[c]:.1f}" if c in r else "-" for c in cols]
+                 for label, r in results.items()]))
     info["loadavg_end"] = os.getloadavg()
     print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in info['loadavg_end'])}")
     if args.json:

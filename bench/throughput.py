@@ -22,7 +22,8 @@ How it measures:
 - GFLOP/s from cnet.summary's forward FLOPs (training counts 3x forward:
   forward, input gradient, weight gradient).  "%sgemm" divides it by the square
   2048 sgemm GFLOP/s at the same thread count, measured by this run between
-  models (bench/gemm_ceiling.py; the best sample: what the machine can do).
+  models (bench/gemm_ceiling.py; the best sample of the faster of numpy's BLAS
+  and cnet's own GEMM kernel: what the machine can do).
 - Peak memory: each worker is its own process; after its imports it resets the
   kernel's peak-RSS mark (Linux clear_refs) and reads its RSS; the reported
   figure is the peak RSS (VmHWM) after all its iterations minus that baseline:
@@ -306,7 +307,24 @@ LABELS = {"torch_nchw": "torch NCHW ms", "torch_cl": "torch CL ms",
           "torch_cl_malloc": "torch CL malloc ms"}
 
 
-def report(results, ceilings, have_torch):
+_SOURCE_NAMES = {"blas": "numpy's BLAS", "cnet": "cnet's own GEMM"}
+
+
+def ceiling_sources(probes):
+    """{threads: {source: best GFLOP/s}} from a run's sgemm probes (each a
+    gemm_ceiling.ceiling_sources dict; a plain number, numpy's BLAS, in older files)."""
+    out = {}
+    for t, samples in probes.items():
+        best = {}
+        for probe in samples:
+            for src, v in (probe.items() if isinstance(probe, dict) else [("blas", probe)]):
+                best[src] = max(best.get(src, 0.0), v)
+        if best:
+            out[int(t)] = best
+    return out
+
+
+def report(results, ceilings, have_torch, sources=None):
     lines = []
     header = ["model", "thr", "mode", "cnet ms", "cnet img/s", "cnet GFLOP/s", "%sgemm",
               "cnet MB", "iqr"]
@@ -353,8 +371,16 @@ def report(results, ceilings, have_torch):
         lines.append(table(["model", "mode", f"cnet {lo}->{hi} thr speed-up"]
                            + ([f"torch (best layout) {lo}->{hi}"] if have_torch else []), srows))
     lines.append("")
-    lines.append("sgemm ceiling (square 2048, GFLOP/s, best sample of the probes of this run): "
-                 + ", ".join(f"{t} thr {v:.1f}" for t, v in sorted(ceilings.items())))
+    def which(t):
+        found = (sources or {}).get(t)
+        if not found or len(found) < 2:
+            return ""
+        top = max(found, key=found.get)
+        rest = "; ".join(f"{_SOURCE_NAMES.get(s, s)} {v:.1f}" for s, v in found.items() if s != top)
+        return f" ({_SOURCE_NAMES.get(top, top)}; {rest})"
+    lines.append("sgemm ceiling (square 2048, GFLOP/s, best sample of the probes of this run, "
+                 "the faster of numpy's BLAS and cnet's own GEMM kernel): "
+                 + ", ".join(f"{t} thr {v:.1f}{which(t)}" for t, v in sorted(ceilings.items())))
     return "\n".join(lines)
 
 
@@ -402,12 +428,13 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)
-        probes = data.get("ceiling_probes") or {}
-        ceilings = ({int(t): max(v) for t, v in probes.items() if v} if probes
+        sources = ceiling_sources(data.get("ceiling_probes") or {})
+        ceilings = ({t: max(v.values()) for t, v in sources.items()} if sources
                     else {int(t): v for t, v in data["ceilings"].items()})
         results = [derive(r, ceilings) for r in data["results"]]
         print(format_machine(data["machine"]))
-        print(report(results, ceilings, any(len(r["frameworks"]) > 1 for r in results)))
+        print(report(results, ceilings, any(len(r["frameworks"]) > 1 for r in results),
+                     sources))
         return results
     if args.quick:
         args.repeats, args.rounds, args.budget, args.min_repeats = 3, 1, 10.0, 1
@@ -449,7 +476,7 @@ def main(argv=None):
         if not args.no_ceiling:
             import gemm_ceiling
             for t in threads:
-                probes[t].append(gemm_ceiling.ceiling(t, repeats=3))
+                probes[t].append(gemm_ceiling.ceiling_sources(t, repeats=3))
         for t in threads:
             for mode in modes:
                 r = run_config(model, t, mode, frameworks, args, print)
@@ -463,12 +490,13 @@ def main(argv=None):
     if not args.no_ceiling:
         import gemm_ceiling
         for t in threads:
-            probes[t].append(gemm_ceiling.ceiling(t, repeats=3))
-    ceilings = {t: max(v) for t, v in probes.items() if v}
+            probes[t].append(gemm_ceiling.ceiling_sources(t, repeats=3))
+    sources = ceiling_sources(probes)
+    ceilings = {t: max(v.values()) for t, v in sources.items()}
     for r in results:
         derive(r, ceilings)
     print()
-    print(report(results, ceilings, have_torch))
+    print(report(results, ceilings, have_torch, sources))
     info["loadavg_end"] = os.getloadavg()
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in info['loadavg_end'])}; "
           f"total {time.time() - t_start:.0f} s")

@@ -160,6 +160,9 @@ def test_gemm_probe_and_helpers():
     assert gemm_ceiling.sgemm_gflops(64, 32, 16, 1, repeats=2, min_seconds=1e-3) > 0
     assert gemm_ceiling.sgemm_gflops(32, 16, 8, 1, repeats=1, groups=3, min_seconds=1e-3) > 0
     assert gemm_ceiling.sgemm_gflops_workers(64, 32, 16, 2, repeats=1, min_seconds=1e-3) > 0
+    own = gemm_ceiling.own_gemm_gflops(96, 64, 80, 1, repeats=1, min_seconds=1e-3)
+    from cnet_ext import _conv
+    assert (own > 0) if _conv.gemm_kernel() else own is None
     assert common.spread([1.0, 1.0, 1.0, 1.0]) == 0.0
     assert common.reset_peak_rss() > 0 and common.peak_rss_kb() > 0
     t = common.table(["a", "b"], [["x", 1], ["yy", 22]])
@@ -195,3 +198,16 @@ def test_gemm_kernel_bench_times_every_product(monkeypatch, capsys):
     assert [r[1] for r in rows] == ["forward", "dx", "dx+=", "dW"]
     assert [r[2] for r in rows] == ["128x32x64", "128x64x32", "128x64x32", "32x128x64"]
     assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_ceiling_is_the_faster_source_and_reads_old_probes():
+    """The ceiling per thread count is the best sample of any source, the report
+    names the source it came from; older JSON files held plain numbers (BLAS)."""
+    sources = throughput.ceiling_sources({"2": [{"blas": 230.0, "cnet": 410.0},
+                                                {"blas": 236.0, "cnet": 402.0}],
+                                          1: [120.0, 118.0]})
+    assert sources == {2: {"blas": 236.0, "cnet": 410.0}, 1: {"blas": 120.0}}
+    ceilings = {t: max(v.values()) for t, v in sources.items()}
+    line = throughput.report([], ceilings, False, sources).splitlines()[-1]
+    assert "2 thr 410.0 (cnet's own GEMM; numpy's BLAS 236.0)" in line
+    assert "1 thr 120.0" in line and "1 thr 120.0 (" not in line
