@@ -43,7 +43,7 @@ cdef extern from *:
                                            Py_ssize_t ds) {
         switch (b) {
             CNET_SCATTER_CASE(4) CNET_SCATTER_CASE(8) CNET_SCATTER_CASE(16)
-            CNET_SCATTER_CASE(32) CNET_SCATTER_CASE(64) CNET_SCATTER_CASE(128)                 \
+            CNET_SCATTER_CASE(32) CNET_SCATTER_CASE(64) CNET_SCATTER_CASE(128)
             CNET_SCATTER_CASE(256)
             default: for (Py_ssize_t g = 0; g < G; g++) memcpy(d + g * ds, s + g * b, b);
         }
