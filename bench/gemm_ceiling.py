@@ -12,7 +12,7 @@ two cores (chunk-parallel workers), so that column is the ceiling of that design
 "cnet t": cnet's own GEMM kernel on t threads, where the machine has it
 (ungrouped shapes).
 
-GFLOP/s = 2*M*K*N / median time.  throughput.py calls ``ceiling()`` between
+GFLOP/s = 2*M*K*N / median time.  throughput.py calls ``ceiling_sources()`` between
 models so every model's GFLOP/s is compared with a ceiling measured in the same
 run, under the same load.  The ceiling is the faster of numpy's BLAS and cnet's
 own GEMM kernel (_conv.gemm_packed, where the machine has it) on the square 2048
@@ -140,7 +140,9 @@ def own_gemm_gflops(m, k, n, threads, repeats=7, best=False, min_seconds=0.05):
 def ceiling_sources(threads, repeats=5):
     """{source: best-sample GFLOP/s} of the square 2048 product at ``threads``:
     numpy's BLAS ("blas") and, where the machine has it, cnet's own kernel
-    ("cnet")."""
+    ("cnet").  The ceiling is the faster; best samples, as a ceiling is what the
+    machine can do (on a shared machine the median says more about the other
+    processes)."""
     m, k, n, g = SHAPES["square 2048"]
     found = {"blas": sgemm_gflops(m, k, n, threads, repeats, g, best=True)}
     own = own_gemm_gflops(m, k, n, threads, repeats, best=True)
@@ -148,12 +150,6 @@ def ceiling_sources(threads, repeats=5):
         found["cnet"] = own
     return found
 
-
-def ceiling(threads, repeats=5):
-    """The reference ceiling at ``threads``: the faster of ceiling_sources, each its
-    best sample (a ceiling is what the machine can do; on a shared machine the
-    median says more about the other processes)."""
-    return max(ceiling_sources(threads, repeats).values())
 
 
 def main(argv=None):

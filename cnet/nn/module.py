@@ -411,7 +411,7 @@ def add_into(into, grad):
     None when grad is None (no input gradient was computed)."""
     if grad is None:
         return None
-    if not (residual_fits(into, grad.shape, grad.dtype)):
+    if not residual_fits(into, grad.shape, grad.dtype):
         raise ValueError(f"gradient sum: cannot add a {grad.dtype} {grad.shape} gradient into "
                          f"{getattr(into, 'dtype', type(into).__name__)} "
                          f"{getattr(into, 'shape', '')} (a C-contiguous array of its shape "
