@@ -385,6 +385,35 @@ def test_direct_backward_errors():
     np.testing.assert_array_equal(dx, want_dx)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_kernels_read_any_weight_alignment(dtype, rng):
+    # Weights 16 or 48 bytes past a cache line (numpy's small arrays, an optimizer's
+    # flat buffer) give the same outputs: one-vector layers read an aligned copy,
+    # and the packed and flipped weights start on a line.
+    from cnet_ext import _conv
+    a = _conv.aligned_empty((3, 5, 7), dtype)
+    assert a.shape == (3, 5, 7) and a.dtype == dtype and a.flags.c_contiguous
+    assert a.ctypes.data % 64 == 0
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    w = rng.standard_normal((3, 3, 16, lanes)).astype(dtype)
+    assert _conv.flip_weight(w, 1, 2).ctypes.data % 64 == 0
+    assert _conv.direct_weight_blocks(w, 1, 2).ctypes.data % 64 == 0
+    x = rng.standard_normal((5, 9, 9, 16)).astype(dtype)
+    want = np.empty((5, 9, 9, lanes), dtype)
+    _conv.conv_direct(x, w, None, want, 0, 5, 1, 1, 1, 1, 1, 1, 2)
+    flat = np.empty(w.size + 64, dtype)
+    for offset in (16, 48):
+        start = (-flat.ctypes.data % 64 + offset) // flat.itemsize
+        wm = flat[start:start + w.size].reshape(w.shape)
+        wm[...] = w
+        assert wm.ctypes.data % 64 == offset
+        for by_images in (False, True):
+            got = np.empty_like(want)
+            _conv.conv_direct(x, wm, None, got, 0, 5, 1, 1, 1, 1, 1, 1, 2,
+                              by_images=by_images)
+            np.testing.assert_array_equal(got, want)
+
+
 def test_direct_chunks_must_split_the_range():
     from cnet_ext import _conv
     x = np.zeros((20, 4, 4, 16), np.float32)
@@ -1294,7 +1323,12 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
             if relu:
                 fused = np.maximum(fused, 0)
         np.testing.assert_array_equal(fused, want)
-        np.testing.assert_array_equal(got, want)
+        if not conv.folds_batchnorm(bn, x) and conv.folds_batchnorm_weights(bn, x):
+            # Sequential folded it into the weights instead: round-off apart
+            tol = 1e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got, want)
     # not in training mode, nor for a batch norm without running statistics
     model.train()
     assert not conv.folds_batchnorm(bn)
@@ -1310,6 +1344,87 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
     assert small.folds_batchnorm(bn32, x) == (fold_direct_bytes == 0)
     assert not small.folds_batchnorm(bn32, x[..., :4])      # wrong channels: forward raises
 
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_batchnorm_folded_into_direct_weights(threads, dtype, rng, monkeypatch):
+    # Small direct layers (under _FOLD_DIRECT_BYTES) take the batch norm into their
+    # weight and bias: one convolution, the ReLU in its store; equal to the two
+    # calls within round-off.  Row and image blocks, grouped, strided, with a bias.
+    cases = [(3, 12, 16, 16, dict(kernel_size=3, padding=1, bias=False)),
+             (2, 40, 16, 16, dict(kernel_size=3, padding=1, bias=False)),
+             (2, 9, 16, 32, dict(kernel_size=3, stride=2, padding=1)),
+             (3, 8, 32, 64, dict(kernel_size=3, padding=1, groups=2)),
+             (2, 10, 3, 16, dict(kernel_size=5))]
+    calls = []
+    fold = nn.Conv2d.forward_with_folded_batchnorm
+    monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
+                        lambda self, x, bn: (calls.append(1), fold(self, x, bn))[1])
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    for relu in (False, True):
+        for n, hw, cin, cout, kwargs in cases:
+            conv = nn.Conv2d(cin, cout, dtype=dtype, **kwargs)
+            bn = _eval_batchnorm(cout, dtype, rng)
+            model = nn.Sequential(conv, bn, *([nn.ReLU()] if relu else [])).eval()
+            x = rng.standard_normal((n, hw, hw, cin)).astype(dtype)
+            assert conv.folds_batchnorm_weights(bn, x) and not conv.folds_batchnorm(bn, x)
+            del calls[:]
+            with cnet.threads(threads):
+                got = model(x)
+                want = bn.eval_scale_shift()
+                raw = conv(x).astype(np.float64)
+            assert calls == [1]
+            # reference: the layers' own formula in float64
+            want = raw * want[0] + want[1]
+            if relu:
+                want = np.maximum(want, 0)
+            scale = np.abs(raw).max() * np.abs(bn.eval_scale_shift()[0]).max()
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+            assert got.dtype == dtype and not (relu and (got < 0).any())
+
+
+def test_batchnorm_weight_fold_refusals(rng):
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    bn = _eval_batchnorm(16, np.float32, rng)
+    x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    # training mode: the batch statistics are not the running ones
+    assert not conv.folds_batchnorm_weights(bn, x)
+    with pytest.raises(ValueError, match="Conv2d.*cannot fold.*BatchNorm2d"):
+        conv.forward_with_folded_batchnorm(x, bn)
+    conv.eval()
+    assert conv.folds_batchnorm_weights(bn, x)
+    assert not conv.folds_batchnorm_weights(bn, x[..., :8])   # forward's checks will say why
+    assert not conv.folds_batchnorm_weights(bn, x.astype(np.float64))
+    # a ReLU fused into the convolution comes before the batch norm: not linear
+    conv.fuse_relu()
+    assert not conv.folds_batchnorm_weights(bn, x)
+    with pytest.raises(ValueError, match="cannot fold"):
+        conv.forward_with_folded_batchnorm(x, bn)
+    # a 1x1 (GEMM) layer keeps the per-chunk batch norm: exact
+    assert not nn.Conv2d(16, 16, 1).eval().folds_batchnorm_weights(bn, x)
+
+
+def test_eval_block_folds_weights_but_joins_the_shortcut_in_the_batchnorm(rng, monkeypatch):
+    # The body's last batch norm joins the residual in its own pass; folding it into
+    # the weights would leave the join to another pass, so only the first folds.
+    calls = []
+    fold = nn.Conv2d.forward_with_folded_batchnorm
+    monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
+                        lambda self, x, bn: (calls.append(self), fold(self, x, bn))[1])
+    body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False),
+                         _eval_batchnorm(16, np.float32, rng), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False),
+                         _eval_batchnorm(16, np.float32, rng))
+    block = nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()).eval()
+    x = rng.standard_normal((3, 8, 8, 16)).astype(np.float32)
+    got = block(x)
+    assert calls == [body[0]]
+    h = x
+    for layer in body:
+        h = layer(h)
+    want = np.maximum(h + x, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def _eval_batchnorm(cout, dtype, rng):

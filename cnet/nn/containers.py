@@ -14,8 +14,10 @@ class Sequential(Module):
     ``fuse_relu()`` returns True (BatchNorm, Add, ...), the child applies the
     ReLU inside its own kernel and the ReLU is skipped: one pass over the
     activations instead of two.  In eval mode a Conv2d followed by a BatchNorm2d
-    applies it to each output chunk while in cache (folds_batchnorm).  The
-    result is identical.  Backward hands a MaxPool2d's gradient to the layer
+    applies it to each output chunk while in cache (folds_batchnorm), with an
+    identical result; where that does not pay (small direct layers) the batch norm
+    is folded into the convolution's weights instead (folds_batchnorm_weights):
+    equal within float32 round-off.  Backward hands a MaxPool2d's gradient to the layer
     before it (Conv2d.backward_through_pool), which may gather it in its own pass.
     """
 
@@ -93,6 +95,15 @@ class Sequential(Module):
                 x = layer.forward_with_batchnorm(x, nxt, residual if join else None)
                 if join:
                     return x, True
+                i += 2
+            # Or, where that does not pay (small direct layers), the batch norm folded
+            # into the convolution's weights; not where it would join the residual in
+            # its own output pass (the join's pass would then be an add's).
+            elif (nxt is not None and not self.training
+                  and hasattr(layer, "folds_batchnorm_weights")
+                  and not (residual is not None and i + 2 == len(plan))
+                  and layer.folds_batchnorm_weights(nxt, x)):
+                x = layer.forward_with_folded_batchnorm(x, nxt)
                 i += 2
             elif (residual is not None and nxt is None and hasattr(layer, "joins_residual")
                     and layer.joins_residual(x, residual)):

@@ -129,6 +129,20 @@ class _BatchNorm(Module):
             self._cache = None
         return y
 
+    def eval_scale_shift(self):
+        """(alpha, shift) in float64 with eval mode's y = x * alpha + shift per channel:
+        alpha = weight / sqrt(running_var + eps), shift = bias - running_mean * alpha
+        (as the eval kernel computes them)."""
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(f"{self._describe()}: eval mode needs running statistics")
+        alpha = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        if self.affine:
+            alpha = alpha * self.weight.data
+        shift = -self.running_mean.astype(np.float64) * alpha
+        if self.affine:
+            shift = shift + self.bias.data
+        return alpha, shift
+
     def _forward_eval_rows(self, x2, y2, alpha, shift, n_threads, residual2=None):
         """y2 = the eval-mode forward (ReLU included when fused) of rows x2 (M, C),
         with alpha / shift as scratch (also Conv2d.forward_with_batchnorm's, per chunk);
