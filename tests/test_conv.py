@@ -1357,6 +1357,7 @@ def test_eval_batchnorm_folded_into_direct_weights(threads, dtype, rng, monkeypa
              (2, 9, 16, 32, dict(kernel_size=3, stride=2, padding=1)),
              (3, 8, 32, 64, dict(kernel_size=3, padding=1, groups=2)),
              (2, 10, 3, 16, dict(kernel_size=5))]
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)    # small test maps
     calls = []
     fold = nn.Conv2d.forward_with_folded_batchnorm
     monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
@@ -1384,7 +1385,7 @@ def test_eval_batchnorm_folded_into_direct_weights(threads, dtype, rng, monkeypa
             assert got.dtype == dtype and not (relu and (got < 0).any())
 
 
-def test_batchnorm_weight_fold_refusals(rng):
+def test_batchnorm_weight_fold_refusals(rng, monkeypatch):
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
     bn = _eval_batchnorm(16, np.float32, rng)
     x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
@@ -1393,6 +1394,12 @@ def test_batchnorm_weight_fold_refusals(rng):
     with pytest.raises(ValueError, match="Conv2d.*cannot fold.*BatchNorm2d"):
         conv.forward_with_folded_batchnorm(x, bn)
     conv.eval()
+    # a weight (9 KB) not small against the output (8 KB): its pass costs more
+    assert not conv.folds_batchnorm_weights(bn, x)
+    big = rng.standard_normal((2, 24, 24, 16)).astype(np.float32)     # 74 KB out
+    assert conv.folds_batchnorm_weights(bn, big) == (9216 * conv_mod._FOLD_WEIGHT_RATIO
+                                                     <= 73728)
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)
     assert conv.folds_batchnorm_weights(bn, x)
     assert not conv.folds_batchnorm_weights(bn, x[..., :8])   # forward's checks will say why
     assert not conv.folds_batchnorm_weights(bn, x.astype(np.float64))
@@ -1408,6 +1415,7 @@ def test_batchnorm_weight_fold_refusals(rng):
 def test_eval_block_folds_weights_but_joins_the_shortcut_in_the_batchnorm(rng, monkeypatch):
     # The body's last batch norm joins the residual in its own pass; folding it into
     # the weights would leave the join to another pass, so only the first folds.
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)
     calls = []
     fold = nn.Conv2d.forward_with_folded_batchnorm
     monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",

@@ -125,6 +125,13 @@ _PACK_WEIGHT_BYTES = 1 << 20
 # L3.  2 threads, inference, two calls -> per chunk: ResNet-20 (8 MB maps)
 # 52 -> 55 ms; ResNeXt-29 (32-67 MB maps) 733-765 -> 691-708 ms.
 _FOLD_DIRECT_BYTES = 16 << 20
+# Below that, the batch norm goes into the weights (forward_with_folded_batchnorm)
+# where the weight is at most this fraction of the output: scaling a weight costs a
+# pass over it per forward, which for the wide layers of small maps is more than
+# the batch norm's pass (2 threads, inference, folding every small direct layer:
+# VGG-11-BN 38.4 -> 49.6 ms, ResNet-18 21.7 -> 27.2; ResNet-20's 9-147 KB weights
+# against 2-8 MB maps: 28.3 -> 27.8).
+_FOLD_WEIGHT_RATIO = 16
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
 # Stripes per backward at most: _STRIPES in whole rounds of the cores.
@@ -882,7 +889,9 @@ class Conv2d(Module):
             out_shape = self.output_shape(x.shape)
         except ValueError:
             return False
-        return self._workspace(x, out_shape)["paths"][0] == "direct"
+        return (self._workspace(x, out_shape)["paths"][0] == "direct"
+                and self.weight.data.nbytes * _FOLD_WEIGHT_RATIO
+                <= math.prod(out_shape) * x.itemsize)
 
     def forward_with_folded_batchnorm(self, x, bn):
         """bn(self(x)) for an eval-mode BatchNorm2d (see folds_batchnorm_weights) as one
@@ -901,7 +910,7 @@ class Conv2d(Module):
                              "fused into this layer)")
         w = self.weight.data
         alpha, shift = bn.eval_scale_shift()          # float64, per output channel
-        weight = np.ascontiguousarray((w * alpha).astype(w.dtype, copy=False))
+        weight = np.multiply(w, alpha.astype(w.dtype))
         if self.bias is not None:
             shift = shift + alpha * self.bias.data
         return self._forward(x, None, None, (weight, shift.astype(w.dtype), bn._relu))
