@@ -1298,7 +1298,7 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                       n_threads)
             _direct_range(dy, wflip, NULL, zeros, dx, n0, n1, nt_dx, G, OH, OW, Cout, H, W, C,
                           Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block, by_images,
-                          packed, False)
+                          packed, False, NULL)
     return 0
 
 
@@ -1739,13 +1739,23 @@ cdef extern from *:
     """
     void cnet_relu_f32(const float*, float*, Py_ssize_t) noexcept nogil
     void cnet_relu_f64(const double*, double*, Py_ssize_t) noexcept nogil
+    void cnet_add_f32(const float*, const float*, float*, Py_ssize_t, int) noexcept nogil
+    void cnet_add_f64(const double*, const double*, double*, Py_ssize_t, int) noexcept nogil
 
 
-cdef inline void _relu_inplace(floating* y, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cnet_relu_f32(y, y, n)
+cdef inline void _finish_rows(floating* y, const floating* residual, Py_ssize_t offset,
+                              Py_ssize_t n) noexcept nogil:
+    """conv_direct's epilogue of y[offset:offset + n] while in cache: ReLU, or with a
+    residual relu(y + residual) (the same offsets in both)."""
+    if residual != NULL:
+        if floating is float:
+            cnet_add_f32(y + offset, residual + offset, y + offset, n, 1)
+        else:
+            cnet_add_f64(y + offset, residual + offset, y + offset, n, 1)
+    elif floating is float:
+        cnet_relu_f32(y + offset, y + offset, n)
     else:
-        cnet_relu_f64(y, y, n)
+        cnet_relu_f64(y + offset, y + offset, n)
 
 
 cdef inline Py_ssize_t _image_block() noexcept nogil:
@@ -1868,7 +1878,7 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                 Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads,
                 Py_ssize_t groups=1, bint by_images=False, packed=None, chunks=None,
-                bint relu=False):
+                bint relu=False, residual=None):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
 
     by_images: register blocks of direct_image_block() images at one output pixel
@@ -1882,7 +1892,10 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     may also be smaller than it (LeNet's 6 channels): then the weight and bias are
     zero-padded to one vector here and the kernel stores the C_out valid lanes.
     ``bias`` is None or a contiguous (C_out,) array of the same dtype.  Overwrites
-    y[n0:n1]; ``relu``: then applies ReLU to it, a chunk at a time while in cache.
+    y[n0:n1]; ``relu``: then applies ReLU to it, a chunk at a time while in cache;
+    ``residual`` (an array of y's shape and dtype): relu(conv + residual) instead, a
+    residual block's join in the same epilogue (eval mode: a batch norm folded into
+    w and bias, Conv2d.forward_with_folded_batchnorm).
 
     ``chunks``: (c0, c1) image ranges covering [n0, n1) (image-block aligned for
     by_images), each run by one thread of an n_threads team, taken in turn as
@@ -1897,6 +1910,20 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     cdef const floating* bp = NULL
     cdef floating* zeros
     cdef Py_ssize_t[:, ::1] ck
+    cdef floating[:, :, :, ::1] rv
+    cdef const floating* rp = NULL
+    if residual is not None:
+        if (not isinstance(residual, np.ndarray) or residual.shape != np.shape(y)
+                or residual.dtype != np.asarray(y).dtype or not residual.flags.c_contiguous
+                or np.may_share_memory(residual, np.asarray(y))):
+            raise ValueError(f"conv_direct: the residual must be a C-contiguous "
+                             f"{np.asarray(y).dtype} array of the output's shape "
+                             f"{np.shape(y)} apart from it, got "
+                             f"{getattr(residual, 'shape', type(residual).__name__)} "
+                             f"{getattr(residual, 'dtype', '')}")
+        rv = residual
+        rp = &rv[0, 0, 0, 0]
+        relu = True
     if chunks is not None:
         ck = _direct_chunks("conv_direct", chunks, n0, n1, by_images)
         n_chunks = ck.shape[0]
@@ -1921,11 +1948,11 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                 _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], ck[ci, 0],
                               ck[ci, 1], 1, G, H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph,
                               pw, dh, dw, variant, co_block, by_images, packed is not None,
-                              relu)
+                              relu, rp)
         else:
             _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G,
                           H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
-                          co_block, by_images, packed is not None, relu)
+                          co_block, by_images, packed is not None, relu, rp)
     free(zeros)
 
 
@@ -1936,8 +1963,9 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
                         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw,
                         Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int variant,
                         Py_ssize_t co_block, bint by_images, bint packed,
-                        bint relu) noexcept nogil:
-    """conv_direct's y[n0:n1] on nt threads (1: this thread alone), then its ReLU."""
+                        bint relu, const floating* residual) noexcept nogil:
+    """conv_direct's y[n0:n1] on nt threads (1: this thread alone), then its ReLU (with
+    ``residual``: relu(y + residual), _finish_rows)."""
     cdef Py_ssize_t t, n, per_image = OH * OW * Cout
     cdef Py_ssize_t tasks = (n1 - n0) * OH * G
     cdef floating* stage
@@ -1952,7 +1980,7 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
                 _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW, Cout,
                                     KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
                 if relu:
-                    _relu_inplace(y + n * per_image, per_image)
+                    _finish_rows(y, residual, n * per_image, per_image)
         else:
             with parallel(num_threads=nt):
                 stage = <floating*>cnet_stage_buffer(stage_bytes) if _STAGE_GROUPS else NULL
@@ -1960,7 +1988,7 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
                     _direct_group_image(x, w, bias, zeros, y, stage, n, G, H, W, C, OH, OW,
                                         Cout, KH, KW, sh, sw, ph, pw, dh, dw, variant, co_block)
                     if relu:
-                        _relu_inplace(y + n * per_image, per_image)
+                        _finish_rows(y, residual, n * per_image, per_image)
         return
     if by_images:
         tasks = ((n1 - n0 + _image_block() - 1) // _image_block() * OH * G
@@ -1974,7 +2002,7 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
                 _direct_row(x, w, bias, zeros, y, n0, t, G, H, W, C, OH, OW, Cout, Cw, KH, KW,
                             sh, sw, ph, pw, dh, dw, variant)
         if relu:
-            _relu_inplace(y + n0 * per_image, (n1 - n0) * per_image)
+            _finish_rows(y, residual, n0 * per_image, (n1 - n0) * per_image)
         return
     if by_images:
         for t in prange(tasks, num_threads=nt, schedule="static"):
@@ -1986,7 +2014,7 @@ cdef void _direct_range(const floating* x, const floating* w, const floating* bi
                         sh, sw, ph, pw, dh, dw, variant)
     if relu:
         for n in prange(n0, n1, num_threads=nt, schedule="static"):
-            _relu_inplace(y + n * per_image, per_image)
+            _finish_rows(y, residual, n * per_image, per_image)
 
 
 # ---------------------------------------------------------------------------

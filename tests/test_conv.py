@@ -1361,7 +1361,8 @@ def test_eval_batchnorm_folded_into_direct_weights(threads, dtype, rng, monkeypa
     calls = []
     fold = nn.Conv2d.forward_with_folded_batchnorm
     monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
-                        lambda self, x, bn: (calls.append(1), fold(self, x, bn))[1])
+                        lambda self, x, bn, residual=None: (calls.append(1),
+                                                            fold(self, x, bn, residual))[1])
     tol = 2e-6 if dtype == np.float32 else 1e-13
     for relu in (False, True):
         for n, hw, cin, cout, kwargs in cases:
@@ -1412,27 +1413,83 @@ def test_batchnorm_weight_fold_refusals(rng, monkeypatch):
     assert not nn.Conv2d(16, 16, 1).eval().folds_batchnorm_weights(bn, x)
 
 
-def test_eval_block_folds_weights_but_joins_the_shortcut_in_the_batchnorm(rng, monkeypatch):
-    # The body's last batch norm joins the residual in its own pass; folding it into
-    # the weights would leave the join to another pass, so only the first folds.
-    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+def test_eval_block_folds_weights_and_joins_the_shortcut_in_the_kernel(threads, shortcut, rng,
+                                                                       monkeypatch):
+    # Both direct convolutions of a ResNet block take their batch norms into their
+    # weights; the second adds the shortcut and applies the block's ReLU in the
+    # kernel's epilogue (no batch norm or add pass left).
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)     # small test maps
     calls = []
     fold = nn.Conv2d.forward_with_folded_batchnorm
     monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
-                        lambda self, x, bn: (calls.append(self), fold(self, x, bn))[1])
-    body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False),
+                        lambda self, x, bn, residual=None: (
+                            calls.append((self, residual is not None)),
+                            fold(self, x, bn, residual))[1])
+    cin = 16 if shortcut == "identity" else 32
+    body = nn.Sequential(nn.Conv2d(cin, 16, 3, padding=1, bias=False),
                          _eval_batchnorm(16, np.float32, rng), nn.ReLU(),
                          nn.Conv2d(16, 16, 3, padding=1, bias=False),
                          _eval_batchnorm(16, np.float32, rng))
-    block = nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()).eval()
-    x = rng.standard_normal((3, 8, 8, 16)).astype(np.float32)
-    got = block(x)
-    assert calls == [body[0]]
-    h = x
-    for layer in body:
-        h = layer(h)
-    want = np.maximum(h + x, 0)
+    short = (nn.Identity() if shortcut == "identity" else
+             nn.Sequential(nn.Conv2d(cin, 16, 1, bias=False), _eval_batchnorm(16, np.float32, rng)))
+    block = nn.Sequential(nn.Add(body, short), nn.ReLU()).eval()
+    x = rng.standard_normal((3, 12, 12, cin)).astype(np.float32)
+    with cnet.threads(threads):
+        got = block(x)
+        h = x
+        for layer in body:
+            h = layer(h)
+        want = np.maximum(h + short(x), 0)
+    assert calls == [(body[0], False), (body[3], True)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert (got == 0).any() and (got > 0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_direct_joins_a_residual(dtype, rng):
+    from cnet_ext import _conv
+    x = rng.standard_normal((6, 7, 7, 16)).astype(dtype)
+    w = rng.standard_normal((3, 3, 16, 32)).astype(dtype)
+    b = rng.standard_normal(32).astype(dtype)
+    r = rng.standard_normal((6, 7, 7, 32)).astype(dtype)
+    plain = np.empty_like(r)
+    _conv.conv_direct(x, w, b, plain, 0, 6, 1, 1, 1, 1, 1, 1, 2)
+    want = np.maximum(plain + r, 0)
+    for by_images in (False, True):
+        for chunks in (None, [(0, 2), (2, 6)] if not by_images else None):
+            got = np.full_like(r, np.nan)
+            _conv.conv_direct(x, w, b, got, 0, 6, 1, 1, 1, 1, 1, 1, 2, by_images=by_images,
+                              chunks=chunks, residual=r)
+            np.testing.assert_array_equal(got, want)
+    # grouped rows (staged planes), the ReLU per image
+    wg = rng.standard_normal((3, 3, 8, 32)).astype(dtype)
+    plain_g = np.empty_like(r)
+    _conv.conv_direct(x, wg, None, plain_g, 0, 6, 1, 1, 1, 1, 1, 1, 2, groups=2)
+    got = np.empty_like(r)
+    _conv.conv_direct(x, wg, None, got, 0, 6, 1, 1, 1, 1, 1, 1, 2, groups=2, residual=r)
+    np.testing.assert_array_equal(got, np.maximum(plain_g + r, 0))
+    for bad in (r[:, :, :, :16], r.astype(np.float16), np.asfortranarray(r), got, [1.0]):
+        with pytest.raises(ValueError, match="conv_direct: the residual must be"):
+            _conv.conv_direct(x, w, b, got, 0, 6, 1, 1, 1, 1, 1, 1, 2, residual=bad)
+
+
+def test_folded_batchnorm_joins_a_residual_on_any_path(rng):
+    # Called directly (Sequential only folds direct layers), a 1x1 GEMM layer joins
+    # the residual per chunk too; the operands are checked.
+    bn = _eval_batchnorm(16, np.float32, rng)
+    x = rng.standard_normal((4, 6, 6, 8)).astype(np.float32)
+    r = rng.standard_normal((4, 6, 6, 16)).astype(np.float32)
+    for conv in (nn.Conv2d(8, 16, 1).eval(), nn.Conv2d(8, 16, 3, padding=1).eval()):
+        got = conv.forward_with_folded_batchnorm(x, bn, r)
+        want = np.maximum(bn(conv(x)) + r, 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        with pytest.raises(ValueError, match=r"Conv2d.*residual.*\(4, 6, 6, 16\)"):
+            conv.forward_with_folded_batchnorm(x, bn, r[..., :8].copy())
+    bn.fuse_relu()
+    with pytest.raises(ValueError, match="must not apply one itself"):
+        conv.forward_with_folded_batchnorm(x, bn, r)
 
 
 def _eval_batchnorm(cout, dtype, rng):

@@ -97,13 +97,18 @@ class Sequential(Module):
                     return x, True
                 i += 2
             # Or, where that does not pay (small direct layers), the batch norm folded
-            # into the convolution's weights; not where it would join the residual in
-            # its own output pass (the join's pass would then be an add's).
+            # into the convolution's weights, joining the residual in the kernel's
+            # epilogue where it can (else the batch norm's own pass joins it).
             elif (nxt is not None and not self.training
                   and hasattr(layer, "folds_batchnorm_weights")
-                  and not (residual is not None and i + 2 == len(plan))
-                  and layer.folds_batchnorm_weights(nxt, x)):
-                x = layer.forward_with_folded_batchnorm(x, nxt)
+                  and layer.folds_batchnorm_weights(nxt, x)
+                  and (residual is None or i + 2 < len(plan)
+                       or (not nxt._relu
+                           and residual_fits(residual, layer.output_shape(x.shape), x.dtype)))):
+                join = residual is not None and i + 2 == len(plan)
+                x = layer.forward_with_folded_batchnorm(x, nxt, residual if join else None)
+                if join:
+                    return x, True
                 i += 2
             elif (residual is not None and nxt is None and hasattr(layer, "joins_residual")
                     and layer.joins_residual(x, residual)):

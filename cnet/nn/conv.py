@@ -864,16 +864,20 @@ class Conv2d(Module):
                              "(both must be in eval mode, a BatchNorm2d with running "
                              "statistics over this layer's outputs, same dtype)")
         if residual is not None:
-            want = self.output_shape(np.shape(x))
-            if not residual_fits(residual, want, self.weight.data.dtype):
-                raise ValueError(f"{self._describe()}: the residual must be a C-contiguous "
-                                 f"{self.weight.data.dtype} array of the output's shape {want}, "
-                                 f"got {getattr(residual, 'shape', type(residual).__name__)} "
-                                 f"{getattr(residual, 'dtype', '')}")
-            if bn._relu or self._relu:
-                raise ValueError(f"{self._describe()}: a residual join adds before the ReLU; "
-                                 f"{bn._describe()} must not apply one itself")
+            self._check_join(x, bn, residual)
         return self._forward(x, bn, residual)
+
+    def _check_join(self, x, bn, residual):
+        """A residual join's operands (forward_with_batchnorm, ..._folded_batchnorm)."""
+        want = self.output_shape(np.shape(x))
+        if not residual_fits(residual, want, self.weight.data.dtype):
+            raise ValueError(f"{self._describe()}: the residual must be a C-contiguous "
+                             f"{self.weight.data.dtype} array of the output's shape {want}, "
+                             f"got {getattr(residual, 'shape', type(residual).__name__)} "
+                             f"{getattr(residual, 'dtype', '')}")
+        if bn._relu or self._relu:
+            raise ValueError(f"{self._describe()}: a residual join adds before the ReLU; "
+                             f"{bn._describe()} must not apply one itself")
 
     def folds_batchnorm_weights(self, bn, x):
         """Whether forward_with_folded_batchnorm(x, bn) may stand for bn(self(x)) and
@@ -893,7 +897,7 @@ class Conv2d(Module):
                 and self.weight.data.nbytes * _FOLD_WEIGHT_RATIO
                 <= math.prod(out_shape) * x.itemsize)
 
-    def forward_with_folded_batchnorm(self, x, bn):
+    def forward_with_folded_batchnorm(self, x, bn, residual=None):
         """bn(self(x)) for an eval-mode BatchNorm2d (see folds_batchnorm_weights) as one
         convolution: the batch norm's per-channel scale alpha = weight / sqrt(var + eps)
         folded into this layer's weight, its shift beta - mean * alpha (plus alpha
@@ -902,18 +906,25 @@ class Conv2d(Module):
         2 threads: 19 of them, 2.7 ms of a 27-30 ms step, see bench/RESULTS.md).
         The products round differently (x * (w * alpha) against (x * w) * alpha):
         equal to the two calls within float32 round-off, not bitwise; as PyTorch's
-        conv-bn fusion for frozen inference models."""
+        conv-bn fusion for frozen inference models.
+
+        With ``residual`` (an array of the output's shape and dtype; bn without a
+        fused ReLU): relu(bn(self(x)) + residual), the residual join of an eval-mode
+        Add(body, shortcut) + ReLU in the kernel's epilogue, while each chunk is in
+        cache (Sequential._forward_residual)."""
         if self._relu or not self.folds_batchnorm(bn):
             raise ValueError(f"{self._describe()}: cannot fold {bn._describe()} into its "
                              "weights (both must be in eval mode, a BatchNorm2d with running "
                              "statistics over this layer's outputs, same dtype, and no ReLU "
                              "fused into this layer)")
+        if residual is not None:
+            self._check_join(x, bn, residual)
         w = self.weight.data
         alpha, shift = bn.eval_scale_shift()          # float64, per output channel
         weight = np.multiply(w, alpha.astype(w.dtype))
         if self.bias is not None:
             shift = shift + alpha * self.bias.data
-        return self._forward(x, None, None, (weight, shift.astype(w.dtype), bn._relu))
+        return self._forward(x, None, residual, (weight, shift.astype(w.dtype), bn._relu))
 
     def _forward(self, x, bn, residual=None, folded=None):
         """``folded``: (weight, bias, relu) standing for this layer's own (an eval batch
@@ -989,6 +1000,9 @@ class Conv2d(Module):
             n0, n1 = bounds[t]
             if bn is None:
                 compute(x, y, n0, n1, wid, kt)
+                if residual is not None:     # a folded batch norm's join, in cache
+                    yc = y2[n0 * rows:n1 * rows]
+                    _elementwise.add(yc, residual2[n0 * rows:n1 * rows], yc, True, kt)
                 return
             raw = raws[wid][:n1 - n0]
             compute(x[n0:n1], raw, 0, n1 - n0, wid, kt)
@@ -1002,8 +1016,9 @@ class Conv2d(Module):
             # ResNet-18 16x16x64 2.74 -> 2.63, 2x2x512 2.74 -> 2.60; ResNet-20
             # 32x32x16 3.20 -> 3.04).
             _conv.conv_direct(x, w, bias, y, 0, n, *geom[2:8], nt, self.groups, by_images,
-                              packed, bounds if nt > 1 and n_chunks >= nt else None, relu)
-        elif packed_gemm is not None and path == "pointwise" and bn is None:
+                              packed, bounds if nt > 1 and n_chunks >= nt else None, relu,
+                              residual)
+        elif packed_gemm is not None and path == "pointwise" and bn is None and residual is None:
             # the whole batch in one parallel region: no Python per chunk
             _conv.gemm_packed(x.reshape(-1, self.in_channels), packed_gemm, y2, bias,
                               relu, 0, n * rows, nt)
