@@ -130,8 +130,9 @@ _FOLD_DIRECT_BYTES = 16 << 20
 # pass over it per forward, which for the wide layers of small maps is more than
 # the batch norm's pass (2 threads, inference, folding every small direct layer:
 # VGG-11-BN 38.4 -> 49.6 ms, ResNet-18 21.7 -> 27.2; ResNet-20's 9-147 KB weights
-# against 2-8 MB maps: 28.3 -> 27.8).
-_FOLD_WEIGHT_RATIO = 16
+# against 2-8 MB maps: 28.3 -> 27.8 at a ratio of 16; 8, which adds its 8x8x64
+# layers (147 KB against 2 MB), 25.05 -> 24.75 and 26.19 -> 25.73).
+_FOLD_WEIGHT_RATIO = 8
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
 # Stripes per backward at most: _STRIPES in whole rounds of the cores.
