@@ -1323,7 +1323,7 @@ def test_eval_conv_applies_the_next_batchnorm_per_chunk(threads, relu, dtype, fo
             if relu:
                 fused = np.maximum(fused, 0)
         np.testing.assert_array_equal(fused, want)
-        if not conv.folds_batchnorm(bn, x) and conv.folds_batchnorm_weights(bn, x):
+        if conv.folds_batchnorm_weights(bn, x):
             # Sequential folded it into the weights instead: round-off apart
             tol = 1e-5 if dtype == np.float32 else 1e-12
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
@@ -1377,6 +1377,15 @@ def test_eval_batchnorm_folded_into_direct_weights(threads, dtype, rng, monkeypa
                 want = bn.eval_scale_shift()
                 raw = conv(x).astype(np.float64)
             assert calls == [1]
+            # ahead of the per-chunk batch norm, which big outputs would take
+            fold_direct = conv_mod._FOLD_DIRECT_BYTES
+            monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", 0)
+            assert conv.folds_batchnorm(bn, x)
+            del calls[:]
+            with cnet.threads(threads):
+                np.testing.assert_array_equal(model(x), got)
+            assert calls == [1]
+            monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", fold_direct)
             # reference: the layers' own formula in float64
             want = raw * want[0] + want[1]
             if relu:
@@ -1510,6 +1519,7 @@ def test_eval_residual_block_joins_the_shortcut_per_chunk(threads, dtype, shortc
     # shortcut and applies the ReLU to each chunk of the last convolution's output
     # (1x1 GEMM and direct 3x3 bodies), bitwise as the layers one after another.
     monkeypatch.setattr(conv_mod, "_FOLD_DIRECT_BYTES", 0)
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 1 << 40)   # no weight folds
     cin = 32 if shortcut == "identity" else 16
     for last in (dict(kernel_size=1), dict(kernel_size=3, padding=1, groups=4)):
         body = nn.Sequential(nn.Conv2d(cin, 32, 1, bias=False, dtype=dtype),

@@ -13,11 +13,10 @@ class Sequential(Module):
     Fusion: when a child is directly followed by a ``ReLU`` and the child's
     ``fuse_relu()`` returns True (BatchNorm, Add, ...), the child applies the
     ReLU inside its own kernel and the ReLU is skipped: one pass over the
-    activations instead of two.  In eval mode a Conv2d followed by a BatchNorm2d
-    applies it to each output chunk while in cache (folds_batchnorm), with an
-    identical result; where that does not pay (small direct layers) the batch norm
-    is folded into the convolution's weights instead (folds_batchnorm_weights):
-    equal within float32 round-off.  Backward hands a MaxPool2d's gradient to the layer
+    activations instead of two.  In eval mode a direct Conv2d followed by a
+    BatchNorm2d takes it into its weights (folds_batchnorm_weights: equal within
+    float32 round-off); other convolutions apply it to each output chunk while in
+    cache (folds_batchnorm), with an identical result.  Backward hands a MaxPool2d's gradient to the layer
     before it (Conv2d.backward_through_pool), which may gather it in its own pass.
     """
 
@@ -79,34 +78,35 @@ class Sequential(Module):
     def _forward_residual(self, x, residual):
         """(relu(self(x) + residual), True) when the last step is a batch norm that
         joins the residual in its output pass (_BatchNorm.joins_residual), or a
-        convolution and batch norm folded per chunk (eval mode) that join it in
-        cache; else (self(x), False) and the caller joins it."""
+        convolution and batch norm folded (eval mode: into the weights, or per
+        chunk) that join it in cache; else (self(x), False) and the caller joins it."""
         plan = self._plan or self._build_plan()
         i = 0
         while i < len(plan):
             layer = plan[i]
             nxt = plan[i + 1] if i + 1 < len(plan) else None
-            # Eval mode: a convolution applies the batch norm after it to each chunk
-            # of its output while in cache (Conv2d.forward_with_batchnorm).
-            if (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
+            # Eval mode: a direct convolution takes the batch norm after it into its
+            # weights, joining the residual in the kernel's epilogue where it can
+            # (else the batch norm's own pass joins it; Conv2d.forward_with_folded_batchnorm).
+            if (nxt is not None and not self.training
+                    and hasattr(layer, "folds_batchnorm_weights")
+                    and layer.folds_batchnorm_weights(nxt, x)
+                    and (residual is None or i + 2 < len(plan)
+                         or (not nxt._relu
+                             and residual_fits(residual, layer.output_shape(x.shape), x.dtype)))):
+                join = residual is not None and i + 2 == len(plan)
+                x = layer.forward_with_folded_batchnorm(x, nxt, residual if join else None)
+                if join:
+                    return x, True
+                i += 2
+            # Or it applies the batch norm to each chunk of its output while in cache
+            # (Conv2d.forward_with_batchnorm: GEMM layers, and direct ones whose
+            # weights are too big to scale on every forward).
+            elif (nxt is not None and not self.training and hasattr(layer, "folds_batchnorm")
                     and layer.folds_batchnorm(nxt, x)):
                 join = (i + 2 == len(plan) and not nxt._relu and not layer._relu
                         and residual_fits(residual, layer.output_shape(x.shape), x.dtype))
                 x = layer.forward_with_batchnorm(x, nxt, residual if join else None)
-                if join:
-                    return x, True
-                i += 2
-            # Or, where that does not pay (small direct layers), the batch norm folded
-            # into the convolution's weights, joining the residual in the kernel's
-            # epilogue where it can (else the batch norm's own pass joins it).
-            elif (nxt is not None and not self.training
-                  and hasattr(layer, "folds_batchnorm_weights")
-                  and layer.folds_batchnorm_weights(nxt, x)
-                  and (residual is None or i + 2 < len(plan)
-                       or (not nxt._relu
-                           and residual_fits(residual, layer.output_shape(x.shape), x.dtype)))):
-                join = residual is not None and i + 2 == len(plan)
-                x = layer.forward_with_folded_batchnorm(x, nxt, residual if join else None)
                 if join:
                     return x, True
                 i += 2

@@ -125,13 +125,15 @@ _PACK_WEIGHT_BYTES = 1 << 20
 # L3.  2 threads, inference, two calls -> per chunk: ResNet-20 (8 MB maps)
 # 52 -> 55 ms; ResNeXt-29 (32-67 MB maps) 733-765 -> 691-708 ms.
 _FOLD_DIRECT_BYTES = 16 << 20
-# Below that, the batch norm goes into the weights (forward_with_folded_batchnorm)
-# where the weight is at most this fraction of the output: scaling a weight costs a
-# pass over it per forward, which for the wide layers of small maps is more than
-# the batch norm's pass (2 threads, inference, folding every small direct layer:
-# VGG-11-BN 38.4 -> 49.6 ms, ResNet-18 21.7 -> 27.2; ResNet-20's 9-147 KB weights
-# against 2-8 MB maps: 28.3 -> 27.8 at a ratio of 16; 8, which adds its 8x8x64
-# layers (147 KB against 2 MB), 25.05 -> 24.75 and 26.19 -> 25.73).
+# Before both, Sequential puts an eval batch norm into a direct layer's weights
+# (forward_with_folded_batchnorm: no batch-norm pass at all) where the weight is at
+# most this fraction of the output: scaling a weight costs a pass over it per
+# forward, which for the wide layers of small maps is more than the batch norm's
+# pass (2 threads, inference, folding every small direct layer: VGG-11-BN 38.4 ->
+# 49.6 ms, ResNet-18 21.7 -> 27.2; ResNet-20's 9-147 KB weights against 2-8 MB maps:
+# 28.3 -> 27.8 at a ratio of 16; 8, which adds its 8x8x64 layers (147 KB against
+# 2 MB), 25.05 -> 24.75 and 26.19 -> 25.73).  Direct layers over _FOLD_DIRECT_BYTES
+# too, instead of per chunk: VGG-11-BN 35.26 -> 34.74, ResNeXt-29 318.5 -> 313.4.
 _FOLD_WEIGHT_RATIO = 8
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
@@ -885,8 +887,7 @@ class Conv2d(Module):
         pays: as folds_batchnorm(bn), for a direct layer without a fused ReLU of its
         own (the batch norm must see the raw sums) whose weight is at most
         1/_FOLD_WEIGHT_RATIO of its output (scaling it is a pass per forward).
-        Sequential asks where folds_batchnorm(bn, x) declines (the per-chunk batch
-        norm does not pay for direct layers under _FOLD_DIRECT_BYTES)."""
+        Sequential asks this first, then folds_batchnorm(bn, x)."""
         if self._relu or not self.folds_batchnorm(bn):
             return False
         if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[3] == self.in_channels
