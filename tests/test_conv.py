@@ -1442,7 +1442,8 @@ def test_eval_block_folds_weights_and_joins_the_shortcut_in_the_kernel(threads, 
                          nn.Conv2d(16, 16, 3, padding=1, bias=False),
                          _eval_batchnorm(16, np.float32, rng))
     short = (nn.Identity() if shortcut == "identity" else
-             nn.Sequential(nn.Conv2d(cin, 16, 1, bias=False), _eval_batchnorm(16, np.float32, rng)))
+             nn.Sequential(nn.Conv2d(cin, 16, 1, bias=False),
+                           _eval_batchnorm(16, np.float32, rng)))
     block = nn.Sequential(nn.Add(body, short), nn.ReLU()).eval()
     x = rng.standard_normal((3, 12, 12, cin)).astype(np.float32)
     with cnet.threads(threads):
