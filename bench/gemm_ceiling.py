@@ -66,24 +66,30 @@ def _operands(m, k, n, g, seed=0):
     return a, b, np.empty((g, m, n), np.float32)
 
 
-def sgemm_gflops(m, k, n, threads, repeats=7, groups=1, min_seconds=0.05, best=False):
-    """Median (``best``: highest) GFLOP/s of ``np.matmul`` of a (groups, m, k) by
-    (groups, k, n) float32 stack with BLAS on ``threads`` threads.  One timed
-    sample repeats the product until it lasts ``min_seconds`` (tiny shapes)."""
-    a, b, c = _operands(m, k, n, groups)
-    flops = 2.0 * m * k * n * groups
-    _blas_limit(threads)
-    np.matmul(a, b, out=c)                         # warm-up (BLAS buffers, pages)
+def _gflops(product, flops, repeats, min_seconds, best):
+    """Median (``best``: highest) GFLOP/s of ``product()`` after a warm-up call (BLAS
+    buffers, pages); one timed sample repeats it until it lasts ``min_seconds``."""
+    product()
     t0 = time.perf_counter()
-    np.matmul(a, b, out=c)
+    product()
     inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(inner):
-            np.matmul(a, b, out=c)
+            product()
         samples.append(flops * inner / (time.perf_counter() - t0) / 1e9)
     return max(samples) if best else median(samples)
+
+
+def sgemm_gflops(m, k, n, threads, repeats=7, groups=1, min_seconds=0.05, best=False):
+    """Median (``best``: highest) GFLOP/s of ``np.matmul`` of a (groups, m, k) by
+    (groups, k, n) float32 stack with BLAS on ``threads`` threads.  One timed
+    sample repeats the product until it lasts ``min_seconds`` (tiny shapes)."""
+    a, b, c = _operands(m, k, n, groups)
+    _blas_limit(threads)
+    return _gflops(lambda: np.matmul(a, b, out=c), 2.0 * m * k * n * groups, repeats,
+                   min_seconds, best)
 
 
 def sgemm_gflops_workers(m, k, n, workers, repeats=7, groups=1, min_seconds=0.05):
@@ -121,20 +127,8 @@ def own_gemm_gflops(m, k, n, threads, repeats=7, best=False, min_seconds=0.05):
         return None
     a, b, c = (x[0] for x in _operands(m, k, n, 1))
     packed = _conv.gemm_pack(b, None, threads)
-
-    def product():
-        _conv.gemm_packed(a, packed, c, None, False, 0, m, threads)
-    product()
-    t0 = time.perf_counter()
-    product()
-    inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            product()
-        samples.append(2.0 * m * k * n * inner / (time.perf_counter() - t0) / 1e9)
-    return max(samples) if best else median(samples)
+    return _gflops(lambda: _conv.gemm_packed(a, packed, c, None, False, 0, m, threads),
+                   2.0 * m * k * n, repeats, min_seconds, best)
 
 
 def ceiling_sources(threads, repeats=5):
@@ -149,7 +143,6 @@ def ceiling_sources(threads, repeats=5):
     if own is not None:
         found["cnet"] = own
     return found
-
 
 
 def main(argv=None):

@@ -926,7 +926,8 @@ class Conv2d(Module):
             self._check_join(x, bn, residual)
         w = self.weight.data
         alpha, shift = bn.eval_scale_shift()          # float64, per output channel
-        weight = np.multiply(w, alpha.astype(w.dtype))
+        # on a line already: the kernel would copy a misaligned one (_conv.aligned_empty)
+        weight = np.multiply(w, alpha.astype(w.dtype), out=_conv.aligned_empty(w.shape, w.dtype))
         if self.bias is not None:
             shift = shift + alpha * self.bias.data
         return self._forward(x, None, residual, (weight, shift.astype(w.dtype), bn._relu))
