@@ -47,7 +47,7 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t M, Py_ssize_t C) noexcept nogi
 
 cdef inline Py_ssize_t _padded(Py_ssize_t C) noexcept nogil:
     # Per-chunk slots start on separate 64-byte lines: no false sharing.
-    return (C + 7) & ~(<Py_ssize_t>7)
+    return BN_PAD(C)
 
 
 cdef double* _alloc_slots(Py_ssize_t n) except NULL:
@@ -66,77 +66,10 @@ cdef double* _alloc_slots(Py_ssize_t n) except NULL:
 
 cdef extern from *:
     """
-    #include <stddef.h>
-    #include <stdint.h>
-    #include <string.h>
-    #include "_simd.h"
-    #define CNET_R __restrict__
-    /* Rows summed in the dtype before a double accumulation; channels per
-       register-resident column; the largest C that takes the register path. */
-    #define BN_BLOCK 8
-    #define BN_W 8
-    #define BN_REG_C 32
-    typedef float bn_vf __attribute__((vector_size(16)));
-    typedef int32_t bn_vif __attribute__((vector_size(16)));
-    typedef double bn_vd __attribute__((vector_size(16)));
-    typedef int64_t bn_vid __attribute__((vector_size(16)));
-    /* One body for float (f) and double (d): T the scalar, VT its 16-byte vector
-       and IVT the same-width integer vector (GCC/Clang vector extensions: SSE2 on
-       x86-64, NEON on arm64), L the lanes per vector. */
+    #include "_bn_moments_impl.h"
+    /* The other per-chunk kernels, one body for float (f) and double (d): IVT is
+       VT's same-width integer vector (bn_moments' header has the rest). */
     #define CNET_BN_CHUNK_KERNELS(T, VT, IVT, L, SFX)                                           \
-    static inline VT bn_ld_##SFX(const T* p) { VT v; memcpy(&v, p, sizeof v); return v; }       \
-    /* Mean and sum of squared deviations of n rows, taken about the first row k.               \
-       Rows go in blocks of BN_BLOCK summed in T, blocks are summed in double:                  \
-       float32 SIMD speed with double-accurate totals.  Few channels (a multiple                \
-       of BN_W, at most BN_REG_C): BN_W-channel columns with their accumulators in              \
-       vector registers; otherwise whole rows against block sums in scratch (2*C                \
-       values), where a small C would chain every row through memory. */                        \
-    CNET_CLONES static void bn_moments_##SFX(const T* CNET_R x, ptrdiff_t n, ptrdiff_t C,                   \
-                                 double* CNET_R mean, double* CNET_R m2, T* CNET_R scratch) {   \
-        for (ptrdiff_t c = 0; c < C; c++) { mean[c] = 0.0; m2[c] = 0.0; }                       \
-        if (C % BN_W == 0 && C <= BN_REG_C) {                                                   \
-            for (ptrdiff_t c0 = 0; c0 < C; c0 += BN_W) {                                        \
-                VT k[BN_W / L];                                                                 \
-                for (int i = 0; i < BN_W / L; i++) k[i] = bn_ld_##SFX(x + c0 + i * L);          \
-                for (ptrdiff_t r0 = 1; r0 < n; r0 += BN_BLOCK) {                                \
-                    ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                       \
-                    VT b1[BN_W / L] = {0}, b2[BN_W / L] = {0};                                  \
-                    T t1[BN_W], t2[BN_W];                                                       \
-                    for (ptrdiff_t r = r0; r < r1; r++) {                                       \
-                        for (int i = 0; i < BN_W / L; i++) {                                    \
-                            VT d = bn_ld_##SFX(x + r * C + c0 + i * L) - k[i];                  \
-                            b1[i] += d;                                                         \
-                            b2[i] += d * d;                                                     \
-                        }                                                                       \
-                    }                                                                           \
-                    memcpy(t1, b1, sizeof t1);                                                  \
-                    memcpy(t2, b2, sizeof t2);                                                  \
-                    for (int w = 0; w < BN_W; w++) { mean[c0 + w] += t1[w]; m2[c0 + w] += t2[w]; }\
-                }                                                                               \
-            }                                                                                   \
-        } else {                                                                                \
-            T* CNET_R b1 = scratch;                                                             \
-            T* CNET_R b2 = scratch + C;                                                         \
-            for (ptrdiff_t r0 = 1; r0 < n; r0 += BN_BLOCK) {                                    \
-                ptrdiff_t r1 = r0 + BN_BLOCK < n ? r0 + BN_BLOCK : n;                           \
-                for (ptrdiff_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                     \
-                for (ptrdiff_t r = r0; r < r1; r++) {                                           \
-                    const T* CNET_R row = x + r * C;                                            \
-                    for (ptrdiff_t c = 0; c < C; c++) {                                         \
-                        T d = row[c] - x[c];                                                    \
-                        b1[c] += d;                                                             \
-                        b2[c] += d * d;                                                         \
-                    }                                                                           \
-                }                                                                               \
-                for (ptrdiff_t c = 0; c < C; c++) { mean[c] += b1[c]; m2[c] += b2[c]; }         \
-            }                                                                                   \
-        }                                                                                       \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            double d = mean[c];                                                                 \
-            mean[c] = (double)x[c] + d / (double)n;                                             \
-            m2[c] -= d * d / (double)n;                                                         \
-        }                                                                                       \
-    }                                                                                           \
     /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
        false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
     CNET_CLONES static void bn_affine_##SFX(const T* CNET_R x, T* CNET_R y, ptrdiff_t n, ptrdiff_t C,       \
@@ -267,10 +200,10 @@ cdef extern from *:
     CNET_BN_CHUNK_KERNELS(float, bn_vf, bn_vif, 4, f)
     CNET_BN_CHUNK_KERNELS(double, bn_vd, bn_vid, 2, d)
     """
-    void bn_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
-                      float* scratch) nogil
-    void bn_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* mean, double* m2,
-                      double* scratch) nogil
+    Py_ssize_t BN_PAD(Py_ssize_t C) nogil
+    Py_ssize_t BN_SLOT(Py_ssize_t C) nogil
+    void bn_slot_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
+    void bn_slot_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
     void bn_affine_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* alpha,
                      const float* shift, int relu) nogil
     void bn_affine_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* alpha,
@@ -295,11 +228,11 @@ cdef extern from *:
 
 
 cdef inline void _chunk_moments(const floating* x, Py_ssize_t n, Py_ssize_t C,
-                                double* mean, double* m2, floating* scratch) noexcept nogil:
+                                double* slot) noexcept nogil:
     if floating is float:
-        bn_moments_f(x, n, C, mean, m2, scratch)
+        bn_slot_moments_f(x, n, C, slot)
     else:
-        bn_moments_d(x, n, C, mean, m2, scratch)
+        bn_slot_moments_d(x, n, C, slot)
 
 
 cdef inline void _chunk_affine(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t C,
@@ -392,10 +325,35 @@ cdef inline const floating* _residual_rows(object residual, Py_ssize_t M, Py_ssi
 
 # -- Python-facing kernels ----------------------------------------------------------
 
+def moment_slots(Py_ssize_t pieces, Py_ssize_t C):
+    """Empty (slots, counts) for the moments of ``pieces`` pieces of rows of C channels,
+    as a convolution fills them for forward_train's ``moments``: slots float64
+    (pieces, 4 * pad8(C)) with a piece's mean at [0:C] and its sum of squared
+    deviations at [pad8(C):pad8(C) + C] (the rest is its scratch), counts (pieces,)
+    its rows."""
+    return np.empty((pieces, BN_SLOT(C))), np.zeros(pieces, np.intp)
+
+
+def rows_moments(const floating[:, ::1] rows, double[:, ::1] slots, Py_ssize_t[::1] counts,
+                 Py_ssize_t piece):
+    """Moments of ``rows`` (n, C) into piece ``piece`` of moment_slots(., C)."""
+    cdef Py_ssize_t n = rows.shape[0], C = rows.shape[1]
+    if slots.shape[1] != BN_SLOT(C) or not 0 <= piece < slots.shape[0] \
+            or counts.shape[0] != slots.shape[0]:
+        raise ValueError(f"rows_moments: piece {piece} of slots {tuple(slots.shape)[:2]} / "
+                         f"counts ({counts.shape[0]},) is not a moment_slots(., {C}) piece")
+    if n == 0 or C == 0:
+        raise ValueError(f"rows_moments: no rows ({n} of {C} channels)")
+    with nogil:
+        _chunk_moments(&rows[0, 0], n, C, &slots[piece, 0])
+    counts[piece] = n
+
+
 def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, double eps, bint relu,
                   double[::1] save_mean, double[::1] save_invstd,
                   floating[::1] alpha, floating[::1] shift,
-                  running_mean, running_var, double momentum, int n_threads, residual=None):
+                  running_mean, running_var, double momentum, int n_threads, residual=None,
+                  moments=None):
     """Training forward on rows x (M, C) into y, with batch statistics.
 
     Writes the batch mean and 1/sqrt(var + eps) (biased variance) into
@@ -405,6 +363,10 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     place: running = (1 - momentum) * running + momentum * batch, with the
     unbiased batch variance in ``running_var``.  With ``residual`` (rows like x, not
     y itself): y = x normalised + residual, then the ReLU if relu (a residual join).
+    ``moments``: (slots, counts) of moment_slots(., C) covering x's rows in order,
+    as the convolution that wrote x took them from each piece of its output while
+    in cache (conv_direct, gemm_packed): then this pass does not read x for them.
+    The pieces are merged in order into slots' first row.
     """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     dtype = np.float32 if floating is float else np.float64
@@ -435,26 +397,36 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     # Per chunk: first moment, second moment, 2*C scratch values in the dtype.
-    cdef Py_ssize_t S = 4 * Cp
-    cdef double* slots = _alloc_slots(nchunks * S)
+    cdef Py_ssize_t S = BN_SLOT(C)
+    cdef double* slots
+    cdef double[:, ::1] given
+    cdef Py_ssize_t[::1] counts
     cdef Py_ssize_t j, r0, c
     cdef double na, nb, delta, var, mu, inv, al
+    if moments is not None:
+        given, counts = _given_moments(moments, M, C)
+        slots = &given[0, 0]
+        nchunks = given.shape[0]
+    else:
+        counts = np.full(nchunks, rows, np.intp)
+        counts[nchunks - 1] = M - (nchunks - 1) * rows
+        slots = _alloc_slots(nchunks * S)
     try:
         with nogil:
-            for j in prange(nchunks, schedule="static", num_threads=nt):
-                r0 = j * rows
-                _chunk_moments(xp + r0 * C, (M - r0) if M - r0 < rows else rows, C,
-                               slots + j * S, slots + j * S + Cp,
-                               <floating*>(slots + j * S + 2 * Cp))
+            if moments is None:
+                for j in prange(nchunks, schedule="static", num_threads=nt):
+                    r0 = j * rows
+                    _chunk_moments(xp + r0 * C, counts[j], C, slots + j * S)
             # Merge chunk moments serially, in chunk order (Chan et al.).
+            na = <double>counts[0]
             for j in range(1, nchunks):
-                na = <double>(j * rows)
-                nb = <double>((M - j * rows) if M - j * rows < rows else rows)
+                nb = <double>counts[j]
                 for c in range(C):
                     delta = slots[j * S + c] - slots[c]
                     slots[c] = slots[c] + delta * (nb / (na + nb))
                     slots[Cp + c] = (slots[Cp + c] + slots[j * S + Cp + c]
                                      + delta * delta * (na * nb / (na + nb)))
+                na = na + nb
             for c in range(C):
                 mu = slots[c]
                 var = slots[Cp + c] / M
@@ -470,12 +442,33 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
                     rm[c] = <floating>((1.0 - momentum) * rm[c] + momentum * mu)
                     rv[c] = <floating>((1.0 - momentum) * rv[c]
                                        + momentum * (slots[Cp + c] / (M - 1)))
-            for j in prange(nchunks, schedule="static", num_threads=nt):
+            rows = _rows_per_chunk(M, C)
+            for j in prange((M + rows - 1) // rows, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_affine(xp + r0 * C, yp + r0 * C, (M - r0) if M - r0 < rows else rows,
                               C, &alpha[0], &shift[0], relu, (sp + r0 * C) if sp else NULL)
     finally:
-        free(slots)
+        if moments is None:
+            free(slots)
+
+
+def _given_moments(moments, Py_ssize_t M, Py_ssize_t C):
+    """forward_train's ``moments`` (slots, counts), checked against x's M rows of C."""
+    try:
+        slots, counts = moments
+        given = np.asarray(slots)
+        cnt = np.asarray(counts)
+    except (TypeError, ValueError):
+        raise ValueError("batchnorm kernel: moments must be (slots, counts) from moment_slots")
+    if (given.dtype != np.float64 or given.ndim != 2 or given.shape[1] != BN_SLOT(C)
+            or given.shape[0] < 1 or not given.flags.c_contiguous or cnt.dtype != np.intp
+            or cnt.shape != (given.shape[0],)):
+        raise ValueError(f"batchnorm kernel: moments must be moment_slots(pieces, {C}), got "
+                         f"slots {given.dtype} {given.shape} and counts {cnt.dtype} {cnt.shape}")
+    if (cnt <= 0).any() or int(cnt.sum()) != M:
+        raise ValueError(f"batchnorm kernel: the moments' pieces cover {int(cnt.sum())} rows "
+                         f"({given.shape[0]} pieces, each at least one row), the input has {M}")
+    return slots, counts
 
 
 def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, running_mean,

@@ -1758,6 +1758,46 @@ cdef inline void _finish_rows(floating* y, const floating* residual, Py_ssize_t 
         cnet_relu_f64(y + offset, y + offset, n)
 
 
+cdef extern from "_bn_moments_impl.h":
+    Py_ssize_t BN_SLOT(Py_ssize_t C) nogil
+    void bn_slot_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
+    void bn_slot_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
+
+
+cdef inline void _piece_moments(const floating* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
+                                double* slots, Py_ssize_t* counts,
+                                Py_ssize_t piece) noexcept nogil:
+    """A training batch norm's moments of output rows [r0, r1) (C channels) into slot
+    ``piece`` of _batchnorm.moment_slots, while the rows are in cache."""
+    if floating is float:
+        bn_slot_moments_f(y + r0 * C, r1 - r0, C, slots + piece * BN_SLOT(C))
+    else:
+        bn_slot_moments_d(y + r0 * C, r1 - r0, C, slots + piece * BN_SLOT(C))
+    counts[piece] = r1 - r0
+
+
+def _moment_pieces(str what, moments, Py_ssize_t pieces, Py_ssize_t C, bint relu):
+    """``moments`` = (slots, counts) of _batchnorm.moment_slots(pieces, C), checked;
+    the raw output's statistics, so no ReLU or residual in the same store."""
+    try:
+        slots, counts = moments
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: moments must be (slots, counts) from moment_slots")
+    if relu:
+        raise ValueError(f"{what}: moments are of the convolution's own output: no ReLU "
+                         "or residual with them")
+    if (not isinstance(slots, np.ndarray) or slots.dtype != np.float64
+            or slots.shape != (pieces, BN_SLOT(C)) or not slots.flags.c_contiguous
+            or not isinstance(counts, np.ndarray) or counts.dtype != np.intp
+            or counts.shape != (pieces,) or not counts.flags.c_contiguous):
+        raise ValueError(f"{what}: moments must be moment_slots({pieces}, {C}) (a piece per "
+                         f"chunk or row block), got {getattr(slots, 'dtype', '')} "
+                         f"{getattr(slots, 'shape', type(slots).__name__)} and "
+                         f"{getattr(counts, 'dtype', '')} "
+                         f"{getattr(counts, 'shape', type(counts).__name__)}")
+    return slots, counts
+
+
 cdef inline Py_ssize_t _image_block() noexcept nogil:
     # the pixel count of _direct_variant's register blocks
     return 8 if _WIDE else 6
@@ -1878,7 +1918,7 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                 Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, int n_threads,
                 Py_ssize_t groups=1, bint by_images=False, packed=None, chunks=None,
-                bint relu=False, residual=None):
+                bint relu=False, residual=None, moments=None):
     """y[n0:n1] = conv(x[n0:n1], w) (+ bias), NHWC x/y, HWIO w (KH, KW, C_in/groups, C_out).
 
     by_images: register blocks of direct_image_block() images at one output pixel
@@ -1901,6 +1941,12 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     by_images), each run by one thread of an n_threads team, taken in turn as
     threads free up: a layer's chunks in one parallel region, without the GIL
     hand-offs of Python tasks.  The same sums as without them.
+
+    ``moments`` (with ``chunks``, no ReLU or residual): _batchnorm.moment_slots(
+    len(chunks), C_out), which receives each chunk's per-channel moments of its
+    output right after the chunk is computed, while it is in cache, for the training
+    batch norm that follows (its forward_train(moments=...) then skips its own
+    pass over the output).
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2], Cout = y.shape[3]
@@ -1927,6 +1973,13 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     if chunks is not None:
         ck = _direct_chunks("conv_direct", chunks, n0, n1, by_images)
         n_chunks = ck.shape[0]
+    cdef double[:, ::1] mslots
+    cdef Py_ssize_t[::1] mcounts
+    cdef bint collect = moments is not None
+    if collect:
+        if chunks is None:
+            raise ValueError("conv_direct: moments are taken per chunk: give chunks")
+        mslots, mcounts = _moment_pieces("conv_direct", moments, n_chunks, Cout, relu)
     if packed is None and G > 1 and not by_images and w is not None:
         packed = _grouped_blocks(w, G, n_threads)
     weight, bias_flat, Cw, KH, KW, variant, co_block = _direct_operands(
@@ -1949,6 +2002,9 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
                               ck[ci, 1], 1, G, H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph,
                               pw, dh, dw, variant, co_block, by_images, packed is not None,
                               relu, rp)
+                if collect:
+                    _piece_moments(&y[0, 0, 0, 0], ck[ci, 0] * OH * OW, ck[ci, 1] * OH * OW,
+                                   Cout, &mslots[0, 0], &mcounts[0], ci)
         else:
             _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G,
                           H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
@@ -3248,13 +3304,17 @@ cdef void _pack_panels(floating[:, :] b, floating[::1] out, int n_threads):
 
 def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
                 bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads,
-                bint accumulate=False):
+                bint accumulate=False, moments=None):
     """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as gemm_pack(B) (K x N,
     K = a's columns, N = c's columns).  Register tiles of 6 rows x 4 vectors, A
     read in place; rows split over n_threads in blocks of CNET_GEMM_MB.  Each row's
     sums run in the same order whatever the thread count (bitwise the same).
     ``accumulate``: c[r0:r1] += a[r0:r1] @ B (ReLU of the sum; no bias), C added
     in the tiles' store (a residual's input gradient: no separate add pass).
+    ``moments`` (not with relu or accumulate; c's rows unpadded):
+    _batchnorm.moment_slots(gemm_row_blocks(r0, r1), N), which receives each
+    block's per-channel moments of its rows right after they are stored, while in
+    cache, for a training batch norm after the layer (conv_direct's moments).
     a and c must not overlap."""
     cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = c.shape[1]
     cdef Py_ssize_t lda = a.strides[0] // sizeof(floating)
@@ -3285,18 +3345,36 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
     # a tile's store would overwrite rows of A that later panels still read
     if A < <const floating*>(C + M * ldc) and <const floating*>C < A + M * lda:
         raise ValueError("gemm_packed: A and C overlap in memory")
-    cdef Py_ssize_t blocks = (r1 - r0 + CNET_GEMM_MB - 1) // CNET_GEMM_MB, blk, i0, i1
+    cdef Py_ssize_t blocks = gemm_row_blocks(r0, r1), blk, i0, i1
+    cdef double* mslots = NULL
+    cdef Py_ssize_t* mcounts = NULL
+    cdef double[:, ::1] mslots_v
+    cdef Py_ssize_t[::1] mcounts_v
+    if moments is not None:
+        if ldc != N:
+            raise ValueError("gemm_packed: moments need C's rows unpadded")
+        mslots_v, mcounts_v = _moment_pieces("gemm_packed", moments, blocks, N,
+                                             relu or accumulate)
+        mslots = &mslots_v[0, 0]
+        mcounts = &mcounts_v[0]
     cdef int nt = effective_threads((r1 - r0) * K * N, n_threads)
     if nt > blocks:
         nt = <int>blocks
     with nogil:
-        if nt <= 1:
+        if nt <= 1 and mslots == NULL:
             _gemm_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu, accumulate)
         else:
             for blk in prange(blocks, num_threads=nt, schedule="dynamic"):
                 i0 = r0 + blk * CNET_GEMM_MB
                 i1 = min(i0 + CNET_GEMM_MB, r1)
                 _gemm_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu, accumulate)
+                if mslots != NULL:
+                    _piece_moments(<const floating*>C, i0, i1, N, mslots, mcounts, blk)
+
+
+def gemm_row_blocks(Py_ssize_t r0, Py_ssize_t r1):
+    """How many row blocks gemm_packed splits rows [r0, r1) into (its moments' pieces)."""
+    return (r1 - r0 + CNET_GEMM_MB - 1) // CNET_GEMM_MB
 
 
 cdef inline void _gemm_rows(const floating* A, Py_ssize_t lda, const floating* Bp,

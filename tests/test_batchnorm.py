@@ -477,3 +477,65 @@ def test_torch_parity_bn1d(rng, shape):
     np.testing.assert_allclose(dx, to_t(xt.grad.numpy()), rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(bn.weight.grad, tb.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.running_var, tb.running_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [8, 33, 64])
+def test_kernel_merges_given_moments(rng, dtype, C):
+    # A convolution's pieces (any sizes, one row included) merged in order stand for
+    # the kernel's own statistics pass: batch statistics against float64 numpy (with
+    # a mean that would cancel E[x^2] - E[x]^2), output and running buffers equal to
+    # the own pass within round-off.
+    from cnet_ext import _batchnorm
+    M = 700
+    x = (300.0 + rng.standard_normal((M, C))).astype(dtype)
+    bounds = [0, 1, 97, 350, 351, 700]
+    slots, counts = _batchnorm.moment_slots(len(bounds) - 1, C)
+    for piece, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        _batchnorm.rows_moments(x[r0:r1], slots, counts, piece)
+    np.testing.assert_array_equal(counts, np.diff(bounds))
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+
+    def run(moments):
+        y = np.empty_like(x)
+        mean, inv = np.empty(C), np.empty(C)
+        alpha, shift = np.empty(C, dtype), np.empty(C, dtype)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        _batchnorm.forward_train(x, y, w, b, 1e-5, True, mean, inv, alpha, shift, rm, rv,
+                                 0.5, 2, None, moments)
+        return y, mean, inv, rm, rv
+
+    y, mean, inv, rm, rv = run((slots, counts))
+    x64 = x.astype(np.float64)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=tol)
+    np.testing.assert_allclose(inv, 1 / np.sqrt(x64.var(0) + 1e-5), rtol=tol * 100)
+    for got, own in zip((y, mean, inv, rm, rv), run(None)):
+        np.testing.assert_allclose(got, own, rtol=tol * 100, atol=tol * 100)
+    np.testing.assert_allclose(rv, 0.5 + 0.5 * x64.var(0, ddof=1), rtol=tol * 100)
+
+
+def test_kernel_checks_given_moments(rng):
+    from cnet_ext import _batchnorm
+    x = rng.standard_normal((10, 8)).astype(np.float32)
+    s, a = np.empty(8), np.empty(8, np.float32)
+
+    def run(moments):
+        _batchnorm.forward_train(x, np.empty_like(x), None, None, 1e-5, False, s, s.copy(), a,
+                                 a.copy(), None, None, 0.1, 1, None, moments)
+
+    slots, counts = _batchnorm.moment_slots(2, 8)
+    _batchnorm.rows_moments(x[:4], slots, counts, 0)
+    with pytest.raises(ValueError, match="moments' pieces cover 4 rows.*the input has 10"):
+        run((slots, counts))
+    _batchnorm.rows_moments(x[4:], slots, counts, 1)
+    run((slots, counts))
+    with pytest.raises(ValueError, match=r"moments must be moment_slots\(pieces, 8\)"):
+        run(_batchnorm.moment_slots(2, 16))
+    with pytest.raises(ValueError, match="moments must be \\(slots, counts\\)"):
+        run((slots,))
+    with pytest.raises(ValueError, match="rows_moments: piece 2 of slots"):
+        _batchnorm.rows_moments(x, slots, counts, 2)
+    with pytest.raises(ValueError, match="rows_moments: no rows"):
+        _batchnorm.rows_moments(x[:0], slots, counts, 0)

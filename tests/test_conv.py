@@ -1802,3 +1802,155 @@ def test_layers_on_own_gemm_match_blas(dtype, rng, gemm_kernel_on, monkeypatch):
         if not relu:
             np.testing.assert_allclose(conv.forward_with_batchnorm(x, bn), bn(conv(x)),
                                        rtol=tol, atol=tol)
+
+
+def _piece_moments_reference(y2, slots, counts, dtype):
+    """Each piece's mean and sum of squared deviations, checked against float64 numpy
+    over its rows (pieces cover y2's rows in order)."""
+    C = y2.shape[1]
+    cp = (C + 7) // 8 * 8
+    assert slots.shape == (len(counts), 4 * cp) and counts.min() > 0
+    assert counts.sum() == y2.shape[0]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    r0 = 0
+    for piece, n in enumerate(counts):
+        rows = y2[r0:r0 + n].astype(np.float64)
+        scale = np.abs(rows).max() + 1
+        np.testing.assert_allclose(slots[piece, :C], rows.mean(0), rtol=tol, atol=tol * scale)
+        m2 = ((rows - rows.mean(0)) ** 2).sum(0)
+        np.testing.assert_allclose(slots[piece, cp:cp + C], m2, rtol=tol,
+                                   atol=tol * scale * scale * n)
+        r0 += n
+
+
+# (in, out, kernel, stride, groups, input (N, H)): direct (row / image blocks,
+# strided, grouped, 5x5), cnet's 1x1 GEMM (row blocks) or BLAS (chunks), im2col
+# (outputs not in whole vectors), depthwise
+_MOMENT_CASES = [(16, 16, 3, 1, 1, (5, 9)), (16, 32, 3, 2, 1, (4, 11)),
+                 (32, 64, 3, 1, 2, (3, 8)), (3, 16, 5, 1, 1, (3, 12)),
+                 (24, 40, 1, 1, 1, (7, 23)), (8, 12, 3, 1, 1, (3, 7)),
+                 (16, 16, 3, 1, 16, (3, 9))]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("own_gemm", [True, False])
+def test_convolution_takes_batchnorm_moments_per_chunk(threads, dtype, own_gemm, rng):
+    # Training: forward_with_batch_moments gives the forward's output bitwise and
+    # each chunk's (row block's) moments of it, on every path; the pieces do not
+    # depend on the thread count.
+    from cnet_ext import _conv
+    previous = _conv.gemm_kernel(own_gemm)
+    try:
+        for cin, cout, k, stride, groups, (n, hw) in _MOMENT_CASES:
+            conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups,
+                             bias=k == 1, dtype=dtype)
+            x = (3.0 + rng.standard_normal((n, hw, hw, cin))).astype(dtype)
+            with cnet.threads(threads):
+                y, (slots, counts) = conv.forward_with_batch_moments(x)
+                np.testing.assert_array_equal(y, conv(x))
+            with cnet.threads(3 - threads):
+                y_other, (slots_other, counts_other) = conv.forward_with_batch_moments(x)
+            np.testing.assert_array_equal(y_other, y)
+            np.testing.assert_array_equal(counts_other, counts)
+            np.testing.assert_array_equal(slots_other[:, :cout], slots[:, :cout])
+            _piece_moments_reference(y.reshape(-1, cout), slots, counts, dtype)
+            assert conv._x is x                  # cached for backward as by forward
+    finally:
+        _conv.gemm_kernel(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_training_batchnorm_uses_the_convolutions_moments(threads, dtype, rng, monkeypatch):
+    # Sequential(conv, BatchNorm2d[, ReLU]) in training: the batch norm's statistics
+    # come from the convolution's chunks; output, running statistics and every
+    # gradient equal the separate passes within round-off, over two SGD-free steps
+    # (and the float64 formula for the batch statistics).
+    calls = []
+    take = nn.Conv2d.forward_with_batch_moments
+    monkeypatch.setattr(nn.Conv2d, "forward_with_batch_moments",
+                        lambda self, x: (calls.append(1), take(self, x))[1])
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    for cin, cout, k, stride, groups, (n, hw) in _MOMENT_CASES:
+        for relu in (False, True):
+            def build():
+                cnet.manual_seed(5)
+                return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2,
+                                               groups=groups, bias=False),
+                                     nn.BatchNorm2d(cout),
+                                     *([nn.ReLU()] if relu else [])).to(dtype).train()
+            fused, plain = build(), build()
+            plain[1].forward = lambda x, bn=plain[1]: type(bn).forward(bn, x)  # no fusion
+            for step in range(2):
+                x = (2.0 + rng.standard_normal((n, hw, hw, cin))).astype(dtype)
+                outs = []
+                for model in (fused, plain):
+                    del calls[:]
+                    model.zero_grad()
+                    with cnet.threads(threads):
+                        y = model(x)
+                        dy = np.cos(np.arange(y.size)).reshape(y.shape).astype(dtype)
+                        dx = model.backward(dy)
+                    outs.append((y, dx, [p.grad.copy() for p in model.parameters()],
+                                 [b.copy() for b in model.buffers()], len(calls)))
+                (y1, dx1, g1, b1, c1), (y2, dx2, g2, b2, c2) = outs
+                assert (c1, c2) == (1, 0)
+                scale = np.abs(y2).max() + 1
+                np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol * scale)
+                np.testing.assert_allclose(dx1, dx2, rtol=tol, atol=tol * (np.abs(dx2).max() + 1))
+                for a, b in zip(g1 + b1, g2 + b2):
+                    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * (np.abs(b).max() + 1))
+            raw = fused[0](x).astype(np.float64).reshape(-1, cout)
+            np.testing.assert_allclose(fused[1]._work[0], raw.mean(0), rtol=tol,
+                                       atol=tol * (np.abs(raw).max() + 1))
+            np.testing.assert_allclose(fused[1]._work[1], 1 / np.sqrt(raw.var(0) + 1e-5),
+                                       rtol=tol)
+
+
+def test_batch_moments_refusals(rng):
+    from cnet_ext import _batchnorm, _conv
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(16)
+    x = rng.standard_normal((2, 6, 6, 16)).astype(np.float32)
+    assert conv.collects_batch_moments(bn, x)
+    assert not conv.collects_batch_moments(nn.BatchNorm2d(8), x)         # other channels
+    assert not conv.collects_batch_moments(bn, x.astype(np.float64))     # other dtype
+    assert not conv.collects_batch_moments(bn, x[..., :8])               # a bad input
+    bn.eval()
+    assert not conv.collects_batch_moments(bn, x)       # eval: the running statistics
+    with pytest.raises(ValueError, match="BatchNorm2d.*precomputed moments are for training"):
+        bn._forward(x, None, _batchnorm.moment_slots(1, 16))
+    bn.train()
+    conv.eval()
+    assert not conv.collects_batch_moments(bn, x)
+    relu_conv = nn.Conv2d(16, 16, 3, padding=1)
+    relu_conv.fuse_relu()
+    assert not relu_conv.collects_batch_moments(bn, x)
+    with pytest.raises(ValueError, match="Conv2d.*moments are of the raw output"):
+        relu_conv.forward_with_batch_moments(x)
+    # the kernels: pieces per chunk, of the raw output
+    w = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    y = np.empty_like(x)
+    with pytest.raises(ValueError, match="conv_direct: moments are taken per chunk"):
+        _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1,
+                          moments=_batchnorm.moment_slots(1, 16))
+    with pytest.raises(ValueError, match=r"conv_direct: moments must be moment_slots\(2, 16\)"):
+        _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, chunks=[(0, 1), (1, 2)],
+                          moments=_batchnorm.moment_slots(1, 16))
+    with pytest.raises(ValueError, match="conv_direct: moments are of the convolution's own"):
+        _conv.conv_direct(x, w, None, y, 0, 2, 1, 1, 1, 1, 1, 1, 1, chunks=[(0, 2)],
+                          relu=True, moments=_batchnorm.moment_slots(1, 16))
+    a = rng.standard_normal((300, 8)).astype(np.float32)
+    c = np.empty((300, 16), np.float32)
+    packed = _conv.gemm_pack(rng.standard_normal((8, 16)).astype(np.float32))
+    assert _conv.gemm_row_blocks(0, 300) == 2
+    with pytest.raises(ValueError, match="gemm_packed: moments are of the convolution's own"):
+        _conv.gemm_packed(a, packed, c, None, True, 0, 300, 1,
+                          moments=_batchnorm.moment_slots(2, 16))
+    with pytest.raises(ValueError, match=r"gemm_packed: moments must be moment_slots\(2, 16\)"):
+        _conv.gemm_packed(a, packed, c, None, False, 0, 300, 1,
+                          moments=_batchnorm.moment_slots(2, 8))
+    slots, counts = _batchnorm.moment_slots(2, 16)
+    _conv.gemm_packed(a, packed, c, None, False, 0, 300, 2, moments=(slots, counts))
+    _piece_moments_reference(c, slots, counts, np.float32)

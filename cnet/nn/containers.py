@@ -111,6 +111,16 @@ class Sequential(Module):
                 if join:
                     return x, True
                 i += 2
+            # Training: a convolution takes the batch norm's statistics from each chunk
+            # of its output while in cache, so the batch norm reads it only once.
+            elif (nxt is not None and self.training
+                    and hasattr(layer, "collects_batch_moments")
+                    and layer.collects_batch_moments(nxt, x)):
+                y, moments = layer.forward_with_batch_moments(x)
+                if residual is not None and i + 2 == len(plan) and nxt.joins_residual(y, residual):
+                    return nxt._forward(y, residual, moments), True
+                x = nxt._forward(y, None, moments)
+                i += 2
             elif (residual is not None and nxt is None and hasattr(layer, "joins_residual")
                     and layer.joins_residual(x, residual)):
                 return layer._forward(x, residual), True

@@ -55,7 +55,7 @@ import threading
 
 import numpy as np
 
-from cnet_ext import _blas, _conv, _elementwise, _openmp_helpers
+from cnet_ext import _batchnorm, _blas, _conv, _elementwise, _openmp_helpers
 
 from .. import init
 from .. import _threads
@@ -932,9 +932,38 @@ class Conv2d(Module):
             shift = shift + alpha * self.bias.data
         return self._forward(x, None, residual, (weight, shift.astype(w.dtype), bn._relu))
 
-    def _forward(self, x, bn, residual=None, folded=None):
+    def collects_batch_moments(self, bn, x):
+        """Whether forward_with_batch_moments(x) may hand ``bn`` its batch statistics:
+        both in training mode, bn a BatchNorm2d over this layer's outputs of its dtype,
+        no ReLU fused into this layer (bn sees the raw sums), neither forward
+        replaced on the instance (a profiler's wrapper must see its own call), x a
+        valid input (else forward's own checks say why)."""
+        from .normalization import BatchNorm2d
+        w = self.weight.data
+        return (self.training and not self._relu and isinstance(bn, BatchNorm2d)
+                and bn.training and bn.num_features == self.out_channels
+                and bn._dtype() in (None, w.dtype)
+                and "forward" not in self.__dict__ and "forward" not in bn.__dict__
+                and isinstance(x, np.ndarray) and x.ndim == 4
+                and x.shape[3] == self.in_channels and x.dtype == w.dtype)
+
+    def forward_with_batch_moments(self, x):
+        """(self(x), moments): the output and its per-channel moments, taken from each
+        chunk (or row block of a 1x1 layer's GEMM) right after it is computed, while
+        in cache, for the training batch norm after this layer (BatchNorm2d._forward's
+        ``moments``), which then does not read the output back from memory for its
+        statistics (Sequential does this; see collects_batch_moments).  The output is
+        bitwise this layer's forward; the statistics equal the batch norm's own
+        within float32 round-off (other pieces, merged the same way)."""
+        if self._relu:
+            raise ValueError(f"{self._describe()}: a batch norm's moments are of the raw "
+                             "output; this layer applies a ReLU")
+        return self._forward(x, None, collect=True)
+
+    def _forward(self, x, bn, residual=None, folded=None, collect=False):
         """``folded``: (weight, bias, relu) standing for this layer's own (an eval batch
-        norm folded into them, forward_with_folded_batchnorm)."""
+        norm folded into them, forward_with_folded_batchnorm).  ``collect``: returns
+        (y, moments) (forward_with_batch_moments)."""
         w = self.weight.data if folded is None else folded[0]
         relu = self._relu if folded is None else folded[2]
         _check_param_dtype(self, w.dtype)
@@ -1009,6 +1038,8 @@ class Conv2d(Module):
                 if residual is not None:     # a folded batch norm's join, in cache
                     yc = y2[n0 * rows:n1 * rows]
                     _elementwise.add(yc, residual2[n0 * rows:n1 * rows], yc, True, kt)
+                if moments is not None:      # the next batch norm's statistics, in cache
+                    _batchnorm.rows_moments(y2[n0 * rows:n1 * rows], *moments, t)
                 return
             raw = raws[wid][:n1 - n0]
             compute(x[n0:n1], raw, 0, n1 - n0, wid, kt)
@@ -1016,24 +1047,32 @@ class Conv2d(Module):
                                   *bn_vectors[wid], kt,
                                   None if residual is None else residual2[n0 * rows:n1 * rows])
 
+        one_gemm = (packed_gemm is not None and path == "pointwise" and bn is None
+                    and residual is None)
+        moments = None
+        if collect:
+            # one piece per chunk (per row block of the 1x1 GEMM): the statistics'
+            # rounding does not depend on the thread count
+            moments = _batchnorm.moment_slots(
+                _conv.gemm_row_blocks(0, n * rows) if one_gemm else n_chunks, cout)
         if path == "direct" and bn is None:
             # All chunks in one parallel region of the kernel: no Python, and no GIL
             # hand-off, per chunk (2 threads, ms, Python tasks -> one region:
             # ResNet-18 16x16x64 2.74 -> 2.63, 2x2x512 2.74 -> 2.60; ResNet-20
             # 32x32x16 3.20 -> 3.04).
             _conv.conv_direct(x, w, bias, y, 0, n, *geom[2:8], nt, self.groups, by_images,
-                              packed, bounds if nt > 1 and n_chunks >= nt else None, relu,
-                              residual)
-        elif packed_gemm is not None and path == "pointwise" and bn is None and residual is None:
+                              packed, bounds if collect or (nt > 1 and n_chunks >= nt)
+                              else None, relu, residual, moments)
+        elif one_gemm:
             # the whole batch in one parallel region: no Python per chunk
             _conv.gemm_packed(x.reshape(-1, self.in_channels), packed_gemm, y2, bias,
-                              relu, 0, n * rows, nt)
+                              relu, 0, n * rows, nt, moments=moments)
         else:
             _run_tasks(task, n_chunks, nt)
         if self.training:
             self._x = x
             self._y = y if relu else None
-        return y
+        return (y, moments) if collect else y
 
     def backward(self, grad_out):
         return self._backward(grad_out)

@@ -95,10 +95,13 @@ class _BatchNorm(Module):
         return (not self._relu and "forward" not in self.__dict__ and isinstance(x, np.ndarray)
                 and residual_fits(residual, x.shape, x.dtype))
 
-    def _forward(self, x, residual):
+    def _forward(self, x, residual, moments=None):
         """The forward; with ``residual`` (see joins_residual) relu(bn(x) + residual)
         in the same pass over the output, which saves writing bn(x) and the add's
-        pass over three maps.  The same values as the separate passes."""
+        pass over three maps.  The same values as the separate passes.
+        ``moments``: x's per-channel moments by pieces, as the convolution that
+        wrote x took them (Conv2d.forward_with_batch_moments), standing for this
+        layer's own pass over x in training mode."""
         check_input(self, x, self._ranks, channels=self.num_features, dtype=self._dtype())
         C = self.num_features
         x2 = x.reshape(-1, C)
@@ -109,6 +112,9 @@ class _BatchNorm(Module):
         weight = self.weight.data if self.affine else None
         bias = self.bias.data if self.affine else None
         mean, invstd, alpha, shift = self._workspace(x.dtype)
+        if moments is not None and not self.training:
+            raise ValueError(f"{self._describe()}: precomputed moments are for training "
+                             "mode's batch statistics")
         if self.training or not self.track_running_stats:
             if x2.shape[0] < 2 and self.training:
                 raise ValueError(f"{self._describe()}: expected more than 1 value per channel "
@@ -122,7 +128,7 @@ class _BatchNorm(Module):
             _batchnorm.forward_train(
                 x2, y2, weight, bias, self.eps, relu, mean, invstd, alpha, shift,
                 self.running_mean if update else None, self.running_var if update else None,
-                factor, num_threads(), residual2)
+                factor, num_threads(), residual2, moments)
             self._cache = x if self.training else None
         else:
             self._forward_eval_rows(x2, y2, alpha, shift, num_threads(), residual2)
