@@ -442,7 +442,6 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
                     rm[c] = <floating>((1.0 - momentum) * rm[c] + momentum * mu)
                     rv[c] = <floating>((1.0 - momentum) * rv[c]
                                        + momentum * (slots[Cp + c] / (M - 1)))
-            rows = _rows_per_chunk(M, C)
             for j in prange((M + rows - 1) // rows, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_affine(xp + r0 * C, yp + r0 * C, (M - r0) if M - r0 < rows else rows,
