@@ -11,7 +11,8 @@ gradient sum, not its branches; a container's own Python work shows up under
 its name.  ReLUs that Sequential fused into the layer before them never run on
 their own (their cost is inside that layer).  The wrappers switch off what joins
 two layers in one pass (eval-mode convolution + batch norm per chunk or folded into
-the convolution's weights, a residual
+the convolution's weights, a training batch norm's moments taken by the convolution
+before it, a residual
 block's batch norm + add + ReLU), so each layer is timed alone; the plain step
 keeps them.  The loss, ``zero_grad`` and the
 optimizer step are timed too, and the rest of the step is "unaccounted".
