@@ -1994,8 +1994,11 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
     zeros = <floating*>calloc(C, sizeof(floating))
     if zeros == NULL:
         raise MemoryError()
+    # Fewer chunks than threads (a batch smaller than the cores): the whole range on
+    # every thread, then the chunks' moments (the same pieces, out of cache)
+    cdef bint by_chunks = n_chunks > 0 and not (collect and n_chunks < nt)
     with nogil:
-        if n_chunks:
+        if by_chunks:
             for ci in prange(n_chunks, num_threads=min(n_threads, n_chunks),
                              schedule="dynamic", chunksize=1):
                 _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], ck[ci, 0],
@@ -2009,6 +2012,10 @@ def conv_direct(floating[:, :, :, ::1] x, w, bias, floating[:, :, :, ::1] y,
             _direct_range(&x[0, 0, 0, 0], &wflat[0], bp, zeros, &y[0, 0, 0, 0], n0, n1, nt, G,
                           H, W, C, OH, OW, Cout, Cw, KH, KW, sh, sw, ph, pw, dh, dw, variant,
                           co_block, by_images, packed is not None, relu, rp)
+            if collect:
+                for ci in prange(n_chunks, num_threads=min(nt, n_chunks), schedule="static"):
+                    _piece_moments(&y[0, 0, 0, 0], ck[ci, 0] * OH * OW, ck[ci, 1] * OH * OW,
+                                   Cout, &mslots[0, 0], &mcounts[0], ci)
     free(zeros)
 
 

@@ -1824,9 +1824,9 @@ def _piece_moments_reference(y2, slots, counts, dtype):
 
 
 # (in, out, kernel, stride, groups, input (N, H)): direct (row / image blocks,
-# strided, grouped, 5x5), cnet's 1x1 GEMM (row blocks) or BLAS (chunks), im2col
-# (outputs not in whole vectors), depthwise
-_MOMENT_CASES = [(16, 16, 3, 1, 1, (5, 9)), (16, 32, 3, 2, 1, (4, 11)),
+# strided, grouped, 5x5, one image: fewer chunks than threads), cnet's 1x1 GEMM (row
+# blocks) or BLAS (chunks), im2col (outputs not in whole vectors), depthwise
+_MOMENT_CASES = [(16, 16, 3, 1, 1, (5, 9)), (16, 32, 3, 2, 1, (4, 11)), (16, 16, 3, 1, 1, (1, 20)),
                  (32, 64, 3, 1, 2, (3, 8)), (3, 16, 5, 1, 1, (3, 12)),
                  (24, 40, 1, 1, 1, (7, 23)), (8, 12, 3, 1, 1, (3, 7)),
                  (16, 16, 3, 1, 16, (3, 9))]
