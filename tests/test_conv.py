@@ -1954,3 +1954,38 @@ def test_batch_moments_refusals(rng):
     slots, counts = _batchnorm.moment_slots(2, 16)
     _conv.gemm_packed(a, packed, c, None, False, 0, 300, 2, moments=(slots, counts))
     _piece_moments_reference(c, slots, counts, np.float32)
+
+
+def test_subclass_forward_turns_the_joined_paths_off(rng):
+    # A subclass that overrides forward (or a wrapper on the instance) is called: the
+    # paths that join a convolution and its batch norm in one pass (training moments,
+    # eval folds, the residual join) stand only for the classes' own forwards.
+    calls = []
+
+    class LoggedBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            calls.append("bn")
+            return super().forward(x)
+
+    class LoggedConv(nn.Conv2d):
+        def forward(self, x):
+            calls.append("conv")
+            return super().forward(x)
+
+    x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    for conv_cls, bn_cls, want in ((nn.Conv2d, LoggedBatchNorm, ["bn"]),
+                                   (LoggedConv, nn.BatchNorm2d, ["conv"])):
+        conv, bn = conv_cls(16, 16, 3, padding=1, bias=False), bn_cls(16)
+        assert not conv.collects_batch_moments(bn, x)
+        assert not conv.folds_batchnorm(bn)
+        model = nn.Sequential(conv, bn, nn.ReLU())
+        for training in (True, False):
+            model.train(training)
+            del calls[:]
+            model(x)
+            assert calls == want
+    body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), LoggedBatchNorm(16))
+    assert not body[1].joins_residual(x, x.copy())
+    del calls[:]
+    nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()).train()(x)
+    assert calls == ["bn"]

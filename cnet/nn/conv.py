@@ -61,7 +61,8 @@ from .. import init
 from .. import _threads
 from .._args import int_pair
 from .._threads import num_threads
-from .module import Module, Parameter, add_into, check_input, require_cache, residual_fits
+from .module import (Module, Parameter, add_into, check_input, own_forward, require_cache,
+                     residual_fits)
 
 __all__ = ["Conv2d", "Linear"]
 
@@ -827,15 +828,15 @@ class Conv2d(Module):
     def folds_batchnorm(self, bn, x=None):
         """Whether forward_with_batchnorm(x, bn) may stand for bn(self(x)): both in
         eval mode, bn a BatchNorm2d over this layer's outputs with running
-        statistics, neither forward replaced on the instance (a profiler's wrapper
-        must see its own call).  Given the input x, also whether it pays: not for
+        statistics, both running their class's own forward (own_forward: not a
+        profiler's wrapper nor a subclass's).  Given the input x, also whether it pays: not for
         a direct layer with an output under _FOLD_DIRECT_BYTES."""
         from .normalization import BatchNorm2d
         w = self.weight.data
         if not (not self.training and isinstance(bn, BatchNorm2d) and not bn.training
                 and bn.track_running_stats and bn.num_features == self.out_channels
                 and bn._dtype() == w.dtype
-                and "forward" not in self.__dict__ and "forward" not in bn.__dict__):
+                and own_forward(self, Conv2d) and own_forward(bn, BatchNorm2d)):
             return False
         if x is None:
             return True
@@ -935,15 +936,15 @@ class Conv2d(Module):
     def collects_batch_moments(self, bn, x):
         """Whether forward_with_batch_moments(x) may hand ``bn`` its batch statistics:
         both in training mode, bn a BatchNorm2d over this layer's outputs of its dtype,
-        no ReLU fused into this layer (bn sees the raw sums), neither forward
-        replaced on the instance (a profiler's wrapper must see its own call), x a
-        valid input (else forward's own checks say why)."""
+        no ReLU fused into this layer (bn sees the raw sums), both running their
+        class's own forward (own_forward), x a valid input (else forward's own checks
+        say why)."""
         from .normalization import BatchNorm2d
         w = self.weight.data
         return (self.training and not self._relu and isinstance(bn, BatchNorm2d)
                 and bn.training and bn.num_features == self.out_channels
                 and bn._dtype() in (None, w.dtype)
-                and "forward" not in self.__dict__ and "forward" not in bn.__dict__
+                and own_forward(self, Conv2d) and own_forward(bn, BatchNorm2d)
                 and isinstance(x, np.ndarray) and x.ndim == 4
                 and x.shape[3] == self.in_channels and x.dtype == w.dtype)
 
