@@ -451,22 +451,34 @@ def forward_train(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, do
             free(slots)
 
 
-def _given_moments(moments, Py_ssize_t M, Py_ssize_t C):
-    """forward_train's ``moments`` (slots, counts), checked against x's M rows of C."""
+def check_moments(moments, Py_ssize_t C, Py_ssize_t pieces=-1, str what="batchnorm kernel"):
+    """``moments`` = (slots, counts) as moment_slots(pieces, C) makes them (any number
+    of pieces where ``pieces`` < 0), checked; returns them."""
     try:
         slots, counts = moments
-        given = np.asarray(slots)
-        cnt = np.asarray(counts)
     except (TypeError, ValueError):
-        raise ValueError("batchnorm kernel: moments must be (slots, counts) from moment_slots")
-    if (given.dtype != np.float64 or given.ndim != 2 or given.shape[1] != BN_SLOT(C)
-            or given.shape[0] < 1 or not given.flags.c_contiguous or cnt.dtype != np.intp
-            or cnt.shape != (given.shape[0],)):
-        raise ValueError(f"batchnorm kernel: moments must be moment_slots(pieces, {C}), got "
-                         f"slots {given.dtype} {given.shape} and counts {cnt.dtype} {cnt.shape}")
-    if (cnt <= 0).any() or int(cnt.sum()) != M:
-        raise ValueError(f"batchnorm kernel: the moments' pieces cover {int(cnt.sum())} rows "
-                         f"({given.shape[0]} pieces, each at least one row), the input has {M}")
+        raise ValueError(f"{what}: moments must be (slots, counts) from moment_slots")
+    if (not isinstance(slots, np.ndarray) or slots.dtype != np.float64 or slots.ndim != 2
+            or slots.shape[1] != BN_SLOT(C) or slots.shape[0] < 1
+            or (pieces >= 0 and slots.shape[0] != pieces) or not slots.flags.c_contiguous
+            or not isinstance(counts, np.ndarray) or counts.dtype != np.intp
+            or counts.shape != (slots.shape[0],) or not counts.flags.c_contiguous):
+        raise ValueError(f"{what}: moments must be moment_slots("
+                         f"{pieces if pieces >= 0 else 'pieces'}, {C}), got slots "
+                         f"{getattr(slots, 'dtype', '')} "
+                         f"{getattr(slots, 'shape', type(slots).__name__)} and counts "
+                         f"{getattr(counts, 'dtype', '')} "
+                         f"{getattr(counts, 'shape', type(counts).__name__)}")
+    return slots, counts
+
+
+def _given_moments(moments, Py_ssize_t M, Py_ssize_t C):
+    """forward_train's ``moments`` (slots, counts), checked against x's M rows of C."""
+    slots, counts = check_moments(moments, C)
+    if (counts <= 0).any() or int(counts.sum()) != M:
+        raise ValueError(f"batchnorm kernel: the moments' pieces cover {int(counts.sum())} "
+                         f"rows ({slots.shape[0]} pieces, each at least one row), the input "
+                         f"has {M}")
     return slots, counts
 
 

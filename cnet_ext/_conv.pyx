@@ -27,6 +27,7 @@ from cython cimport floating
 import numpy as np
 
 from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
+from cnet_ext import _batchnorm
 
 
 # ---------------------------------------------------------------------------
@@ -1777,25 +1778,13 @@ cdef inline void _piece_moments(const floating* y, Py_ssize_t r0, Py_ssize_t r1,
 
 
 def _moment_pieces(str what, moments, Py_ssize_t pieces, Py_ssize_t C, bint relu):
-    """``moments`` = (slots, counts) of _batchnorm.moment_slots(pieces, C), checked;
-    the raw output's statistics, so no ReLU or residual in the same store."""
-    try:
-        slots, counts = moments
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: moments must be (slots, counts) from moment_slots")
+    """``moments`` = (slots, counts) of _batchnorm.moment_slots(pieces, C), checked
+    (_batchnorm.check_moments); the raw output's statistics, so no ReLU or residual
+    in the same store."""
     if relu:
         raise ValueError(f"{what}: moments are of the convolution's own output: no ReLU "
                          "or residual with them")
-    if (not isinstance(slots, np.ndarray) or slots.dtype != np.float64
-            or slots.shape != (pieces, BN_SLOT(C)) or not slots.flags.c_contiguous
-            or not isinstance(counts, np.ndarray) or counts.dtype != np.intp
-            or counts.shape != (pieces,) or not counts.flags.c_contiguous):
-        raise ValueError(f"{what}: moments must be moment_slots({pieces}, {C}) (a piece per "
-                         f"chunk or row block), got {getattr(slots, 'dtype', '')} "
-                         f"{getattr(slots, 'shape', type(slots).__name__)} and "
-                         f"{getattr(counts, 'dtype', '')} "
-                         f"{getattr(counts, 'shape', type(counts).__name__)}")
-    return slots, counts
+    return _batchnorm.check_moments(moments, C, pieces, what)
 
 
 cdef inline Py_ssize_t _image_block() noexcept nogil:

@@ -16,7 +16,9 @@ class Sequential(Module):
     activations instead of two.  In eval mode a direct Conv2d followed by a
     BatchNorm2d takes it into its weights (folds_batchnorm_weights: equal within
     float32 round-off); other convolutions apply it to each output chunk while in
-    cache (folds_batchnorm), with an identical result.  Backward hands a
+    cache (folds_batchnorm), with an identical result.  In training a Conv2d
+    hands the BatchNorm2d after it the batch's moments, taken from each output
+    chunk while in cache (collects_batch_moments).  Backward hands a
     MaxPool2d's gradient to the layer before it (Conv2d.backward_through_pool),
     which may gather it in its own pass.
     """

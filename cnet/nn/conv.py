@@ -829,8 +829,8 @@ class Conv2d(Module):
         """Whether forward_with_batchnorm(x, bn) may stand for bn(self(x)): both in
         eval mode, bn a BatchNorm2d over this layer's outputs with running
         statistics, both running their class's own forward (own_forward: not a
-        profiler's wrapper nor a subclass's).  Given the input x, also whether it pays: not for
-        a direct layer with an output under _FOLD_DIRECT_BYTES."""
+        profiler's wrapper nor a subclass's).  Given the input x, also whether it
+        pays: not for a direct layer with an output under _FOLD_DIRECT_BYTES."""
         from .normalization import BatchNorm2d
         w = self.weight.data
         if not (not self.training and isinstance(bn, BatchNorm2d) and not bn.training
@@ -840,12 +840,8 @@ class Conv2d(Module):
             return False
         if x is None:
             return True
-        if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[3] == self.in_channels
-                and x.dtype == w.dtype):
-            return False                     # forward's own checks will say why
-        try:
-            out_shape = self.output_shape(x.shape)
-        except ValueError:
+        out_shape = self._output_shape_of(x)
+        if out_shape is None:
             return False
         direct = self._workspace(x, out_shape)["paths"][0] == "direct"
         return not direct or math.prod(out_shape) * x.itemsize >= _FOLD_DIRECT_BYTES
@@ -891,14 +887,8 @@ class Conv2d(Module):
         Sequential asks this first, then folds_batchnorm(bn, x)."""
         if self._relu or not self.folds_batchnorm(bn):
             return False
-        if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[3] == self.in_channels
-                and x.dtype == self.weight.data.dtype):
-            return False                     # forward's own checks will say why
-        try:
-            out_shape = self.output_shape(x.shape)
-        except ValueError:
-            return False
-        return (self._workspace(x, out_shape)["paths"][0] == "direct"
+        out_shape = self._output_shape_of(x)
+        return (out_shape is not None and self._workspace(x, out_shape)["paths"][0] == "direct"
                 and self.weight.data.nbytes * _FOLD_WEIGHT_RATIO
                 <= math.prod(out_shape) * x.itemsize)
 
@@ -945,8 +935,18 @@ class Conv2d(Module):
                 and bn.training and bn.num_features == self.out_channels
                 and bn._dtype() in (None, w.dtype)
                 and own_forward(self, Conv2d) and own_forward(bn, BatchNorm2d)
-                and isinstance(x, np.ndarray) and x.ndim == 4
-                and x.shape[3] == self.in_channels and x.dtype == w.dtype)
+                and self._output_shape_of(x) is not None)
+
+    def _output_shape_of(self, x):
+        """The output shape for input x, or None where x is not one this layer takes
+        (the joined paths then step aside and forward's own checks say why)."""
+        if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[3] == self.in_channels
+                and x.dtype == self.weight.data.dtype):
+            return None
+        try:
+            return self.output_shape(x.shape)
+        except ValueError:
+            return None
 
     def forward_with_batch_moments(self, x):
         """(self(x), moments): the output and its per-channel moments, taken from each
