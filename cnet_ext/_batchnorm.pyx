@@ -524,6 +524,12 @@ def forward_eval(const floating[:, ::1] x, floating[:, ::1] y, weight, bias, run
                           C, &alpha[0], &shift[0], relu, (sp + r0 * C) if sp else NULL)
 
 
+def grad_coefficients(Py_ssize_t C, dtype):
+    """An empty (4, pad8(C)) array for backward_coefficients: per channel the
+    forward's mean rounded to the dtype, then a, k and b of dx = a*g + k*(x - mean) + b."""
+    return np.empty((4, BN_PAD(C)), dtype)
+
+
 def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx, weight,
              weight_grad, bias_grad, const double[::1] save_mean,
              const double[::1] save_invstd, const floating[::1] alpha,
@@ -535,18 +541,38 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
     xhat = (x - mean) * invstd:
         dbeta = sum g,  dgamma = sum g * xhat,
         dx = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)).
-    ``weight`` / the grads may be None (affine=False).
+    ``weight`` / the grads may be None (affine=False).  The same as
+    backward_coefficients followed by backward_dx over all rows.
     """
+    _check_rows("dx", dx, x.shape[0], x.shape[1])
+    coef = grad_coefficients(x.shape[1], np.float32 if floating is float else np.float64)
+    backward_coefficients(x, dy, weight, weight_grad, bias_grad, save_mean, save_invstd,
+                          alpha, shift, relu, n_threads, coef)
+    backward_dx(x, dy, dx, coef, alpha, shift, relu, n_threads)
+
+
+def backward_coefficients(const floating[:, ::1] x, const floating[:, ::1] dy, weight,
+                          weight_grad, bias_grad, const double[::1] save_mean,
+                          const double[::1] save_invstd, const floating[::1] alpha,
+                          const floating[::1] shift, bint relu, int n_threads,
+                          floating[:, ::1] coef):
+    """The training backward's reduction sweep (see backward): dgamma/dbeta
+    accumulated with +=, and ``coef`` (grad_coefficients) filled for backward_dx,
+    which may then write dx a block of rows at a time (a 1x1 convolution's
+    backward makes each chunk of its output gradient so, while in cache)."""
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     dtype = np.float32 if floating is float else np.float64
     _check_rows("dy", dy, M, C)
-    _check_rows("dx", dx, M, C)
     for name, v in (("weight", weight), ("weight_grad", weight_grad), ("bias_grad", bias_grad)):
         _check_vec(name, v, C, dtype)
     if save_mean.shape[0] != C or save_invstd.shape[0] != C or alpha.shape[0] != C \
             or shift.shape[0] != C:
         raise ValueError(f"batchnorm kernel: save_mean/save_invstd/alpha/shift must have {C} "
                          "values")
+    cdef Py_ssize_t Cp = _padded(C)
+    if coef.shape[0] != 4 or coef.shape[1] != Cp:
+        raise ValueError(f"batchnorm kernel: coef has shape {tuple(coef.shape)[:2]}, expected "
+                         f"{(4, Cp)} (grad_coefficients)")
     if C == 0 or M == 0:
         return
     cdef const floating* w = _cptr(weight, <const floating*>NULL)
@@ -554,26 +580,23 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
     cdef floating* gb = _ptr(bias_grad, <floating*>NULL)
     cdef Py_ssize_t rows = _rows_per_chunk(M, C)
     cdef Py_ssize_t nchunks = (M + rows - 1) // rows
-    cdef Py_ssize_t Cp = _padded(C)
     cdef int nt = effective_threads(M * C, n_threads, cnet_min_elements_per_thread())
     cdef const floating* xp = &x[0, 0]
     cdef const floating* dyp = &dy[0, 0]
-    cdef floating* dxp = &dx[0, 0]
-    # slots: per chunk sum(g), sum(g * (x - mean)) and 2*C scratch values in the
-    # dtype; then 4 per-channel coefficient rows (mean first: the sums use it).
+    cdef floating* cp = &coef[0, 0]
+    # slots: per chunk sum(g), sum(g * (x - mean)) and 2*C scratch values in the dtype
     cdef Py_ssize_t S = 4 * Cp
-    cdef double* slots = _alloc_slots(nchunks * S + 4 * Cp)
-    cdef floating* coef = <floating*>(slots + nchunks * S)
+    cdef double* slots = _alloc_slots(nchunks * S)
     cdef Py_ssize_t j, r0, c
-    cdef double sdy, sdyx, inv, a, k
+    cdef double sdy, sdyx, inv, a
     try:
         with nogil:
             for c in range(C):
-                coef[c] = <floating>save_mean[c]
+                cp[c] = <floating>save_mean[c]
             for j in prange(nchunks, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_grad_sums(xp + r0 * C, dyp + r0 * C, (M - r0) if M - r0 < rows else rows,
-                                 C, coef, &alpha[0], &shift[0], relu,
+                                 C, cp, &alpha[0], &shift[0], relu,
                                  slots + j * S, slots + j * S + Cp,
                                  <floating*>(slots + j * S + 2 * Cp))
             for j in range(1, nchunks):
@@ -583,21 +606,50 @@ def backward(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::
             for c in range(C):
                 sdy = slots[c]
                 # sum g*(x - mean) from the sums about the rounded mean: exact identity.
-                sdyx = slots[Cp + c] + (<double>coef[c] - save_mean[c]) * sdy
+                sdyx = slots[Cp + c] + (<double>cp[c] - save_mean[c]) * sdy
                 inv = save_invstd[c]
                 a = inv * w[c] if w != NULL else inv
-                k = -a * inv * inv * sdyx / M
                 if gw != NULL:
                     gw[c] = <floating>(gw[c] + sdyx * inv)
                 if gb != NULL:
                     gb[c] = <floating>(gb[c] + sdy)
-                coef[Cp + c] = <floating>a
-                coef[2 * Cp + c] = <floating>k
-                coef[3 * Cp + c] = <floating>(-a * sdy / M)
+                cp[Cp + c] = <floating>a
+                cp[2 * Cp + c] = <floating>(-a * inv * inv * sdyx / M)
+                cp[3 * Cp + c] = <floating>(-a * sdy / M)
+    finally:
+        free(slots)
+
+
+def backward_dx(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx,
+                const floating[:, ::1] coef, const floating[::1] alpha,
+                const floating[::1] shift, bint relu, int n_threads):
+    """dx = a*g + k*(x - mean) + b for rows x, dy (g = dy masked by the fused ReLU),
+    with coef from backward_coefficients over the whole batch: any block of the
+    batch's rows (x, dy and dx the same block)."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    _check_rows("dy", dy, M, C)
+    _check_rows("dx", dx, M, C)
+    cdef Py_ssize_t Cp = _padded(C)
+    if coef.shape[0] != 4 or coef.shape[1] != Cp or alpha.shape[0] != C or shift.shape[0] != C:
+        raise ValueError(f"batchnorm kernel: coef {tuple(coef.shape)[:2]} / alpha / shift do "
+                         f"not fit {C} channels (grad_coefficients)")
+    if C == 0 or M == 0:
+        return
+    cdef Py_ssize_t rows = _rows_per_chunk(M, C)
+    cdef Py_ssize_t nchunks = (M + rows - 1) // rows
+    cdef int nt = effective_threads(M * C, n_threads, cnet_min_elements_per_thread())
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* dyp = &dy[0, 0]
+    cdef floating* dxp = &dx[0, 0]
+    cdef const floating* cp = &coef[0, 0]
+    cdef Py_ssize_t j, r0
+    with nogil:
+        if nt <= 1:
+            _chunk_dx(xp, dyp, dxp, M, C, cp, cp + Cp, cp + 2 * Cp, cp + 3 * Cp,
+                      &alpha[0], &shift[0], relu)
+        else:
             for j in prange(nchunks, schedule="static", num_threads=nt):
                 r0 = j * rows
                 _chunk_dx(xp + r0 * C, dyp + r0 * C, dxp + r0 * C,
-                          (M - r0) if M - r0 < rows else rows, C, coef, coef + Cp,
-                          coef + 2 * Cp, coef + 3 * Cp, &alpha[0], &shift[0], relu)
-    finally:
-        free(slots)
+                          (M - r0) if M - r0 < rows else rows, C, cp, cp + Cp,
+                          cp + 2 * Cp, cp + 3 * Cp, &alpha[0], &shift[0], relu)

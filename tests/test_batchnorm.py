@@ -539,3 +539,57 @@ def test_kernel_checks_given_moments(rng):
         _batchnorm.rows_moments(x, slots, counts, 2)
     with pytest.raises(ValueError, match="rows_moments: no rows"):
         _batchnorm.rows_moments(x[:0], slots, counts, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [8, 33, 64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_rows_by_blocks(rng, dtype, C, relu):
+    # The backward split in two (the batch's sums, then dx by blocks of rows in any
+    # order, as a 1x1 convolution asks for its chunks): dx bitwise the whole
+    # backward's, parameter gradients the same, against the float64 formula.
+    shape = (5, 6, 7, C)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    whole, split = (make_bn(nn.BatchNorm2d, C, rng, dtype) for _ in range(2))
+    split.load_state_dict(whole.state_dict())
+    for bn in (whole, split):
+        if relu:
+            bn.fuse_relu()
+        bn(x)
+    dx = whole.backward(dy)
+    rows = split.backward_rows(dy)
+    got = np.full((x.size // C, C), np.nan, dtype)
+    bounds = [0, 1, 37, 38, 150, 210]
+    for r0, r1 in reversed(list(zip(bounds[:-1], bounds[1:]))):
+        rows(r0, r1, got[r0:r1], 2 if r1 - r0 > 100 else 1)
+    np.testing.assert_array_equal(got.reshape(shape), dx)
+    np.testing.assert_array_equal(split.weight.grad, whole.weight.grad)
+    np.testing.assert_array_equal(split.bias.grad, whole.bias.grad)
+    g = dy * (whole(x) > 0) if relu else dy
+    rdx, rdg, rdb = ref_backward(x, g, whole.weight.data.astype(np.float64), 1e-5)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dx, rdx, rtol=tol, atol=tol)
+    np.testing.assert_allclose(split.weight.grad, rdg, rtol=tol, atol=tol * 100)
+
+
+def test_backward_rows_checks(rng):
+    from cnet_ext import _batchnorm
+    bn = make_bn(nn.BatchNorm2d, 8, rng)
+    x = rng.standard_normal((2, 3, 3, 8)).astype(np.float32)
+    bn(x)
+    with pytest.raises(ValueError, match=r"BatchNorm2d.*expected 8 channels.*\(2, 3, 3, 4\)"):
+        bn.backward_rows(x[..., :4].copy())
+    with pytest.raises(ValueError, match=r"BatchNorm2d.*gradient of shape \(1, 3, 3, 8\) does "
+                                         r"not match the forward input shape \(2, 3, 3, 8\)"):
+        bn.backward_rows(x[:1])
+    rows = bn.backward_rows(x)
+    with pytest.raises(ValueError, match=r"dx has shape \(3, 8\), expected \(2, 8\)"):
+        rows(0, 2, np.empty((3, 8), np.float32), 1)
+    coef = _batchnorm.grad_coefficients(16, np.float32)
+    x2 = x.reshape(-1, 8)
+    s, a = np.empty(8), np.empty(8, np.float32)
+    with pytest.raises(ValueError, match=r"coef has shape \(4, 16\), expected \(4, 8\)"):
+        _batchnorm.backward_coefficients(x2, x2, None, None, None, s, s, a, a, False, 1, coef)
+    with pytest.raises(ValueError, match=r"coef \(4, 16\) / alpha / shift do not fit 8"):
+        _batchnorm.backward_dx(x2, x2, x2.copy(), coef, a, a, False, 1)

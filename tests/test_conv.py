@@ -1860,6 +1860,18 @@ def test_convolution_takes_batchnorm_moments_per_chunk(threads, dtype, own_gemm,
         _conv.gemm_kernel(previous)
 
 
+def _training_step(model, x, threads, calls):
+    """(y, dx, parameter gradients, buffers, len(calls)) of one forward and backward
+    (a fixed output gradient) on ``threads`` threads; ``calls`` emptied first."""
+    del calls[:]
+    model.zero_grad()
+    with cnet.threads(threads):
+        y = model(x)
+        dx = model.backward(np.cos(np.arange(y.size)).reshape(y.shape).astype(x.dtype))
+    return (y, dx, [p.grad.copy() for p in model.parameters()],
+            [b.copy() for b in model.buffers()], len(calls))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_training_batchnorm_uses_the_convolutions_moments(threads, dtype, rng, monkeypatch):
@@ -1884,17 +1896,8 @@ def test_training_batchnorm_uses_the_convolutions_moments(threads, dtype, rng, m
             plain[1].forward = lambda x, bn=plain[1]: type(bn).forward(bn, x)  # no fusion
             for step in range(2):
                 x = (2.0 + rng.standard_normal((n, hw, hw, cin))).astype(dtype)
-                outs = []
-                for model in (fused, plain):
-                    del calls[:]
-                    model.zero_grad()
-                    with cnet.threads(threads):
-                        y = model(x)
-                        dy = np.cos(np.arange(y.size)).reshape(y.shape).astype(dtype)
-                        dx = model.backward(dy)
-                    outs.append((y, dx, [p.grad.copy() for p in model.parameters()],
-                                 [b.copy() for b in model.buffers()], len(calls)))
-                (y1, dx1, g1, b1, c1), (y2, dx2, g2, b2, c2) = outs
+                (y1, dx1, g1, b1, c1), (y2, dx2, g2, b2, c2) = (
+                    _training_step(model, x, threads, calls) for model in (fused, plain))
                 assert (c1, c2) == (1, 0)
                 scale = np.abs(y2).max() + 1
                 np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol * scale)
@@ -1989,3 +1992,110 @@ def test_subclass_forward_turns_the_joined_paths_off(rng):
     del calls[:]
     nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()).train()(x)
     assert calls == ["bn"]
+
+
+def _unfused_conv_backward(model):
+    """Wrap every Conv2d's backward on the instance: the joined backward paths step
+    aside (own_forward), leaving the layers' separate backward calls."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.backward = lambda g, m=m: nn.Conv2d.backward(m, g)
+    return model
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_gradient_made_by_chunks_in_the_1x1_backward(threads, dtype, rng,
+                                                               monkeypatch):
+    # Sequential's training backward through a 1x1 convolution and the batch norm
+    # after it: the batch norm writes each chunk of the convolution's output
+    # gradient into a worker's buffer (backward_through_batchnorm); the input and
+    # every parameter gradient bitwise those of the separate backward calls, the
+    # residual block's into-GEMM add included (Add(body, Identity) + ReLU).
+    from cnet_ext import _conv
+    calls = []
+    take = nn.Conv2d.backward_through_batchnorm
+    monkeypatch.setattr(nn.Conv2d, "backward_through_batchnorm",
+                        lambda self, *a: (calls.append(1), take(self, *a))[1])
+    on_gemm = _conv.gemm_kernel()
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    for cin, cout, n, hw, relu, affine in ((16, 2 * lanes, 5, 9, False, True),
+                                           (24, lanes, 9, 12, True, True),
+                                           (32, 4 * lanes, 3, 7, True, False)):
+        def chain():
+            return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
+                                 nn.BatchNorm2d(cout, affine=affine),
+                                 *([nn.ReLU()] if relu else []))
+
+        def block():
+            body = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(), nn.Conv2d(cout, cin, 1, bias=False),
+                                 nn.BatchNorm2d(cin, affine=affine))
+            return nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU())
+
+        # (a 1x1 whose C_out is not whole vectors keeps its own path)
+        whole = [c % lanes == 0 for c in (cout, cin)]
+        for build, pairs in ((chain, whole[0]), (block, sum(whole))):
+            models = []
+            for _ in range(2):
+                cnet.manual_seed(3)
+                models.append(build().to(dtype).train())
+            fused, plain = models[0], _unfused_conv_backward(models[1])
+            x = (1.0 + rng.standard_normal((n, hw, hw, cin))).astype(dtype)
+            (_, dx1, g1, _, c1), (_, dx2, g2, _, c2) = (
+                _training_step(model, x, threads, calls) for model in (fused, plain))
+            assert (c1, c2) == (pairs if on_gemm else 0, 0)
+            np.testing.assert_array_equal(dx1, dx2)
+            for a, b in zip(g1, g2):
+                np.testing.assert_array_equal(a, b)
+    # and the numbers themselves: the float64 layers against finite differences
+    if dtype == np.float64 and threads == 2:
+        cnet.manual_seed(4)
+        model = nn.Sequential(nn.Conv2d(8, lanes, 1, bias=False), nn.BatchNorm2d(lanes),
+                              nn.ReLU()).to(dtype).train()
+        check_gradients(model, rng.standard_normal((3, 4, 5, 8)))
+
+
+def test_batchnorm_gradient_by_chunks_refusals(rng):
+    from cnet_ext import _conv
+    if not _conv.gemm_kernel():
+        pytest.skip("cnet's own GEMM needs AVX-512: the 1x1 takes no chunked gradient")
+    x = rng.standard_normal((2, 6, 6, 16)).astype(np.float32)
+
+    def pair(conv=None, bn=None):
+        conv = conv or nn.Conv2d(16, 32, 1, bias=False)
+        bn = bn or nn.BatchNorm2d(32)
+        bn(conv(x))
+        return conv, bn, rng.standard_normal(bn._cache.shape).astype(np.float32)
+
+    conv, bn, g = pair()
+    assert conv.takes_batchnorm_grad(bn, g)
+    into = np.zeros_like(x)
+    assert conv.takes_batchnorm_grad(bn, g, into)
+    assert not conv.takes_batchnorm_grad(bn, g, into[:1])       # into of another shape
+    assert not conv.takes_batchnorm_grad(bn, g, x)              # into is the input
+    ginto = np.zeros((2, 6, 6, 32), np.float32)
+    assert not nn.Conv2d(32, 32, 1, bias=False).takes_batchnorm_grad(bn, ginto, ginto)
+    assert not conv.takes_batchnorm_grad(nn.BatchNorm2d(32), g)   # no forward cache
+    biased = pair(nn.Conv2d(16, 32, 1))
+    assert not biased[0].takes_batchnorm_grad(*biased[1:])      # dy whole for the bias sums
+    spatial = pair(nn.Conv2d(16, 32, 3, padding=1, bias=False))
+    assert not spatial[0].takes_batchnorm_grad(*spatial[1:])
+    relu_conv = nn.Conv2d(16, 32, 1, bias=False)
+    relu_conv.fuse_relu()
+    assert not relu_conv.takes_batchnorm_grad(*pair(relu_conv)[1:])
+    with pytest.raises(ValueError, match=r"Conv2d\(16, 32.*cannot take BatchNorm2d\(32.*"
+                                         "gradient by chunks"):
+        relu_conv.backward_through_batchnorm(bn, g)
+
+    class LoggedBatchNorm(nn.BatchNorm2d):
+        def backward(self, grad):
+            return super().backward(grad)
+
+    logged = pair(bn=LoggedBatchNorm(32))
+    assert not logged[0].takes_batchnorm_grad(*logged[1:])      # a subclass's backward runs
+    conv.backward = lambda grad: nn.Conv2d.backward(conv, grad)
+    assert not conv.takes_batchnorm_grad(bn, g)                  # so does a wrapper
+    del conv.backward
+    bn.eval()
+    assert not conv.takes_batchnorm_grad(bn, g)

@@ -154,6 +154,15 @@ class Sequential(Module):
                     and hasattr(before, "backward_through_pool")):
                 grad = before.backward_through_pool(layer, grad)
                 i -= 2
+            # A training batch norm's input gradient made chunk by chunk inside the
+            # backward of the 1x1 convolution before it (Conv2d.backward_through_batchnorm).
+            elif (before is not None and hasattr(before, "takes_batchnorm_grad")
+                    and before.takes_batchnorm_grad(layer, grad, into if i == 1 and not added
+                                                    else None)):
+                join = i == 1 and not added
+                grad = before.backward_through_batchnorm(layer, grad, into if join else None)
+                added = added or join
+                i -= 2
             elif i == 0 and not added:
                 grad, added = layer._backward_into(grad, into), True
                 i -= 1

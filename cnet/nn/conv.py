@@ -1110,6 +1110,48 @@ class Conv2d(Module):
             return self.backward(pool.backward(grad))
         return self._backward(None, (pool, np.ascontiguousarray(grad)))
 
+    def takes_batchnorm_grad(self, bn, grad, into=None):
+        """Whether backward_through_batchnorm(bn, grad) may stand for
+        ``self.backward(bn.backward(grad))``: both in training mode with their
+        forward caches, bn a BatchNorm2d over this layer's output, both running
+        their class's own backward (own_forward), and this layer a 1x1 on cnet's
+        GEMM (the pointwise path: each chunk of dy is a block of rows) with no bias
+        or ReLU of its own (they would need dy whole).  ``into``: as _backward_into,
+        an array of the input's shape that aliases neither the forward input, the
+        batch norm's nor the gradient (bn.backward_rows checks grad's shape)."""
+        from .normalization import BatchNorm2d
+        x = self._x
+        if not (self.training and isinstance(bn, BatchNorm2d) and bn.training
+                and x is not None and bn._cache is not None and self.bias is None
+                and not self._relu and own_forward(self, Conv2d, "backward")
+                and own_forward(bn, BatchNorm2d, "backward")
+                and bn.num_features == self.out_channels and bn._cache.dtype == x.dtype
+                and bn._cache.shape == self.output_shape(x.shape)):
+            return False
+        if into is not None and (not self.input_grad or not residual_fits(into, x.shape, x.dtype)
+                                 or any(np.may_share_memory(into, a)
+                                        for a in (x, bn._cache, grad))):
+            return False
+        ws = self._workspace(x, bn._cache.shape)
+        return (ws["paths"][1:3] == ("gemm", "pointwise") and ws["regions"] is None
+                and self._own_gemm()
+                and self.out_channels % _conv.direct_lanes(x.dtype) == 0)
+
+    def backward_through_batchnorm(self, bn, grad, into=None):
+        """``self.backward(bn.backward(grad))`` (with ``into``: into + that, as
+        _backward_into) for the training BatchNorm2d after this 1x1 layer (see
+        takes_batchnorm_grad): the batch norm takes its sums over the batch, then
+        writes each chunk of this layer's output gradient into a worker's buffer
+        right before the chunk's two GEMMs read it (BatchNorm2d.backward_rows), so
+        the batch norm's dL/dx is never written to memory and read back.  The same
+        values as the two calls."""
+        if not self.takes_batchnorm_grad(bn, grad, into):
+            raise ValueError(f"{self._describe()}: cannot take {bn._describe()}'s gradient by "
+                             "chunks (both in training mode after a forward, a BatchNorm2d "
+                             "over the output of this 1x1 layer on cnet's GEMM, no bias or "
+                             "fused ReLU here; into of the input's shape, aliasing no operand)")
+        return self._backward(None, into=into, grad_rows=bn.backward_rows(grad))
+
     def _narrow_weight_grad(self, ws, dtype):
         """Whether backward's weight gradient is the narrow kernel's (in
         conv_direct_backward's parallel region)."""
@@ -1124,13 +1166,15 @@ class Conv2d(Module):
         return (not self.input_grad and ws["regions"] is None
                 and self._narrow_weight_grad(ws, x.dtype))
 
-    def _backward(self, grad_out, pooled=None, into=None):
+    def _backward(self, grad_out, pooled=None, into=None, grad_rows=None):
         """dL/dx, or ``into`` + dL/dx (see _backward_into): in the GEMM's store on
-        the own-GEMM 1x1 path, else by an add after the backward."""
+        the own-GEMM 1x1 path, else by an add after the backward.  ``grad_rows``:
+        stands for grad_out, writing its chunks (backward_through_batchnorm)."""
         x = require_cache(self, self._x)
         w = self.weight.data
         out_shape = self.output_shape(x.shape)
-        dy = None if pooled else _check_grad(self, grad_out, out_shape, w.dtype)
+        dy = (None if pooled or grad_rows is not None
+              else _check_grad(self, grad_out, out_shape, w.dtype))
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
@@ -1168,6 +1212,11 @@ class Conv2d(Module):
         own_gemm = self._own_gemm()
         own_dw = (dw_path == "gemm" and own_gemm
                   and cout % _conv.direct_lanes(w.dtype) == 0)
+        if grad_rows is not None:
+            if not (own_dw and pointwise and own_gemm):
+                raise ValueError(f"{self._describe()}: chunks of the output gradient are for "
+                                 "the 1x1 path on cnet's GEMM")
+            dybufs = self._worker_buffers("dy", n_workers, (chunk * rows, cout), w.dtype)
         if dw_path == "gemm":
             if not own_dw:
                 dws = self._worker_buffers("dw", n_workers, target.shape, w.dtype)
@@ -1220,7 +1269,13 @@ class Conv2d(Module):
                                           acc if dw_path == "region" else None, t == first,
                                           cols[wid].reshape(-1), outs[wid], dws[wid], kt)
                     continue
-                dys = self._group_view(dy2[r0:r1])
+                if grad_rows is not None:
+                    # this chunk of dy made now, while the GEMMs below find it in cache
+                    dyc = dybufs[wid][:r1 - r0]
+                    grad_rows(r0, r1, dyc, kt)
+                else:
+                    dyc = dy2[r0:r1]
+                dys = self._group_view(dyc)
                 # weight gradient of this chunk into the stripe's slot
                 if dw_path == "direct":
                     _conv.conv_direct_wgrad(x, dy, acc, t != first, n0, n1, *geom[2:8], kt,
@@ -1237,7 +1292,7 @@ class Conv2d(Module):
                         c = cols[wid][:r1 - r0]
                         _conv.im2col(x, c, n0, n1, oh, ow, *geom, kt)
                     if own_dw:
-                        _conv.gemm_tn(c, dy2[r0:r1], acc, t != first, 0, r1 - r0, kt)
+                        _conv.gemm_tn(c, dyc, acc, t != first, 0, r1 - r0, kt)
                     else:
                         ct = np.swapaxes(self._group_view(c), -1, -2)
                         if t == first:
@@ -1252,7 +1307,7 @@ class Conv2d(Module):
                 elif dx_path == "depthwise":
                     _conv.depthwise_input_grad(dy, w, dx, n0, n1, *geom[2:8], kt)
                 elif dx_path == "pointwise" and packed_t is not None:
-                    _conv.gemm_packed(dy2, packed_t, dx2, None, False, r0, r1, kt,
+                    _conv.gemm_packed(dyc, packed_t, dx2[r0:r1], None, False, 0, r1 - r0, kt,
                                       accumulate=into_gemm)
                 elif dx_path == "pointwise":
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))

@@ -159,6 +159,18 @@ class _BatchNorm(Module):
                                 alpha, shift, n_threads, residual2)
 
     def backward(self, grad_out):
+        dx = np.empty_like(grad_out)
+        self.backward_rows(grad_out)(0, dx.size // self.num_features,
+                                     dx.reshape(-1, self.num_features), num_threads())
+        return dx
+
+    def backward_rows(self, grad_out):
+        """The backward's reduction over the batch (the parameter gradients, added
+        now), and dL/dx to be written later by blocks of rows: returns
+        ``rows(r0, r1, out, n_threads)``, which writes rows [r0, r1) of dL/dx viewed
+        as (N*H*W, C) into ``out`` (r1 - r0, C).  A 1x1 convolution before this
+        layer makes each chunk of its output gradient so, while in cache
+        (Conv2d.backward_through_batchnorm): dL/dx is never written in full."""
         x = require_cache(self, self._cache)
         C = self.num_features
         check_input(self, grad_out, self._ranks, channels=C, dtype=x.dtype, what="gradient")
@@ -166,14 +178,19 @@ class _BatchNorm(Module):
             raise ValueError(f"{self._describe()}: gradient of shape {grad_out.shape} does not "
                              f"match the forward input shape {x.shape}")
         mean, invstd, alpha, shift = self._work
-        dx = np.empty_like(grad_out)
-        _batchnorm.backward(
-            x.reshape(-1, C), grad_out.reshape(-1, C), dx.reshape(-1, C),
-            self.weight.data if self.affine else None,
+        x2, g2 = x.reshape(-1, C), np.ascontiguousarray(grad_out).reshape(-1, C)
+        coef = _batchnorm.grad_coefficients(C, x.dtype)
+        _batchnorm.backward_coefficients(
+            x2, g2, self.weight.data if self.affine else None,
             self.weight.grad if self.affine else None,
             self.bias.grad if self.affine else None,
-            mean, invstd, alpha, shift, self._relu, num_threads())
-        return dx
+            mean, invstd, alpha, shift, self._relu, num_threads(), coef)
+        relu = self._relu
+
+        def rows(r0, r1, out, n_threads):
+            _batchnorm.backward_dx(x2[r0:r1], g2[r0:r1], out, coef, alpha, shift, relu,
+                                   n_threads)
+        return rows
 
     def extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
