@@ -27,6 +27,8 @@ from libc.stdlib cimport free
 import numpy as np
 
 from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
+from cnet_ext._bn_shared cimport (BN_PAD, BN_SLOT, bn_dx_d, bn_dx_f, bn_slot_moments_d,
+                                   bn_slot_moments_f)
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -66,7 +68,7 @@ cdef double* _alloc_slots(Py_ssize_t n) except NULL:
 
 cdef extern from *:
     """
-    #include "_bn_moments_impl.h"
+    #include "_bn_shared_impl.h"
     /* The other per-chunk kernels, one body for float (f) and double (d): IVT is
        VT's same-width integer vector (bn_moments' header has the rest). */
     #define CNET_BN_CHUNK_KERNELS(T, VT, IVT, L, SFX)                                           \
@@ -175,35 +177,10 @@ cdef extern from *:
                 for (ptrdiff_t c = 0; c < C; c++) { sdy[c] += b1[c]; sdyx[c] += b2[c]; }        \
             }                                                                                   \
         }                                                                                       \
-    }                                                                                           \
-    /* dx = a*g + k*(x - mean) + b per channel, g = dy masked by the fused ReLU. */             \
-    CNET_CLONES static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx, ptrdiff_t n,   \
-                            ptrdiff_t C, const T* CNET_R mean, const T* CNET_R a,               \
-                            const T* CNET_R k, const T* CNET_R b, const T* CNET_R alpha,        \
-                            const T* CNET_R shift, int relu) {                                  \
-        for (ptrdiff_t r = 0; r < n; r++) {                                                     \
-            const T* CNET_R xr = x + r * C;                                                     \
-            const T* CNET_R gr = dy + r * C;                                                    \
-            T* CNET_R dr = dx + r * C;                                                          \
-            if (relu) {                                                                         \
-                for (ptrdiff_t c = 0; c < C; c++) {                                             \
-                    T v = xr[c] * alpha[c] + shift[c];                                          \
-                    T g = cnet_keep(gr[c], !(v <= (T)0));                                       \
-                    dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
-                }                                                                               \
-            } else {                                                                            \
-                for (ptrdiff_t c = 0; c < C; c++)                                               \
-                    dr[c] = a[c] * gr[c] + k[c] * (xr[c] - mean[c]) + b[c];                     \
-            }                                                                                   \
-        }                                                                                       \
     }
     CNET_BN_CHUNK_KERNELS(float, bn_vf, bn_vif, 4, f)
     CNET_BN_CHUNK_KERNELS(double, bn_vd, bn_vid, 2, d)
     """
-    Py_ssize_t BN_PAD(Py_ssize_t C) nogil
-    Py_ssize_t BN_SLOT(Py_ssize_t C) nogil
-    void bn_slot_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
-    void bn_slot_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
     void bn_affine_f(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* alpha,
                      const float* shift, int relu) nogil
     void bn_affine_d(const double* x, double* y, Py_ssize_t n, Py_ssize_t C, const double* alpha,
@@ -219,12 +196,6 @@ cdef extern from *:
     void bn_grad_sums_d(const double* x, const double* dy, Py_ssize_t n, Py_ssize_t C,
                         const double* mean, const double* alpha, const double* shift, int relu,
                         double* sdy, double* sdyx, double* scratch) nogil
-    void bn_dx_f(const float* x, const float* dy, float* dx, Py_ssize_t n, Py_ssize_t C,
-                 const float* mean, const float* a, const float* k, const float* b,
-                 const float* alpha, const float* shift, int relu) nogil
-    void bn_dx_d(const double* x, const double* dy, double* dx, Py_ssize_t n, Py_ssize_t C,
-                 const double* mean, const double* a, const double* k, const double* b,
-                 const double* alpha, const double* shift, int relu) nogil
 
 
 cdef inline void _chunk_moments(const floating* x, Py_ssize_t n, Py_ssize_t C,

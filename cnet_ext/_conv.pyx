@@ -27,6 +27,8 @@ from cython cimport floating
 import numpy as np
 
 from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
+from cnet_ext._bn_shared cimport (BN_PAD, BN_SLOT, bn_dx_d, bn_dx_f, bn_slot_moments_d,
+                                   bn_slot_moments_f)
 from cnet_ext import _batchnorm
 
 
@@ -850,6 +852,37 @@ cdef extern from *:
                            Py_ssize_t n) noexcept nogil
 
 
+# A training batch norm's backward operands (conv_direct_backward's bn_grad): its
+# output gradient g and forward input x (rows of C), grad_coefficients' rows
+# (pitch cp), alpha / shift for the fused ReLU's mask; void* for both dtypes.
+ctypedef struct cnet_bn_rows:
+    const void* g
+    const void* x
+    const void* coef
+    const void* alpha
+    const void* shift
+    Py_ssize_t cp
+    int relu
+
+
+cdef inline void _bn_grad_rows(const cnet_bn_rows* bn, floating* out, Py_ssize_t r0,
+                               Py_ssize_t r1, Py_ssize_t C) noexcept nogil:
+    """Rows [r0, r1) of a training batch norm's input gradient (_batchnorm.backward_dx,
+    coefficients from backward_coefficients) into ``out``: the output gradient of
+    the convolution before it, one chunk at a time (conv_direct_backward's bn_grad)."""
+    cdef const floating* g = <const floating*>bn.g + r0 * C
+    cdef const floating* x = <const floating*>bn.x + r0 * C
+    cdef const floating* cf = <const floating*>bn.coef
+    cdef const floating* al = <const floating*>bn.alpha
+    cdef const floating* sh = <const floating*>bn.shift
+    if floating is float:
+        bn_dx_f(x, g, out, r1 - r0, C, cf, cf + bn.cp, cf + 2 * bn.cp, cf + 3 * bn.cp, al, sh,
+                bn.relu)
+    else:
+        bn_dx_d(x, g, out, r1 - r0, C, cf, cf + bn.cp, cf + 2 * bn.cp, cf + 3 * bn.cp, al, sh,
+                bn.relu)
+
+
 cdef bint _WIDE = cnet_wide_vectors()
 
 
@@ -1107,12 +1140,43 @@ cdef void _fill_grad_sources(cnet_grad_src* srcs, Py_ssize_t stripes, relu_y, po
             srcs[s].bias = &bsv[s, 0]
 
 
+cdef object _bn_grad_operands(bn_grad, cnet_bn_rows* bn, tuple batch_channels, dtype):
+    """conv_direct_backward's bn_grad checked into ``bn``; returns its g (the shape
+    stands for dy's)."""
+    try:
+        g, x, coef, alpha, shift, relu = bn_grad
+    except (TypeError, ValueError):
+        raise ValueError("conv_direct_backward: bn_grad must be (g, x, coef, alpha, shift, "
+                         "relu)") from None
+    N, C = batch_channels
+    arrays = {"g": g, "x": x, "coef": coef, "alpha": alpha, "shift": shift}
+    for name, a in arrays.items():
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous):
+            raise ValueError(f"conv_direct_backward: bn_grad's {name} must be a C-contiguous "
+                             f"{np.dtype(dtype)} array, got {getattr(a, 'dtype', type(a))}")
+    if g.ndim != 4 or g.shape[0] != N or g.shape[3] != C or x.shape != g.shape:
+        raise ValueError(f"conv_direct_backward: bn_grad's g {g.shape} and x {x.shape} must "
+                         f"be (N={N}, OH, OW, C_out={C}) alike")
+    if coef.shape != (4, BN_PAD(C)) or alpha.shape != (C,) or shift.shape != (C,):
+        raise ValueError(f"conv_direct_backward: bn_grad's coef {coef.shape}, alpha "
+                         f"{alpha.shape} and shift {shift.shape} do not fit {C} channels "
+                         "(_batchnorm.grad_coefficients)")
+    bn.g = <const void*><size_t>g.ctypes.data
+    bn.x = <const void*><size_t>x.ctypes.data
+    bn.coef = <const void*><size_t>coef.ctypes.data
+    bn.alpha = <const void*><size_t>alpha.ctypes.data
+    bn.shift = <const void*><size_t>shift.ctypes.data
+    bn.cp = BN_PAD(C)
+    bn.relu = bool(relu)
+    return g
+
+
 def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                          floating[:, :, :, :, ::1] slots, chunks, Py_ssize_t stripes,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                          Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
                          dx=None, wflip=None, packed_flip=None, bint by_images=False,
-                         wscatter=None, relu_y=None, pool=None, bias_sums=None):
+                         wscatter=None, relu_y=None, pool=None, bias_sums=None, bn_grad=None):
     """A direct layer's backward over image chunks, in one parallel region.
 
     Stripe s (chunks [s * k // stripes, (s + 1) * k // stripes) of the k
@@ -1140,11 +1204,26 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     is then None: never formed); ``bias_sums`` (float64, (stripes, C_out),
     overwritten): per stripe, the per-channel sums of the (masked) gradient, in a
     fixed order.
+
+    ``bn_grad`` = (g, x, coef, alpha, shift, relu), a training batch norm after the
+    layer (dy None): its output gradient and forward input (N, OH, OW, C_out),
+    _batchnorm.backward_coefficients' coef and its alpha / shift / fused ReLU.
+    Each chunk's dy (_batchnorm.backward_dx of its rows) goes to a buffer of the
+    stripe's right before the chunk's kernels read it: the batch norm's input
+    gradient is never written whole (not with the narrow weight gradient).
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = slots.shape[1], KW = slots.shape[2], G = groups
     cdef Py_ssize_t Cout = slots.shape[4]
     cdef Py_ssize_t OH, OW
+    cdef cnet_bn_rows bn
+    cdef cnet_bn_rows* bnp = NULL
+    if bn_grad is not None:
+        if dy is not None:
+            raise ValueError("conv_direct_backward: dy or bn_grad, not both")
+        dy = _bn_grad_operands(bn_grad, &bn, (N, Cout),
+                               np.float32 if floating is float else np.float64)
+        bnp = &bn
     if dy is not None:
         OH, OW = dy.shape[1], dy.shape[2]
         if dy.shape[3] != Cout:
@@ -1189,6 +1268,11 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     cdef const floating* dyp = NULL
     if dy is not None:
         dyp = &dy[0, 0, 0, 0]
+    if bnp != NULL:
+        if wg_variant == _NARROW_WGRAD:
+            raise ValueError("conv_direct_backward: bn_grad is not for the narrow weight "
+                             "gradient")
+        dyp = NULL                  # (the batch norm's g: shapes only) made per chunk
     if relu_y is not None or pool is not None or bias_sums is not None:
         if wg_variant != _NARROW_WGRAD or dx is not None:
             raise ValueError("conv_direct_backward: relu_y, pool and bias_sums are for the "
@@ -1246,7 +1330,7 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH,
                     OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp, zeros, Cw,
                     pdh, pdw, dx_variant, co_block, by_images, packed_flip is not None, wsp,
-                    srcs + s if srcs != NULL else NULL)
+                    srcs + s if srcs != NULL else NULL, bnp)
         else:
             for s in range(stripes):
                 failed += _direct_backward_stripe(
@@ -1254,11 +1338,12 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, n_threads, G, H, W,
                     C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp,
                     zeros, Cw, pdh, pdw, dx_variant, co_block, by_images,
-                    packed_flip is not None, wsp, srcs + s if srcs != NULL else NULL)
+                    packed_flip is not None, wsp, srcs + s if srcs != NULL else NULL, bnp)
     free(zeros)
     free(srcs)
     if failed:
-        raise MemoryError("conv_direct_backward: no memory for the narrow weight gradient")
+        raise MemoryError("conv_direct_backward: no memory for the narrow weight gradient "
+                          "or a chunk's output gradient")
 
 
 cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating* slot,
@@ -1272,14 +1357,38 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                   Py_ssize_t pdw, int dx_variant, Py_ssize_t co_block,
                                   bint by_images, bint packed,
                                   const floating* wscatter,
-                                  const cnet_grad_src* src) noexcept nogil:
+                                  const cnet_grad_src* src,
+                                  const cnet_bn_rows* bn) noexcept nogil:
     """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
-    then each chunk's dx (if dx), with n_threads-thread kernels.  Returns 1 where the
-    narrow weight gradient's scratch could not be allocated (else 0)."""
-    cdef Py_ssize_t t, n0, n1, n
+    then each chunk's dx (if dx), with n_threads-thread kernels.  With ``bn``, each
+    chunk's dy is made first, into a buffer of the stripe's, and the chunk's images
+    are addressed from their first (x, dy, dx shifted).  Returns 1 where the narrow
+    weight gradient's scratch or that buffer could not be allocated (else 0)."""
+    cdef Py_ssize_t t, n0, n1, n, r, most = 0
+    cdef Py_ssize_t image = OH * OW
     cdef int nt_wg, nt_dx
+    cdef floating* dyb = NULL
+    if bn != NULL:
+        for t in range(first, last):
+            most = max(most, ck[t, 1] - ck[t, 0])
+        dyb = <floating*>malloc(most * image * Cout * sizeof(floating))
+        if dyb == NULL:
+            return 1
     for t in range(first, last):
         n0, n1 = ck[t, 0], ck[t, 1]
+        if bn != NULL:
+            if n_threads > 1:
+                for n in prange(n0, n1, num_threads=n_threads, schedule="static"):
+                    _bn_grad_rows(bn, dyb + (n - n0) * image * Cout, n * image,
+                                  (n + 1) * image, Cout)
+            else:
+                _bn_grad_rows(bn, dyb, n0 * image, n1 * image, Cout)
+            dy = dyb
+            x = x + n0 * H * W * C
+            if dx != NULL:
+                dx = dx + n0 * H * W * C
+            n1 = n1 - n0
+            n0 = 0
         if wg_variant == _NARROW_WGRAD:
             if not _narrow_wgrad_chunk(x, dy, slot, t != first, n0, n1, H, W, OH, OW, Cout,
                                        KH, KW, sh, ph, pw, dh, src):
@@ -1300,6 +1409,11 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
             _direct_range(dy, wflip, NULL, zeros, dx, n0, n1, nt_dx, G, OH, OW, Cout, H, W, C,
                           Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block, by_images,
                           packed, False, NULL)
+        if bn != NULL:          # back to the batch's first image
+            x = x - ck[t, 0] * H * W * C
+            if dx != NULL:
+                dx = dx - ck[t, 0] * H * W * C
+    free(dyb)
     return 0
 
 
@@ -1757,12 +1871,6 @@ cdef inline void _finish_rows(floating* y, const floating* residual, Py_ssize_t 
         cnet_relu_f32(y + offset, y + offset, n)
     else:
         cnet_relu_f64(y + offset, y + offset, n)
-
-
-cdef extern from "_bn_moments_impl.h":
-    Py_ssize_t BN_SLOT(Py_ssize_t C) nogil
-    void bn_slot_moments_f(const float* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
-    void bn_slot_moments_d(const double* x, Py_ssize_t n, Py_ssize_t C, double* slot) nogil
 
 
 cdef inline void _piece_moments(const floating* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,

@@ -562,7 +562,7 @@ def test_backward_rows_by_blocks(rng, dtype, C, relu):
     got = np.full((x.size // C, C), np.nan, dtype)
     bounds = [0, 1, 37, 38, 150, 210]
     for r0, r1 in reversed(list(zip(bounds[:-1], bounds[1:]))):
-        rows(r0, r1, got[r0:r1], 2 if r1 - r0 > 100 else 1)
+        rows.write(r0, r1, got[r0:r1], 2 if r1 - r0 > 100 else 1)
     np.testing.assert_array_equal(got.reshape(shape), dx)
     np.testing.assert_array_equal(split.weight.grad, whole.weight.grad)
     np.testing.assert_array_equal(split.bias.grad, whole.bias.grad)
@@ -585,7 +585,7 @@ def test_backward_rows_checks(rng):
         bn.backward_rows(x[:1])
     rows = bn.backward_rows(x)
     with pytest.raises(ValueError, match=r"dx has shape \(3, 8\), expected \(2, 8\)"):
-        rows(0, 2, np.empty((3, 8), np.float32), 1)
+        rows.write(0, 2, np.empty((3, 8), np.float32), 1)
     coef = _batchnorm.grad_coefficients(16, np.float32)
     x2 = x.reshape(-1, 8)
     s, a = np.empty(8), np.empty(8, np.float32)

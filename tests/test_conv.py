@@ -2003,39 +2003,74 @@ def _unfused_conv_backward(model):
     return model
 
 
+def _chunked_grad_models(lanes, affine):
+    """(name, build, fused pairs, batch, size, C_in) for the chunked batch-norm gradient:
+    the 1x1 on cnet's GEMM (needs AVX-512), the direct kernels' region (3x3 with the
+    flipped-kernel dx, grouped, the scatter dx of few inputs, no dx at all), a
+    residual block whose body's first layer adds into the block's gradient, and
+    pairs that keep their separate calls (a strided layer's phase dx, a bias)."""
+    L = lanes
+    few = 3 * L // 8 + 1
+
+    def chain(conv, bn_channels, relu=True):
+        return lambda: nn.Sequential(conv(), nn.BatchNorm2d(bn_channels, affine=affine),
+                                     *([nn.ReLU()] if relu else []))
+
+    def first_layer():
+        model = chain(lambda: nn.Conv2d(L, L, 3, padding=1, bias=False), L)()
+        return model.requires_input_grad_(False)
+
+    def block():
+        body = nn.Sequential(nn.Conv2d(2 * L, 2 * L, 1, bias=False), nn.BatchNorm2d(2 * L),
+                             nn.ReLU(), nn.Conv2d(2 * L, 2 * L, 3, padding=1, groups=2,
+                                                  bias=False),
+                             nn.BatchNorm2d(2 * L), nn.ReLU(),
+                             nn.Conv2d(2 * L, 2 * L, 1, bias=False),
+                             nn.BatchNorm2d(2 * L, affine=affine))
+        return nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU())
+
+    return [
+        ("1x1", chain(lambda: nn.Conv2d(16, 2 * L, 1, bias=False), 2 * L, False), 1, 5, 9, 16),
+        ("3x3", chain(lambda: nn.Conv2d(L, 2 * L, 3, padding=1, bias=False), 2 * L), 1, 9, 8, L),
+        ("3x3 one image", chain(lambda: nn.Conv2d(L, L, 3, padding=1, bias=False), L), 1, 1, 11,
+         L),
+        ("grouped", chain(lambda: nn.Conv2d(2 * L, 2 * L, 3, padding=1, groups=2, bias=False),
+                          2 * L), 1, 4, 7, 2 * L),
+        # (a kernel row of 3 * few inputs fills one to two vectors: _conv.scatter_dx_fits)
+        ("scatter dx", chain(lambda: nn.Conv2d(few, L, 3, padding=1, bias=False), L), 1, 3, 9,
+         few),
+        ("no dx", first_layer, 1, 4, 6, L),
+        ("block", block, 3, 3, 7, 2 * L),
+        ("strided", chain(lambda: nn.Conv2d(L, L, 3, stride=2, padding=1, bias=False), L), 0, 3,
+         9, L),
+        ("bias", chain(lambda: nn.Conv2d(L, L, 3, padding=1), L), 0, 3, 6, L),
+    ]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batchnorm_gradient_made_by_chunks_in_the_1x1_backward(threads, dtype, rng,
-                                                               monkeypatch):
-    # Sequential's training backward through a 1x1 convolution and the batch norm
-    # after it: the batch norm writes each chunk of the convolution's output
-    # gradient into a worker's buffer (backward_through_batchnorm); the input and
-    # every parameter gradient bitwise those of the separate backward calls, the
-    # residual block's into-GEMM add included (Add(body, Identity) + ReLU).
+@pytest.mark.parametrize("one_image_chunks", [False, True])
+def test_batchnorm_gradient_made_by_chunks_in_the_convolution(threads, dtype, one_image_chunks,
+                                                              rng, monkeypatch):
+    # Sequential's training backward through a convolution and the batch norm after
+    # it: the batch norm writes each chunk of the convolution's output gradient
+    # into a buffer right before the chunk's kernels read it
+    # (backward_through_batchnorm); the input and every parameter gradient bitwise
+    # those of the separate backward calls, the residual block's add into its
+    # gradient included (Add(body, Identity) + ReLU).
     from cnet_ext import _conv
     calls = []
     take = nn.Conv2d.backward_through_batchnorm
     monkeypatch.setattr(nn.Conv2d, "backward_through_batchnorm",
                         lambda self, *a: (calls.append(1), take(self, *a))[1])
-    on_gemm = _conv.gemm_kernel()
     lanes = _conv.direct_lanes(np.dtype(dtype))
-    for cin, cout, n, hw, relu, affine in ((16, 2 * lanes, 5, 9, False, True),
-                                           (24, lanes, 9, 12, True, True),
-                                           (32, 4 * lanes, 3, 7, True, False)):
-        def chain():
-            return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                 nn.BatchNorm2d(cout, affine=affine),
-                                 *([nn.ReLU()] if relu else []))
-
-        def block():
-            body = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(), nn.Conv2d(cout, cin, 1, bias=False),
-                                 nn.BatchNorm2d(cin, affine=affine))
-            return nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU())
-
-        # (a 1x1 whose C_out is not whole vectors keeps its own path)
-        whole = [c % lanes == 0 for c in (cout, cin)]
-        for build, pairs in ((chain, whole[0]), (block, sum(whole))):
+    if one_image_chunks:
+        # several chunks per stripe (each stripe's buffer reused, its images addressed
+        # from each chunk's first)
+        monkeypatch.setattr(conv_mod, "_KERNEL_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1)
+    for affine in (True, False):
+        for name, build, pairs, n, hw, cin in _chunked_grad_models(lanes, affine):
             models = []
             for _ in range(2):
                 cnet.manual_seed(3)
@@ -2044,16 +2079,21 @@ def test_batchnorm_gradient_made_by_chunks_in_the_1x1_backward(threads, dtype, r
             x = (1.0 + rng.standard_normal((n, hw, hw, cin))).astype(dtype)
             (_, dx1, g1, _, c1), (_, dx2, g2, _, c2) = (
                 _training_step(model, x, threads, calls) for model in (fused, plain))
-            assert (c1, c2) == (pairs if on_gemm else 0, 0)
-            np.testing.assert_array_equal(dx1, dx2)
+            # (without AVX-512 the 1x1 layers keep the separate calls)
+            assert c2 == 0 and (c1 == pairs or not _conv.gemm_kernel()), name
+            if dx2 is None:
+                assert dx1 is None
+            else:
+                np.testing.assert_array_equal(dx1, dx2, err_msg=name)
             for a, b in zip(g1, g2):
-                np.testing.assert_array_equal(a, b)
-    # and the numbers themselves: the float64 layers against finite differences
+                np.testing.assert_array_equal(a, b, err_msg=name)
+    # and the numbers themselves: float64 layers against finite differences
     if dtype == np.float64 and threads == 2:
-        cnet.manual_seed(4)
-        model = nn.Sequential(nn.Conv2d(8, lanes, 1, bias=False), nn.BatchNorm2d(lanes),
-                              nn.ReLU()).to(dtype).train()
-        check_gradients(model, rng.standard_normal((3, 4, 5, 8)))
+        for conv in (nn.Conv2d(8, lanes, 1, bias=False),
+                     nn.Conv2d(8, lanes, 3, padding=1, bias=False)):
+            cnet.manual_seed(4)
+            model = nn.Sequential(conv, nn.BatchNorm2d(lanes), nn.ReLU()).to(dtype).train()
+            check_gradients(model, rng.standard_normal((3, 4, 5, 8)))
 
 
 def test_batchnorm_gradient_by_chunks_refusals(rng):
@@ -2079,14 +2119,19 @@ def test_batchnorm_gradient_by_chunks_refusals(rng):
     assert not conv.takes_batchnorm_grad(nn.BatchNorm2d(32), g)   # no forward cache
     biased = pair(nn.Conv2d(16, 32, 1))
     assert not biased[0].takes_batchnorm_grad(*biased[1:])      # dy whole for the bias sums
-    spatial = pair(nn.Conv2d(16, 32, 3, padding=1, bias=False))
-    assert not spatial[0].takes_batchnorm_grad(*spatial[1:])
+    assert pair(nn.Conv2d(16, 32, 3, padding=1, bias=False))[0].takes_batchnorm_grad(bn, g)
+    strided = pair(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False))
+    assert not strided[0].takes_batchnorm_grad(*strided[1:])    # the phase dx: Python tasks
+    depthwise = pair(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16))
+    assert not depthwise[0].takes_batchnorm_grad(*depthwise[1:])
     relu_conv = nn.Conv2d(16, 32, 1, bias=False)
     relu_conv.fuse_relu()
     assert not relu_conv.takes_batchnorm_grad(*pair(relu_conv)[1:])
     with pytest.raises(ValueError, match=r"Conv2d\(16, 32.*cannot take BatchNorm2d\(32.*"
                                          "gradient by chunks"):
         relu_conv.backward_through_batchnorm(bn, g)
+    with pytest.raises(ValueError, match=r"Conv2d\(16, 32.*does not take its output gradient"):
+        relu_conv._backward(None, bn_grad=bn.backward_rows(g))
 
     class LoggedBatchNorm(nn.BatchNorm2d):
         def backward(self, grad):
@@ -2099,3 +2144,28 @@ def test_batchnorm_gradient_by_chunks_refusals(rng):
     del conv.backward
     bn.eval()
     assert not conv.takes_batchnorm_grad(bn, g)
+
+
+def test_direct_backward_checks_bn_grad(rng):
+    from cnet_ext import _batchnorm, _conv
+    x = rng.standard_normal((2, 6, 6, 16)).astype(np.float32)
+    g = rng.standard_normal((2, 6, 6, 16)).astype(np.float32)
+    slots = np.empty((1, 3, 3, 16, 16), np.float32)
+    coef = _batchnorm.grad_coefficients(16, np.float32)
+    v = np.ones(16, np.float32)
+
+    def run(bn_grad, dy=None):
+        _conv.conv_direct_backward(x, dy, slots, [(0, 2)], 1, 1, 1, 1, 1, 1, 1, 1,
+                                   bn_grad=bn_grad)
+
+    run((g, x, coef, v, v, False))
+    with pytest.raises(ValueError, match="dy or bn_grad, not both"):
+        run((g, x, coef, v, v, False), g)
+    with pytest.raises(ValueError, match=r"bn_grad must be \(g, x, coef, alpha, shift, relu\)"):
+        run((g, x))
+    with pytest.raises(ValueError, match="bn_grad's x must be a C-contiguous float32"):
+        run((g, x.astype(np.float64), coef, v, v, False))
+    with pytest.raises(ValueError, match=r"bn_grad's g \(2, 6, 6, 8\) and x \(2, 6, 6, 16\)"):
+        run((g[..., :8].copy(), x, coef, v, v, False))
+    with pytest.raises(ValueError, match=r"bn_grad's coef \(4, 8\).*do not fit 16 channels"):
+        run((g, x, _batchnorm.grad_coefficients(8, np.float32), v, v, False))

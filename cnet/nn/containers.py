@@ -20,7 +20,9 @@ class Sequential(Module):
     hands the BatchNorm2d after it the batch's moments, taken from each output
     chunk while in cache (collects_batch_moments).  Backward hands a
     MaxPool2d's gradient to the layer before it (Conv2d.backward_through_pool),
-    which may gather it in its own pass.
+    which may gather it in its own pass, and a training BatchNorm2d's to the
+    convolution before it, which has the batch norm write its own output
+    gradient a chunk at a time, in cache (Conv2d.backward_through_batchnorm).
     """
 
     def __init__(self, *layers):

@@ -1114,11 +1114,11 @@ class Conv2d(Module):
         """Whether backward_through_batchnorm(bn, grad) may stand for
         ``self.backward(bn.backward(grad))``: both in training mode with their
         forward caches, bn a BatchNorm2d over this layer's output, both running
-        their class's own backward (own_forward), and this layer a 1x1 on cnet's
-        GEMM (the pointwise path: each chunk of dy is a block of rows) with no bias
-        or ReLU of its own (they would need dy whole).  ``into``: as _backward_into,
-        an array of the input's shape that aliases neither the forward input, the
-        batch norm's nor the gradient (bn.backward_rows checks grad's shape)."""
+        their class's own backward (own_forward), no bias or ReLU of this layer's
+        own (they would need dy whole), and a backward that takes dy by chunks
+        (_chunked_grad_path).  ``into``: as _backward_into, an array of the input's
+        shape that aliases neither the forward input, the batch norm's nor the
+        gradient (bn.backward_rows checks grad's shape)."""
         from .normalization import BatchNorm2d
         x = self._x
         if not (self.training and isinstance(bn, BatchNorm2d) and bn.training
@@ -1132,25 +1132,40 @@ class Conv2d(Module):
                                  or any(np.may_share_memory(into, a)
                                         for a in (x, bn._cache, grad))):
             return False
-        ws = self._workspace(x, bn._cache.shape)
-        return (ws["paths"][1:3] == ("gemm", "pointwise") and ws["regions"] is None
-                and self._own_gemm()
-                and self.out_channels % _conv.direct_lanes(x.dtype) == 0)
+        return self._chunked_grad_path(x) is not None
+
+    def _chunked_grad_path(self, x):
+        """The backward paths that take dy one chunk at a time from a batch norm after
+        the layer (backward_through_batchnorm): "gemm", a 1x1 on cnet's GEMM (the
+        chunks are blocks of rows, run as Python tasks); "direct", the direct weight
+        gradient with the direct or scatter dx, or none (conv_direct_backward's one
+        parallel region, with bn_grad); else None."""
+        ws = self._workspace(x, self.output_shape(x.shape))
+        _, dw_path, dx_path, _ = ws["paths"]
+        if ws["regions"] is not None:
+            return None
+        if (dw_path, dx_path) == ("gemm", "pointwise"):
+            lanes = _conv.direct_lanes(x.dtype)
+            return "gemm" if self._own_gemm() and self.out_channels % lanes == 0 else None
+        if dw_path == "direct" and (dx_path in ("direct", "scatter") or not self.input_grad):
+            return "direct"
+        return None
 
     def backward_through_batchnorm(self, bn, grad, into=None):
         """``self.backward(bn.backward(grad))`` (with ``into``: into + that, as
-        _backward_into) for the training BatchNorm2d after this 1x1 layer (see
+        _backward_into) for the training BatchNorm2d after this layer (see
         takes_batchnorm_grad): the batch norm takes its sums over the batch, then
-        writes each chunk of this layer's output gradient into a worker's buffer
-        right before the chunk's two GEMMs read it (BatchNorm2d.backward_rows), so
-        the batch norm's dL/dx is never written to memory and read back.  The same
-        values as the two calls."""
+        each chunk of this layer's output gradient is written into a worker's
+        buffer right before the chunk's kernels read it (BatchNorm2d.backward_rows),
+        so the batch norm's dL/dx is never written to memory and read back.  The
+        same values as the two calls."""
         if not self.takes_batchnorm_grad(bn, grad, into):
             raise ValueError(f"{self._describe()}: cannot take {bn._describe()}'s gradient by "
                              "chunks (both in training mode after a forward, a BatchNorm2d "
-                             "over the output of this 1x1 layer on cnet's GEMM, no bias or "
-                             "fused ReLU here; into of the input's shape, aliasing no operand)")
-        return self._backward(None, into=into, grad_rows=bn.backward_rows(grad))
+                             "over this layer's output, a 1x1 on cnet's GEMM or a direct "
+                             "layer, no bias or fused ReLU here; into of the input's shape, "
+                             "aliasing no operand)")
+        return self._backward(None, into=into, bn_grad=bn.backward_rows(grad))
 
     def _narrow_weight_grad(self, ws, dtype):
         """Whether backward's weight gradient is the narrow kernel's (in
@@ -1166,15 +1181,20 @@ class Conv2d(Module):
         return (not self.input_grad and ws["regions"] is None
                 and self._narrow_weight_grad(ws, x.dtype))
 
-    def _backward(self, grad_out, pooled=None, into=None, grad_rows=None):
+    def _backward(self, grad_out, pooled=None, into=None, bn_grad=None):
         """dL/dx, or ``into`` + dL/dx (see _backward_into): in the GEMM's store on
-        the own-GEMM 1x1 path, else by an add after the backward.  ``grad_rows``:
-        stands for grad_out, writing its chunks (backward_through_batchnorm)."""
+        the own-GEMM 1x1 path, else by an add after the backward.  ``bn_grad``: a
+        BatchNormInputGrad standing for grad_out, written by chunks
+        (backward_through_batchnorm)."""
         x = require_cache(self, self._x)
         w = self.weight.data
         out_shape = self.output_shape(x.shape)
-        dy = (None if pooled or grad_rows is not None
+        dy = (None if pooled or bn_grad is not None
               else _check_grad(self, grad_out, out_shape, w.dtype))
+        if bn_grad is not None and (self._chunked_grad_path(x) is None or self._relu
+                                    or self.bias is not None):
+            raise ValueError(f"{self._describe()}: this layer's backward does not take its "
+                             "output gradient by chunks")
         n, oh, ow, cout = out_shape
         nt = num_threads()
         ws = self._workspace(x, out_shape)
@@ -1212,10 +1232,7 @@ class Conv2d(Module):
         own_gemm = self._own_gemm()
         own_dw = (dw_path == "gemm" and own_gemm
                   and cout % _conv.direct_lanes(w.dtype) == 0)
-        if grad_rows is not None:
-            if not (own_dw and pointwise and own_gemm):
-                raise ValueError(f"{self._describe()}: chunks of the output gradient are for "
-                                 "the 1x1 path on cnet's GEMM")
+        if bn_grad is not None and own_dw:
             dybufs = self._worker_buffers("dy", n_workers, (chunk * rows, cout), w.dtype)
         if dw_path == "gemm":
             if not own_dw:
@@ -1269,10 +1286,10 @@ class Conv2d(Module):
                                           acc if dw_path == "region" else None, t == first,
                                           cols[wid].reshape(-1), outs[wid], dws[wid], kt)
                     continue
-                if grad_rows is not None:
+                if bn_grad is not None:
                     # this chunk of dy made now, while the GEMMs below find it in cache
                     dyc = dybufs[wid][:r1 - r0]
-                    grad_rows(r0, r1, dyc, kt)
+                    bn_grad.write(r0, r1, dyc, kt)
                 else:
                     dyc = dy2[r0:r1]
                 dys = self._group_view(dyc)
@@ -1341,7 +1358,8 @@ class Conv2d(Module):
             # All stripes in one parallel region of the kernels (no Python per chunk).
             _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
                                        self.groups, dx, wflip, packed_flip, by_images,
-                                       wscatter if dx_path == "scatter" else None)
+                                       wscatter if dx_path == "scatter" else None,
+                                       bn_grad=None if bn_grad is None else bn_grad.operands)
         else:
             _run_tasks(stripe, stripes, nt)
         for s in range(stripes):            # fixed order: same bits for any thread count

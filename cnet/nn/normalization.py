@@ -160,17 +160,16 @@ class _BatchNorm(Module):
 
     def backward(self, grad_out):
         dx = np.empty_like(grad_out)
-        self.backward_rows(grad_out)(0, dx.size // self.num_features,
-                                     dx.reshape(-1, self.num_features), num_threads())
+        self.backward_rows(grad_out).write(0, dx.size // self.num_features,
+                                           dx.reshape(-1, self.num_features), num_threads())
         return dx
 
     def backward_rows(self, grad_out):
         """The backward's reduction over the batch (the parameter gradients, added
-        now), and dL/dx to be written later by blocks of rows: returns
-        ``rows(r0, r1, out, n_threads)``, which writes rows [r0, r1) of dL/dx viewed
-        as (N*H*W, C) into ``out`` (r1 - r0, C).  A 1x1 convolution before this
-        layer makes each chunk of its output gradient so, while in cache
-        (Conv2d.backward_through_batchnorm): dL/dx is never written in full."""
+        now), and dL/dx to be written later by blocks of rows: a BatchNormInputGrad.
+        The convolution before this layer makes each chunk of its output gradient
+        so, while in cache (Conv2d.backward_through_batchnorm): dL/dx is never
+        written in full."""
         x = require_cache(self, self._cache)
         C = self.num_features
         check_input(self, grad_out, self._ranks, channels=C, dtype=x.dtype, what="gradient")
@@ -178,19 +177,14 @@ class _BatchNorm(Module):
             raise ValueError(f"{self._describe()}: gradient of shape {grad_out.shape} does not "
                              f"match the forward input shape {x.shape}")
         mean, invstd, alpha, shift = self._work
-        x2, g2 = x.reshape(-1, C), np.ascontiguousarray(grad_out).reshape(-1, C)
+        grad_out = np.ascontiguousarray(grad_out)
         coef = _batchnorm.grad_coefficients(C, x.dtype)
         _batchnorm.backward_coefficients(
-            x2, g2, self.weight.data if self.affine else None,
+            x.reshape(-1, C), grad_out.reshape(-1, C), self.weight.data if self.affine else None,
             self.weight.grad if self.affine else None,
             self.bias.grad if self.affine else None,
             mean, invstd, alpha, shift, self._relu, num_threads(), coef)
-        relu = self._relu
-
-        def rows(r0, r1, out, n_threads):
-            _batchnorm.backward_dx(x2[r0:r1], g2[r0:r1], out, coef, alpha, shift, relu,
-                                   n_threads)
-        return rows
+        return BatchNormInputGrad(grad_out, x, coef, alpha, shift, self._relu)
 
     def extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
@@ -212,3 +206,23 @@ class BatchNorm2d(_BatchNorm):
 class BatchNorm1d(_BatchNorm):
     """Batch norm over (N, C) or (N, L, C) inputs (channels last): statistics per channel."""
     _ranks = (2, 3)
+
+
+class BatchNormInputGrad:
+    """A training batch norm's input gradient, not yet written: its output gradient
+    ``g`` and forward input ``x`` (alike, channels last), the coefficients of
+    dx = a*g + k*(x - mean) + b from the batch's sums (_batchnorm.backward_coefficients),
+    and alpha / shift for the fused ReLU's mask (``relu``).  ``operands`` is that
+    tuple, as _conv.conv_direct_backward's bn_grad takes it."""
+    __slots__ = ("operands",)
+
+    def __init__(self, g, x, coef, alpha, shift, relu):
+        self.operands = (g, x, coef, alpha, shift, relu)
+
+    def write(self, r0, r1, out, n_threads):
+        """Rows [r0, r1) of dL/dx viewed as (rows, C) into ``out`` (r1 - r0, C)."""
+        g, x, coef, alpha, shift, relu = self.operands
+        C = x.shape[-1]
+        _batchnorm.backward_dx(x.reshape(-1, C)[r0:r1], g.reshape(-1, C)[r0:r1], out, coef,
+                               alpha, shift, relu, n_threads)
+

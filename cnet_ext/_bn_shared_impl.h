@@ -1,11 +1,13 @@
-/* Per-channel moments of channels-last rows (n rows of C channels): the batch
- * norm's statistics pass (_batchnorm.pyx), and the convolutions that take a
- * training batch norm's statistics of their output while it is in cache
- * (_conv.pyx: conv_direct / gemm_packed with moments).  One body for float (f)
- * and double (d).
+/* Batch-norm kernels over channels-last rows (n rows of C channels) that the
+ * convolutions run too, on their chunks while in cache: the per-channel moments
+ * (the batch norm's statistics pass in _batchnorm.pyx; _conv.pyx's conv_direct /
+ * gemm_packed with moments, for a training batch norm after the layer) and the
+ * backward's dx (_batchnorm.backward_dx; conv_direct_backward's chunks of the
+ * output gradient of a layer before a training batch norm).  One body for float
+ * (f) and double (d).
  */
-#ifndef CNET_BN_MOMENTS_H
-#define CNET_BN_MOMENTS_H
+#ifndef CNET_BN_SHARED_H
+#define CNET_BN_SHARED_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -94,5 +96,32 @@ static inline void bn_slot_moments_f(const float* x, ptrdiff_t n, ptrdiff_t C, d
 static inline void bn_slot_moments_d(const double* x, ptrdiff_t n, ptrdiff_t C, double* slot) {
     bn_moments_d(x, n, C, slot, slot + BN_PAD(C), slot + 2 * BN_PAD(C));
 }
+
+/* The backward's dx = a*g + k*(x - mean) + b per channel, g = dy masked by the
+   fused ReLU (where x * alpha + shift <= 0), a, k, b from the batch's sums. */
+#define CNET_BN_DX_KERNEL(T, SFX)                                                               \
+CNET_CLONES static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CNET_R dx, ptrdiff_t n,   \
+                        ptrdiff_t C, const T* CNET_R mean, const T* CNET_R a,               \
+                        const T* CNET_R k, const T* CNET_R b, const T* CNET_R alpha,        \
+                        const T* CNET_R shift, int relu) {                                  \
+    for (ptrdiff_t r = 0; r < n; r++) {                                                     \
+        const T* CNET_R xr = x + r * C;                                                     \
+        const T* CNET_R gr = dy + r * C;                                                    \
+        T* CNET_R dr = dx + r * C;                                                          \
+        if (relu) {                                                                         \
+            for (ptrdiff_t c = 0; c < C; c++) {                                             \
+                T v = xr[c] * alpha[c] + shift[c];                                          \
+                T g = cnet_keep(gr[c], !(v <= (T)0));                                       \
+                dr[c] = a[c] * g + k[c] * (xr[c] - mean[c]) + b[c];                         \
+            }                                                                               \
+        } else {                                                                            \
+            for (ptrdiff_t c = 0; c < C; c++)                                               \
+                dr[c] = a[c] * gr[c] + k[c] * (xr[c] - mean[c]) + b[c];                     \
+        }                                                                                   \
+    }                                                                                       \
+}
+
+CNET_BN_DX_KERNEL(float, f)
+CNET_BN_DX_KERNEL(double, d)
 
 #endif
