@@ -310,3 +310,34 @@ def test_residual_block_joins_in_the_last_batchnorm(rng, shortcut, dtype):
         for a, b in zip(g1 + b1, g2 + b2):
             np.testing.assert_array_equal(a, b)
     assert calls == [True, True]
+
+
+def test_backward_releases_the_forward_caches(rng):
+    # Sequential's backward drops each layer's activations once that layer's backward
+    # has run (as torch frees the graph): the training peak holds no activation of a
+    # layer already done.  A second backward of the same forward names the layer; the
+    # next forward works as before and gives the same gradients.
+    cnet.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()),
+                          nn.GlobalAvgPool2d(), nn.Linear(8, 4)).train()
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    g = rng.standard_normal((2, 4)).astype(np.float32)
+    model(x)
+    held = [(m, a) for m in model.modules() for a in m._activations
+            if getattr(m, a) is not None]
+    # every conv's input, the first's ReLU output, each batch norm's input, the pool's
+    # argmax, the join's output, the linear layer's input
+    assert len(held) >= 9
+    model.backward(g)
+    assert [(type(m).__name__, a) for m, a in held if getattr(m, a) is not None] == []
+    grads = [p.grad.copy() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"Linear\(.*each forward serves one backward"):
+        model.backward(g)
+    model.zero_grad()
+    model(x)
+    model.backward(g)
+    for a, b in zip(grads, model.parameters()):
+        np.testing.assert_array_equal(a, b.grad)

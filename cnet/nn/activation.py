@@ -17,6 +17,7 @@ class ReLU(Module):
     ``grad * (y > 0)``.  A ReLU directly after a layer whose ``fuse_relu()``
     accepts it (BatchNorm2d, Add) is folded into that layer by Sequential.
     """
+    _activations = ("_y",)
 
     def __init__(self, inplace=False):
         super().__init__()

@@ -150,27 +150,30 @@ class Sequential(Module):
         while i >= 0:
             layer = plan[i]
             before = plan[i - 1] if i > 0 else None
+            steps = 1
             # A max pool's gradient handed to the layer before it, which may gather
             # it in its own pass (Conv2d.backward_through_pool).
             if (before is not None and type(layer).__name__ == "MaxPool2d"
                     and hasattr(before, "backward_through_pool")):
-                grad = before.backward_through_pool(layer, grad)
-                i -= 2
+                grad, steps = before.backward_through_pool(layer, grad), 2
             # A training batch norm's input gradient made chunk by chunk inside the
-            # backward of the 1x1 convolution before it (Conv2d.backward_through_batchnorm).
+            # backward of the convolution before it (Conv2d.backward_through_batchnorm).
             elif (before is not None and hasattr(before, "takes_batchnorm_grad")
                     and before.takes_batchnorm_grad(layer, grad, into if i == 1 and not added
                                                     else None)):
                 join = i == 1 and not added
                 grad = before.backward_through_batchnorm(layer, grad, into if join else None)
-                added = added or join
-                i -= 2
+                added, steps = added or join, 2
             elif i == 0 and not added:
                 grad, added = layer._backward_into(grad, into), True
-                i -= 1
             else:
                 grad = layer.backward(grad)
-                i -= 1
+            # The step's layers drop their forward caches (as torch frees the graph):
+            # the later layers' activations are gone before the earlier, larger
+            # gradients are allocated (ResNeXt-29's training peak, bench/RESULTS.md).
+            for done in plan[i - steps + 1:i + 1]:
+                done._release_activations()
+            i -= steps
         if not self.input_grad:
             return None
         return grad if added else add_into(into, grad)
@@ -244,6 +247,7 @@ class Add(_Branches):
     body adds its input gradient into it itself, in the GEMM's store where it
     starts with a 1x1 convolution: see Module._backward_into).
     """
+    _activations = ("_y",)
 
     def __init__(self, *branches):
         super().__init__(*branches)

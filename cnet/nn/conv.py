@@ -425,6 +425,7 @@ class Conv2d(Module):
     on the weight, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound
     for the bias.
     """
+    _activations = ("_x", "_y")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, dtype=np.float32):
@@ -1377,6 +1378,7 @@ class Conv2d(Module):
 class Linear(Module):
     """y = x @ weight + bias with weight (in_features, out_features) (torch.nn.Linear
     semantics, transposed weight layout).  Accepts (N, in) or (..., in) input."""
+    _activations = ("_x", "_y")
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__()

@@ -259,6 +259,14 @@ class Module:
     def _drop_cache(self):
         """Hook: layers drop backward caches and workspaces (mode or dtype change)."""
 
+    # The attributes holding what forward keeps for backward that backward consumes
+    # (activations): Sequential drops them once the layer's backward has run.
+    _activations = ()
+
+    def _release_activations(self):
+        for name in self._activations:
+            setattr(self, name, None)
+
     def zero_grad(self):
         for p in self.parameters():
             p.grad.fill(0)
@@ -394,7 +402,8 @@ def require_cache(layer, cache):
     """Raise a clear error when backward runs without a training-mode forward."""
     if cache is None:
         raise RuntimeError(f"{layer._describe()}: backward called without a forward pass in "
-                           "training mode (eval mode keeps nothing for backward)")
+                           "training mode (eval mode keeps nothing for backward, and in a "
+                           "Sequential each forward serves one backward)")
     return cache
 
 

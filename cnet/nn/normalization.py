@@ -18,6 +18,7 @@ from .module import Module, Parameter, check_input, own_forward, require_cache, 
 
 class _BatchNorm(Module):
     _ranks = ()
+    _activations = ("_cache",)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True):

@@ -62,7 +62,7 @@ class MaxPool2d(_Pool2d):
     the input's size for non-overlapping windows); backward routes the gradient
     there.  NaNs propagate; ties go to the first position in the window.
     """
-
+    _activations = ("_idx",)
     _dilated = True
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
