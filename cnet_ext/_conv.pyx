@@ -1364,10 +1364,13 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
     chunk's dy is made first, into a buffer of the stripe's, and the chunk's images
     are addressed from their first (x, dy, dx shifted).  Returns 1 where the narrow
     weight gradient's scratch or that buffer could not be allocated (else 0)."""
-    cdef Py_ssize_t t, n0, n1, n, r, most = 0
+    cdef Py_ssize_t t, n0, n1, n, most = 0
     cdef Py_ssize_t image = OH * OW
     cdef int nt_wg, nt_dx
     cdef floating* dyb = NULL
+    cdef const floating* xc
+    cdef const floating* dyc
+    cdef floating* dxc
     if bn != NULL:
         for t in range(first, last):
             most = max(most, ck[t, 1] - ck[t, 0])
@@ -1376,6 +1379,7 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
             return 1
     for t in range(first, last):
         n0, n1 = ck[t, 0], ck[t, 1]
+        xc, dyc, dxc = x, dy, dx
         if bn != NULL:
             if n_threads > 1:
                 for n in prange(n0, n1, num_threads=n_threads, schedule="static"):
@@ -1383,36 +1387,32 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                   (n + 1) * image, Cout)
             else:
                 _bn_grad_rows(bn, dyb, n0 * image, n1 * image, Cout)
-            dy = dyb
-            x = x + n0 * H * W * C
+            # the chunk's images addressed from its first (dy holds only them)
+            xc, dyc = x + n0 * H * W * C, dyb
             if dx != NULL:
-                dx = dx + n0 * H * W * C
-            n1 = n1 - n0
-            n0 = 0
+                dxc = dx + n0 * H * W * C
+            n1, n0 = n1 - n0, 0
         if wg_variant == _NARROW_WGRAD:
-            if not _narrow_wgrad_chunk(x, dy, slot, t != first, n0, n1, H, W, OH, OW, Cout,
+            if not _narrow_wgrad_chunk(xc, dyc, slot, t != first, n0, n1, H, W, OH, OW, Cout,
                                        KH, KW, sh, ph, pw, dh, src):
+                free(dyb)
                 return 1
         else:
             nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout,
                                       n_threads)
-            _direct_wgrad_range(x, dy, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW,
+            _direct_wgrad_range(xc, dyc, slot, t != first, n0, n1, nt_wg, G, H, W, C, OH, OW,
                                 Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant)
         if dx != NULL and wscatter != NULL:
             for n in range(n0, n1):
-                _scatter_image(dy, wscatter, dx, n, H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph,
-                               pw, dh)
+                _scatter_image(dyc, wscatter, dxc, n, H, W, C, OH, OW, Cout, KH, KW, sh, sw,
+                               ph, pw, dh)
         elif dx != NULL:
             # dx = conv(dy, flipped kernel): dy is its input (OH x OW x Cout), dx its output
             nt_dx = effective_threads((n1 - n0) * H * W * KH * KW * (Cout // G) * Cw // G,
                                       n_threads)
-            _direct_range(dy, wflip, NULL, zeros, dx, n0, n1, nt_dx, G, OH, OW, Cout, H, W, C,
-                          Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block, by_images,
-                          packed, False, NULL)
-        if bn != NULL:          # back to the batch's first image
-            x = x - ck[t, 0] * H * W * C
-            if dx != NULL:
-                dx = dx - ck[t, 0] * H * W * C
+            _direct_range(dyc, wflip, NULL, zeros, dxc, n0, n1, nt_dx, G, OH, OW, Cout, H, W,
+                          C, Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block,
+                          by_images, packed, False, NULL)
     free(dyb)
     return 0
 

@@ -583,6 +583,9 @@ def test_backward_rows_checks(rng):
     with pytest.raises(ValueError, match=r"BatchNorm2d.*gradient of shape \(1, 3, 3, 8\) does "
                                          r"not match the forward input shape \(2, 3, 3, 8\)"):
         bn.backward_rows(x[:1])
+    with pytest.raises(ValueError, match=r"BatchNorm2d.*gradient of shape \(2, 3, 3, 8\) is "
+                                         "not C-contiguous"):
+        bn.backward(np.asfortranarray(x))
     rows = bn.backward_rows(x)
     with pytest.raises(ValueError, match=r"dx has shape \(3, 8\), expected \(2, 8\)"):
         rows.write(0, 2, np.empty((3, 8), np.float32), 1)

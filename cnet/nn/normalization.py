@@ -160,9 +160,11 @@ class _BatchNorm(Module):
                                 alpha, shift, n_threads, residual2)
 
     def backward(self, grad_out):
-        dx = np.empty_like(grad_out)
-        self.backward_rows(grad_out).write(0, dx.size // self.num_features,
-                                           dx.reshape(-1, self.num_features), num_threads())
+        rows = self.backward_rows(grad_out)
+        g = rows.operands[0]                # grad_out, checked
+        dx = np.empty_like(g)
+        rows.write(0, g.size // self.num_features, dx.reshape(-1, self.num_features),
+                   num_threads())
         return dx
 
     def backward_rows(self, grad_out):
@@ -178,7 +180,6 @@ class _BatchNorm(Module):
             raise ValueError(f"{self._describe()}: gradient of shape {grad_out.shape} does not "
                              f"match the forward input shape {x.shape}")
         mean, invstd, alpha, shift = self._work
-        grad_out = np.ascontiguousarray(grad_out)
         coef = _batchnorm.grad_coefficients(C, x.dtype)
         _batchnorm.backward_coefficients(
             x.reshape(-1, C), grad_out.reshape(-1, C), self.weight.data if self.affine else None,
