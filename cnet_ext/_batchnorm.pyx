@@ -70,7 +70,7 @@ cdef extern from *:
     """
     #include "_bn_shared_impl.h"
     /* The other per-chunk kernels, one body for float (f) and double (d): IVT is
-       VT's same-width integer vector (bn_moments' header has the rest). */
+       VT's same-width integer vector (_bn_shared_impl.h has the rest). */
     #define CNET_BN_CHUNK_KERNELS(T, VT, IVT, L, SFX)                                           \
     /* y = x * alpha + shift per channel, then ReLU when relu: NaN passes (v < 0 is             \
        false), as torch.relu and cnet's ReLU; a compare and a mask, as v > 0 was. */           \
