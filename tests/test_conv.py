@@ -1996,7 +1996,7 @@ def test_subclass_forward_turns_the_joined_paths_off(rng):
 
 def _unfused_conv_backward(model):
     """Wrap every Conv2d's backward on the instance: the joined backward paths step
-    aside (own_forward), leaving the layers' separate backward calls."""
+    aside (runs_own), leaving the layers' separate backward calls."""
     for m in model.modules():
         if type(m) is nn.Conv2d:
             m.backward = lambda g, m=m: nn.Conv2d.backward(m, g)

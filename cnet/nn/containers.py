@@ -4,7 +4,7 @@ import numpy as np
 from cnet_ext import _elementwise
 
 from .._threads import num_threads
-from .module import Module, add_into, own_forward, require_cache, residual_fits
+from .module import Module, add_into, runs_own, require_cache, residual_fits
 
 
 class Sequential(Module):
@@ -267,7 +267,7 @@ class Add(_Branches):
 
     def forward(self, x):
         if (self._relu and len(self.branches) == 2 and isinstance(self.branches[0], Sequential)
-                and own_forward(self.branches[0], Sequential)):
+                and runs_own(self.branches[0], Sequential)):
             # A body ending in a batch norm joins the shortcut in its output pass
             # (Sequential._forward_residual): no separate add pass over three maps.
             shortcut = self.branches[1].forward(x)

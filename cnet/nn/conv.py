@@ -61,7 +61,7 @@ from .. import init
 from .. import _threads
 from .._args import int_pair
 from .._threads import num_threads
-from .module import (Module, Parameter, add_into, check_input, own_forward, require_cache,
+from .module import (Module, Parameter, add_into, check_input, runs_own, require_cache,
                      residual_fits)
 
 __all__ = ["Conv2d", "Linear"]
@@ -829,7 +829,7 @@ class Conv2d(Module):
     def folds_batchnorm(self, bn, x=None):
         """Whether forward_with_batchnorm(x, bn) may stand for bn(self(x)): both in
         eval mode, bn a BatchNorm2d over this layer's outputs with running
-        statistics, both running their class's own forward (own_forward: not a
+        statistics, both running their class's own forward (runs_own: not a
         profiler's wrapper nor a subclass's).  Given the input x, also whether it
         pays: not for a direct layer with an output under _FOLD_DIRECT_BYTES."""
         from .normalization import BatchNorm2d
@@ -837,7 +837,7 @@ class Conv2d(Module):
         if not (not self.training and isinstance(bn, BatchNorm2d) and not bn.training
                 and bn.track_running_stats and bn.num_features == self.out_channels
                 and bn._dtype() == w.dtype
-                and own_forward(self, Conv2d) and own_forward(bn, BatchNorm2d)):
+                and runs_own(self, Conv2d) and runs_own(bn, BatchNorm2d)):
             return False
         if x is None:
             return True
@@ -928,14 +928,14 @@ class Conv2d(Module):
         """Whether forward_with_batch_moments(x) may hand ``bn`` its batch statistics:
         both in training mode, bn a BatchNorm2d over this layer's outputs of its dtype,
         no ReLU fused into this layer (bn sees the raw sums), both running their
-        class's own forward (own_forward), x a valid input (else forward's own checks
+        class's own forward (runs_own), x a valid input (else forward's own checks
         say why)."""
         from .normalization import BatchNorm2d
         w = self.weight.data
         return (self.training and not self._relu and isinstance(bn, BatchNorm2d)
                 and bn.training and bn.num_features == self.out_channels
                 and bn._dtype() in (None, w.dtype)
-                and own_forward(self, Conv2d) and own_forward(bn, BatchNorm2d)
+                and runs_own(self, Conv2d) and runs_own(bn, BatchNorm2d)
                 and self._output_shape_of(x) is not None)
 
     def _output_shape_of(self, x):
@@ -1115,7 +1115,7 @@ class Conv2d(Module):
         """Whether backward_through_batchnorm(bn, grad) may stand for
         ``self.backward(bn.backward(grad))``: both in training mode with their
         forward caches, bn a BatchNorm2d over this layer's output, both running
-        their class's own backward (own_forward), no bias or ReLU of this layer's
+        their class's own backward (runs_own), no bias or ReLU of this layer's
         own (they would need dy whole), and a backward that takes dy by chunks
         (_chunked_grad_path).  ``into``: as _backward_into, an array of the input's
         shape that aliases neither the forward input, the batch norm's nor the
@@ -1124,8 +1124,8 @@ class Conv2d(Module):
         x = self._x
         if not (self.training and isinstance(bn, BatchNorm2d) and bn.training
                 and x is not None and bn._cache is not None and self.bias is None
-                and not self._relu and own_forward(self, Conv2d, "backward")
-                and own_forward(bn, BatchNorm2d, "backward")
+                and not self._relu and runs_own(self, Conv2d, "backward")
+                and runs_own(bn, BatchNorm2d, "backward")
                 and bn.num_features == self.out_channels and bn._cache.dtype == x.dtype
                 and bn._cache.shape == self.output_shape(x.shape)):
             return False

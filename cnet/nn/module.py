@@ -415,11 +415,11 @@ def residual_fits(residual, shape, dtype):
             and residual.dtype == dtype and residual.flags.c_contiguous)
 
 
-def own_forward(module, cls, method="forward"):
-    """Whether ``module`` runs ``cls``'s own forward (or ``method``): neither replaced
-    on the instance (a profiler's wrapper must see its call) nor overridden by a
-    subclass.  The paths that join two layers in one pass skip the calls, so they
-    stand only for these."""
+def runs_own(module, cls, method="forward"):
+    """Whether ``module`` runs ``cls``'s own ``method`` (forward or backward): neither
+    replaced on the instance (a profiler's wrapper must see its call) nor overridden
+    by a subclass.  The paths that join two layers in one pass skip the calls, so
+    they stand only for these."""
     return (method not in module.__dict__
             and getattr(type(module), method) is getattr(cls, method))
 

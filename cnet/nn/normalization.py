@@ -13,7 +13,7 @@ import numpy as np
 from cnet_ext import _batchnorm
 
 from .._threads import num_threads
-from .module import Module, Parameter, check_input, own_forward, require_cache, residual_fits
+from .module import Module, Parameter, check_input, runs_own, require_cache, residual_fits
 
 
 class _BatchNorm(Module):
@@ -91,9 +91,9 @@ class _BatchNorm(Module):
     def joins_residual(self, x, residual):
         """Whether _forward(x, residual) may stand for relu(self(x) + residual), a
         residual block's join (Sequential._forward_residual): no fused ReLU of its
-        own, its class's own forward (own_forward), residual C-contiguous of x's
+        own, its class's own forward (runs_own), residual C-contiguous of x's
         shape and dtype."""
-        return (not self._relu and own_forward(self, _BatchNorm) and isinstance(x, np.ndarray)
+        return (not self._relu and runs_own(self, _BatchNorm) and isinstance(x, np.ndarray)
                 and residual_fits(residual, x.shape, x.dtype))
 
     def _forward(self, x, residual, moments=None):
