@@ -2169,3 +2169,37 @@ def test_direct_backward_checks_bn_grad(rng):
         run((g[..., :8].copy(), x, coef, v, v, False))
     with pytest.raises(ValueError, match=r"bn_grad's coef \(4, 8\).*do not fit 16 channels"):
         run((g, x, _batchnorm.grad_coefficients(8, np.float32), v, v, False))
+
+
+def test_subclass_backward_turns_the_joined_backward_paths_off(rng):
+    # A subclass overriding backward is called: the joined backward paths (the
+    # batch norm's gradient by chunks, the add into a residual's gradient in the
+    # GEMM's store, the max pool's gradient gathered by the convolution) stand only
+    # for the classes' own backwards.
+    calls = []
+
+    class LoggedConv(nn.Conv2d):
+        def backward(self, grad):
+            calls.append("conv")
+            return super().backward(grad)
+
+    class LoggedPool(nn.MaxPool2d):
+        def backward(self, grad):
+            calls.append("pool")
+            return super().backward(grad)
+
+    x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    bn_pair = nn.Sequential(LoggedConv(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+    # (the body's first layer adds into the block's gradient, not its own gradient)
+    block = nn.Sequential(nn.Add(nn.Sequential(LoggedConv(16, 16, 1, bias=False), nn.ReLU(),
+                                               nn.Conv2d(16, 16, 1, bias=False)),
+                                 nn.Identity()), nn.ReLU())
+    lenet = nn.Sequential(LoggedConv(1, 6, 5, padding=2), nn.ReLU(), LoggedPool(2))
+    lenet.requires_input_grad_(False)
+    for model, inp, want in ((bn_pair, x, ["conv"]), (block, x, ["conv"]),
+                             (lenet, x[..., :1].copy(), ["pool", "conv"])):
+        model.train()
+        y = model(inp)
+        del calls[:]
+        model.backward(np.ones_like(y))
+        assert calls == want

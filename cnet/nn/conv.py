@@ -1085,7 +1085,7 @@ class Conv2d(Module):
         decides).  ResNeXt-29 training, 2 threads: the add pass of its six identity
         blocks saved (see bench/RESULTS.md)."""
         x = self._x
-        if ("backward" in self.__dict__ or x is None or not self.input_grad
+        if (not runs_own(self, Conv2d, "backward") or x is None or not self.input_grad
                 or not residual_fits(into, x.shape, x.dtype)
                 or not isinstance(grad_out, np.ndarray) or np.may_share_memory(into, grad_out)
                 or np.may_share_memory(into, x)):
@@ -1102,9 +1102,11 @@ class Conv2d(Module):
         dx and the masked gradient are never written (LeNet conv1 + pool1 backward,
         batch 256, see bench/RESULTS.md).  Same values; the bias sums in another
         fixed order."""
+        from .pooling import MaxPool2d
         idx = getattr(pool, "_idx", None)
-        if (type(pool).__name__ != "MaxPool2d" or idx is None or self.input_grad
-                or "backward" in self.__dict__ or "backward" in pool.__dict__
+        if (not isinstance(pool, MaxPool2d) or idx is None or self.input_grad
+                or not runs_own(self, Conv2d, "backward")
+                or not runs_own(pool, MaxPool2d, "backward")
                 or self._x is None or not isinstance(grad, np.ndarray)
                 or grad.shape != idx.shape or grad.dtype != self.weight.data.dtype
                 or not self._narrow_backward(self._x)):
