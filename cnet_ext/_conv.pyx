@@ -18,7 +18,7 @@ count (bitwise).
 
 The wrappers are the only shape checks (bounds checking is off).
 """
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, malloc, free
 
@@ -2735,6 +2735,204 @@ cdef inline void _scatter_image(const floating* dy, const floating* wt, floating
         cnet_scatter_dx_f32(kb, dy, wt, dx, n, H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh)
     else:
         cnet_scatter_dx_f64(kb, dy, wt, dx, n, H, W, C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh)
+
+
+# ---------------------------------------------------------------------------
+# Planar input gradient: a network's first layer (few input channels, stride 1)
+
+cdef extern from *:
+    """
+    /* dx of a stride-1, dilation-1, groups-1 layer with NC (1-4) input channels,
+       vectorized along the width: image n's dy channels are written into
+       zero-bordered planes (buf: Cout planes of PR x PW, the caller zeroes it once),
+       then each 2-vector segment of a dx row sums, over (kh, kw, co), a weight
+       times a shifted plane row.  col2im spends a K = C_out GEMM and scattered
+       adds on it, the scatter kernel vectors of KW * C_in lanes (5 for LeNet's
+       conv1), both several times the products here. */
+    #define CNET_PLANAR_DX_MAX_C 4
+    #define CNET_PLANAR_DX(NAME, T, VW, NC)                                                \
+    CNET_CLONES static void NAME(                                                          \
+        const T* dy, const T* wt, T* dx, Py_ssize_t n, Py_ssize_t H, Py_ssize_t W,         \
+        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,       \
+        Py_ssize_t ph, Py_ssize_t pw, T* buf, Py_ssize_t PR, Py_ssize_t PW)                \
+    {                                                                                      \
+        typedef T VT __attribute__((vector_size(64)));                                     \
+        typedef T VTU __attribute__((vector_size(64), aligned(sizeof(T))));                \
+        enum { PV = 2, SEG = 2 * VW, U = NC == 1 ? 4 : 2 };                                \
+        const Py_ssize_t qh = KH - 1 - ph, qw = KW - 1 - pw;                               \
+        const T* img = dy + n * OH * OW * Cout;                                            \
+        for (Py_ssize_t oh = 0; oh < OH; oh++) {     /* dy read in order */               \
+            const T* src = img + oh * OW * Cout;                                           \
+            T* dst = buf + (oh + qh) * PW + qw;                                            \
+            for (Py_ssize_t ow = 0; ow < OW; ow++)                                         \
+                for (Py_ssize_t co = 0; co < Cout; co++)                                   \
+                    dst[co * PR * PW + ow] = src[ow * Cout + co];                          \
+        }                                                                                  \
+        T* out = dx + n * H * W * NC;                                                      \
+        const Py_ssize_t plane = PR * PW;                                                  \
+        for (Py_ssize_t h = 0; h < H; h++)                                                 \
+        for (Py_ssize_t w0 = 0; w0 < W; w0 += SEG) {                                       \
+            /* U planes at a time into their own sums: independent FMA chains */          \
+            VT acc[U][NC][PV];                                                             \
+            for (int u = 0; u < U; u++)                                                    \
+                for (int c = 0; c < NC; c++)                                               \
+                    for (int v = 0; v < PV; v++) acc[u][c][v] = (VT){0};                   \
+            for (Py_ssize_t kh = 0; kh < KH; kh++)                                         \
+            for (Py_ssize_t kw = 0; kw < KW; kw++) {                                       \
+                const T* row = buf + (h + KH - 1 - kh) * PW + w0 + KW - 1 - kw;            \
+                const T* wk = wt + (kh * KW + kw) * Cout * NC;  /* wt[kh][kw][co][ci] */   \
+                Py_ssize_t co = 0;                                                         \
+                for (; co + U <= Cout; co += U)                                            \
+                    for (int u = 0; u < U; u++) {                                          \
+                        VT xv[PV];                                                         \
+                        for (int v = 0; v < PV; v++)                                       \
+                            xv[v] = *(const VTU*)(row + (co + u) * plane + v * VW);        \
+                        for (int c = 0; c < NC; c++)                                       \
+                            for (int v = 0; v < PV; v++)                                   \
+                                acc[u][c][v] += xv[v] * wk[(co + u) * NC + c];             \
+                    }                                                                      \
+                for (; co < Cout; co++) {                                                  \
+                    VT xv[PV];                                                             \
+                    for (int v = 0; v < PV; v++)                                           \
+                        xv[v] = *(const VTU*)(row + co * plane + v * VW);                  \
+                    for (int c = 0; c < NC; c++)                                           \
+                        for (int v = 0; v < PV; v++) acc[0][c][v] += xv[v] * wk[co * NC + c]; \
+                }                                                                          \
+            }                                                                              \
+            for (int u = 1; u < U; u++)                                                    \
+                for (int c = 0; c < NC; c++)                                               \
+                    for (int v = 0; v < PV; v++) acc[0][c][v] += acc[u][c][v];             \
+            T tmp[NC][SEG] __attribute__((aligned(64)));                                   \
+            for (int c = 0; c < NC; c++)                                                   \
+                for (int v = 0; v < PV; v++) *(VT*)(tmp[c] + v * VW) = acc[0][c][v];       \
+            Py_ssize_t np_ = W - w0 < SEG ? W - w0 : SEG;                                  \
+            T* o = out + (h * W + w0) * NC;                                                \
+            for (Py_ssize_t p = 0; p < np_; p++)                                           \
+                for (int c = 0; c < NC; c++) o[p * NC + c] = tmp[c][p];                   \
+        }                                                                                  \
+    }
+    #define CNET_PLANAR_DX_ALL(SFX, T, VW)                                                 \
+    CNET_PLANAR_DX(cnet_planar_dx1_##SFX, T, VW, 1)                                        \
+    CNET_PLANAR_DX(cnet_planar_dx2_##SFX, T, VW, 2)                                        \
+    CNET_PLANAR_DX(cnet_planar_dx3_##SFX, T, VW, 3)                                        \
+    CNET_PLANAR_DX(cnet_planar_dx4_##SFX, T, VW, 4)                                        \
+    static inline void cnet_planar_dx_##SFX(                                               \
+        const T* dy, const T* wt, T* dx, Py_ssize_t n, Py_ssize_t H, Py_ssize_t W,         \
+        Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,        \
+        Py_ssize_t KW, Py_ssize_t ph, Py_ssize_t pw, T* buf, Py_ssize_t PR, Py_ssize_t PW) \
+    {                                                                                      \
+        (C == 1 ? cnet_planar_dx1_##SFX : C == 2 ? cnet_planar_dx2_##SFX                   \
+         : C == 3 ? cnet_planar_dx3_##SFX : cnet_planar_dx4_##SFX)(                        \
+            dy, wt, dx, n, H, W, OH, OW, Cout, KH, KW, ph, pw, buf, PR, PW);               \
+    }
+    CNET_PLANAR_DX_ALL(f32, float, 16)
+    CNET_PLANAR_DX_ALL(f64, double, 8)
+    """
+    enum: CNET_PLANAR_DX_MAX_C
+    void cnet_planar_dx_f32(const float* dy, const float* wt, float* dx, Py_ssize_t n,
+                            Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                            Py_ssize_t ph, Py_ssize_t pw, float* buf, Py_ssize_t PR,
+                            Py_ssize_t PW) noexcept nogil
+    void cnet_planar_dx_f64(const double* dy, const double* wt, double* dx, Py_ssize_t n,
+                            Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                            Py_ssize_t ph, Py_ssize_t pw, double* buf, Py_ssize_t PR,
+                            Py_ssize_t PW) noexcept nogil
+
+
+# The planar dx pays while C_out planes are few: LeNet's conv1 (1 -> 6, 5x5) and
+# ResNet-20's (3 -> 16, 3x3) run it several times faster than col2im; with 64
+# planes (VGG's 3 -> 64) the GEMM's K = C_out catches up (see planar_dx_fits).
+_PLANAR_DX_MAX_COUT = 32
+
+
+cdef inline void _planar_geometry(Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_ssize_t KW,
+                                  Py_ssize_t lanes, Py_ssize_t* PR,
+                                  Py_ssize_t* PW) noexcept nogil:
+    """Rows and row pitch of CNET_PLANAR_DX's planes: every shifted read of a 2-vector
+    segment of a dx row in range."""
+    PR[0] = H + KH - 1
+    PW[0] = (W + 2 * lanes - 1) // (2 * lanes) * (2 * lanes) + KW - 1
+
+
+def planar_dx_fits(Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
+                   tuple stride, tuple padding, tuple dilation, Py_ssize_t groups, dtype):
+    """Whether conv_planar_dx takes a layer: AVX-512, groups 1, stride and dilation 1,
+    1 to CNET_PLANAR_DX_MAX_C input channels, at most _PLANAR_DX_MAX_COUT outputs,
+    padding below the kernel (dy's planes then cover every tap)."""
+    return (_WIDE and groups == 1 and stride == (1, 1) and dilation == (1, 1)
+            and 0 < C <= CNET_PLANAR_DX_MAX_C and 0 < Cout <= _PLANAR_DX_MAX_COUT
+            and 0 <= padding[0] < KH and 0 <= padding[1] < KW)
+
+
+def planar_weight(w):
+    """conv_planar_dx's weight: wt[kh, kw, co, ci] = w[kh, kw, ci, co] (HWIO w)."""
+    return np.ascontiguousarray(np.swapaxes(np.asarray(w), 2, 3))
+
+
+def conv_planar_dx(floating[:, :, :, ::1] dy, floating[:, :, :, ::1] wt,
+                   floating[:, :, :, ::1] dx, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t ph,
+                   Py_ssize_t pw, int n_threads):
+    """Overwrite images [n0, n1) of dx (NHWC) with the input gradient of a stride-1
+    convolution given dy and wt = planar_weight(w); see planar_dx_fits.  Images in
+    parallel on n_threads, each thread's planes in its own buffer."""
+    cdef Py_ssize_t N = dx.shape[0], H = dx.shape[1], W = dx.shape[2], C = dx.shape[3]
+    cdef Py_ssize_t KH = wt.shape[0], KW = wt.shape[1], Cout = wt.shape[2]
+    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], n, PR, PW
+    cdef Py_ssize_t lanes = 16 if floating is float else 8
+    cdef int nt
+    if not planar_dx_fits(C, Cout, KH, KW, (1, 1), (ph, pw), (1, 1), 1,
+                          np.float32 if floating is float else np.float64):
+        raise ValueError(f"conv_planar_dx: a {KH}x{KW} kernel from {C} input channels to "
+                         f"{Cout} (padding {(ph, pw)}) does not fit the planar dx (AVX-512, "
+                         f"1-{CNET_PLANAR_DX_MAX_C} inputs, at most {_PLANAR_DX_MAX_COUT} "
+                         f"outputs, padding below the kernel)")
+    if wt.shape[3] != C:
+        raise ValueError(f"conv_planar_dx: weight {tuple(wt.shape)[:4]} is not planar_weight of a "
+                         f"layer with {C} input channels")
+    if dy.shape[0] != N or dy.shape[3] != Cout or OH != H + 2 * ph - KH + 1 \
+            or OW != W + 2 * pw - KW + 1:
+        raise ValueError(f"conv_planar_dx: dy {tuple(dy.shape)[:4]} is not the output of a "
+                         f"{KH}x{KW} stride-1 convolution with padding {(ph, pw)} of "
+                         f"{tuple(dx.shape)[:4]} to {Cout} channels")
+    if not 0 <= n0 <= n1 <= N:
+        raise ValueError(f"conv_planar_dx: images [{n0}, {n1}) of {N}")
+    if n1 == n0:
+        return
+    _planar_geometry(H, W, KH, KW, lanes, &PR, &PW)
+    cdef Py_ssize_t per = Cout * PR * PW        # one thread's planes
+    nt = effective_threads((n1 - n0) * H * W * C * KH * KW * Cout, n_threads)
+    if nt > n1 - n0:
+        nt = <int>(n1 - n0)
+    # zeroed once: each image rewrites the planes' interior, the borders stay zero
+    cdef floating* bufs = <floating*>calloc(nt * per, sizeof(floating))
+    if bufs == NULL:
+        raise MemoryError(f"conv_planar_dx: no memory for {nt * per} values of planes")
+    try:
+        with nogil:
+            if nt <= 1:
+                for n in range(n0, n1):
+                    _planar_image(&dy[0, 0, 0, 0], &wt[0, 0, 0, 0], &dx[0, 0, 0, 0], n, H, W,
+                                  C, OH, OW, Cout, KH, KW, ph, pw, bufs, PR, PW)
+            else:
+                for n in prange(n0, n1, num_threads=nt, schedule="static"):
+                    _planar_image(&dy[0, 0, 0, 0], &wt[0, 0, 0, 0], &dx[0, 0, 0, 0], n, H, W,
+                                  C, OH, OW, Cout, KH, KW, ph, pw, bufs + threadid() * per, PR,
+                                  PW)
+    finally:
+        free(bufs)
+
+
+cdef inline void _planar_image(const floating* dy, const floating* wt, floating* dx,
+                               Py_ssize_t n, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                               Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t KH,
+                               Py_ssize_t KW, Py_ssize_t ph, Py_ssize_t pw, floating* buf,
+                               Py_ssize_t PR, Py_ssize_t PW) noexcept nogil:
+    if floating is float:
+        cnet_planar_dx_f32(dy, wt, dx, n, H, W, C, OH, OW, Cout, KH, KW, ph, pw, buf, PR, PW)
+    else:
+        cnet_planar_dx_f64(dy, wt, dx, n, H, W, C, OH, OW, Cout, KH, KW, ph, pw, buf, PR, PW)
 
 
 # ---------------------------------------------------------------------------

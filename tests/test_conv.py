@@ -2010,7 +2010,7 @@ def _chunked_grad_models(lanes, affine):
     residual block whose body's first layer adds into the block's gradient, and
     pairs that keep their separate calls (a strided layer's phase dx, a bias)."""
     L = lanes
-    few = 3 * L // 8 + 1
+    few = 3 * L // 8 + 2          # (past the planar dx's 4 inputs)
 
     def chain(conv, bn_channels, relu=True):
         return lambda: nn.Sequential(conv(), nn.BatchNorm2d(bn_channels, affine=affine),

@@ -472,3 +472,105 @@ def test_conv_direct_backward_gradient_sources_refused(rng):
         _conv.conv_direct_backward(x, dy, slots, chunks, 2, *geom, 1, 1,
                                    np.zeros_like(x), _conv.flip_weight(
                                        np.zeros((5, 5, 1, 6), np.float32), 1, 1), relu_y=dy)
+
+
+# A first layer's input gradient (1-4 inputs, stride 1, at most 32 outputs, padding
+# below the kernel; AVX-512): conv_planar_dx.  Rows of 1 to 3 two-vector segments
+# with a partial last one, one and two output planes in a pass of U, 1xK and Kx1
+# kernels, padding 0 to K-1 on either axis.
+PLANAR_CASES = [((1, 6, 5), {}),                                     # LeNet conv1
+                ((3, 16, 3), dict(padding=1, bias=False)),           # ResNet-20 conv1
+                ((2, 7, (1, 4)), dict(padding=(0, 3))),
+                ((4, 32, (3, 1)), dict(padding=(2, 0), bias=False)),
+                ((3, 1, 7), dict(padding=3)),
+                ((1, 2, (2, 3)), dict(padding=(1, 2)))]
+
+
+def planar_dx_reference(dy, w, x_shape, padding):
+    """dL/dx of a stride-1 convolution in float64, by its definition: each output
+    pixel's dy times the kernel, added onto the input window (padding cut off)."""
+    n, h, wd, c = x_shape
+    kh, kw = w.shape[:2]
+    ph, pw = padding
+    oh, ow = dy.shape[1:3]
+    dxp = np.zeros((n, h + 2 * ph, wd + 2 * pw, c))
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, i:i + oh, j:j + ow] += dy.astype(np.float64) @ w[i, j].astype(np.float64).T
+    return dxp[:, ph:ph + h, pw:pw + wd]
+
+
+def _needs_planar():
+    if not _conv._wide_vectors():
+        pytest.skip("conv_planar_dx needs AVX-512")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_planar_dx_matches_reference(dtype, rng):
+    _needs_planar()
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for c, cout, kh, kw, ph, pw, h, wd in [(1, 6, 5, 5, 0, 0, 32, 32), (3, 16, 3, 3, 1, 1, 9, 37),
+                                           (2, 5, 3, 4, 2, 1, 7, 65), (4, 32, 3, 3, 0, 2, 5, 3),
+                                           (3, 17, 1, 7, 0, 3, 6, 40), (1, 1, 2, 2, 1, 0, 4, 1)]:
+        w = rng.standard_normal((kh, kw, c, cout)).astype(dtype)
+        x_shape = (5, h, wd, c)
+        dy = rng.standard_normal((5, h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1, cout)).astype(dtype)
+        want = planar_dx_reference(dy, w, x_shape, (ph, pw))
+        for n0, n1 in [(0, 5), (1, 4)]:
+            for threads in (1, 2):
+                dx = np.full(x_shape, 7, dtype)
+                _conv.conv_planar_dx(dy, _conv.planar_weight(w), dx, n0, n1, ph, pw, threads)
+                np.testing.assert_allclose(dx[n0:n1], want[n0:n1], rtol=tol, atol=tol,
+                                           err_msg=str((c, cout, kh, kw, ph, pw, h, wd)))
+                assert (dx[:n0] == 7).all() and (dx[n1:] == 7).all()   # other images untouched
+
+
+@pytest.mark.parametrize("args,kwargs", PLANAR_CASES)
+def test_planar_dx_gradients(args, kwargs, rng):
+    m = nn.Conv2d(*args, **kwargs).double()
+    x = rng.standard_normal((3, 8, 11, args[0]))
+    m(x)
+    if _conv._wide_vectors():
+        assert m._ws["paths"][2] == "planar"
+    check_gradients(m, x, check_params=False)
+
+
+@pytest.mark.parametrize("args,kwargs", PLANAR_CASES[:4])
+def test_planar_dx_torch_parity_and_threads(args, kwargs, rng):
+    pytest.importorskip("torch")
+    m = nn.Conv2d(*args, **kwargs)
+    x = rng.standard_normal((16, 13, 35, args[0])).astype(np.float32)
+    dxs = []
+    for nt in (1, 2):
+        with cnet.threads(nt):
+            y = m(x)
+            dy = np.cos(y)
+            dxs.append(m.backward(dy))
+    np.testing.assert_array_equal(dxs[0], dxs[1])
+    _, tdx, _, _ = torch_conv_grads(m, x, dy)
+    np.testing.assert_allclose(dxs[0], tdx, rtol=1e-4, atol=1e-5)
+
+
+def test_planar_dx_fits_and_errors():
+    fits = _conv.planar_dx_fits
+    f32 = np.float32
+    assert fits(1, 6, 5, 5, (1, 1), (0, 0), (1, 1), 1, f32) == _conv._wide_vectors()
+    assert not fits(5, 6, 3, 3, (1, 1), (1, 1), (1, 1), 1, f32)      # 5 inputs
+    assert not fits(3, 33, 3, 3, (1, 1), (1, 1), (1, 1), 1, f32)     # 33 outputs
+    assert not fits(3, 16, 3, 3, (2, 2), (1, 1), (1, 1), 1, f32)     # strided
+    assert not fits(3, 16, 3, 3, (1, 1), (1, 1), (2, 2), 1, f32)     # dilated
+    assert not fits(4, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2, f32)     # grouped
+    assert not fits(3, 16, 3, 3, (1, 1), (3, 1), (1, 1), 1, f32)     # padding >= kernel
+    _needs_planar()
+    w = np.zeros((3, 3, 2, 4), np.float32)
+    dy = np.zeros((2, 6, 6, 4), np.float32)
+    dx = np.zeros((2, 6, 6, 2), np.float32)
+    wt = _conv.planar_weight(w)
+    with pytest.raises(ValueError, match="does not fit the planar dx"):
+        _conv.conv_planar_dx(dy, wt, dx, 0, 2, 3, 1, 1)
+    with pytest.raises(ValueError, match="is not planar_weight of a layer with 3 input"):
+        _conv.conv_planar_dx(dy, wt, np.zeros((2, 6, 6, 3), np.float32), 0, 2, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"dy \(2, 6, 6, 4\) is not the output"):
+        _conv.conv_planar_dx(dy, wt, dx, 0, 2, 0, 1, 1)
+    with pytest.raises(ValueError, match=r"images \[1, 3\) of 2"):
+        _conv.conv_planar_dx(dy, wt, dx, 1, 3, 1, 1, 1)

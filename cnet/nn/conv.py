@@ -21,6 +21,9 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
 - Few inputs (a kernel row's KW * C_in values fill more than one vector, at most
   two; LeNet's conv2): dx without col2im, each output pixel's dy scattered onto
   its input window (_conv.conv_scatter_dx).
+- A first layer (1-4 inputs, stride 1, up to 32 outputs; LeNet's and ResNet-20's
+  conv1) whose input gradient is asked for: dx with pixels in the vector lanes,
+  from dy's channels as zero-bordered planes (_conv.conv_planar_dx).
 - 1x1, stride 1, padding 0: the NHWC input already *is* the column matrix
   (N*H*W, C), so the convolution is one GEMM with no im2col.
 - Otherwise im2col of a chunk of images into a column buffer small enough to
@@ -542,6 +545,8 @@ class Conv2d(Module):
         pointwise: 1x1 stride 1 padding 0, the input is its own column matrix.
         scatter:   dx of layers with few inputs (_conv.scatter_dx_fits) in place of
                    col2im.
+        planar:    dx of stride-1 layers with 1-4 inputs and few outputs
+                   (_conv.planar_dx_fits), vectorized along the width.
         phase:     dx of strided direct layers (C_in per group in whole vectors):
                    per phase of dx pixels a stride-1 direct convolution of dy
                    (_conv.conv_phase_dx) in place of col2im.
@@ -578,6 +583,12 @@ class Conv2d(Module):
         if (self.stride != (1, 1) and self.dilation == (1, 1) and cin_g % lanes == 0
                 and cin_g <= _DIRECT_MAX_CHANNELS):
             col2im = "phase"
+        # A first layer (1-4 inputs, stride 1, at most 32 outputs): dx along the width
+        # from planes of dy (dx ms, one / two threads, col2im -> planar: LeNet's conv1
+        # 5.9 / 3.1 -> 1.1 / 0.6, ResNet-20's 3 -> 16 3.0 / 1.6 -> 1.7 / 0.9).
+        if _conv.planar_dx_fits(cin, cout, *self.kernel_size, self.stride, self.padding,
+                                self.dilation, g, dtype):
+            col2im = "planar"
         if pointwise and g == 1 and self._own_gemm():
             # cnet's GEMM beats the direct kernel on a 1x1 of any width (2 threads,
             # fwd+bwd ms, direct -> own GEMM: 32x32x16->32 (batch 128) 4.52 -> 3.85,
@@ -1255,6 +1266,8 @@ class Conv2d(Module):
         wflip = packed_flip = None
         if dx_path == "scatter":
             wscatter = _conv.scatter_weight(w)
+        if dx_path == "planar":
+            wplanar = _conv.planar_weight(w)
         if dx_path == "phase":
             phases = _conv.phase_weights(w, *self.stride, ph, pw, self.groups)
         if dx_path == "direct":
@@ -1333,6 +1346,8 @@ class Conv2d(Module):
                     np.matmul(dys, wstack_t, out=self._group_view(dx2[r0:r1]))
                 elif dx_path == "scatter":
                     _conv.conv_scatter_dx(dy, wscatter, dx, n0, n1, kh, kw, *geom[2:8], kt)
+                elif dx_path == "planar":
+                    _conv.conv_planar_dx(dy, wplanar, dx, n0, n1, ph, pw, kt)
                 elif dx_path == "phase":
                     _conv.conv_phase_dx(dy, phases, dx, n0, n1, *self.stride, kt, self.groups)
                 elif dx_path == "col2im":
