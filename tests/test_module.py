@@ -108,6 +108,45 @@ def test_backward_accumulates_into_flat_grads():
     assert not gflat.any()
 
 
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_large_gradients_take_no_memory_until_written(rng):
+    # A model built for inference must not hold its gradients' size: big gradients
+    # are anonymous mappings whose pages stay untouched until a backward writes them.
+    from cnet.nn import module as module_mod
+    shape = (1024, 2048)                                       # 8 MB in float32
+    nbytes = 1024 * 2048 * 4
+    assert nbytes >= module_mod._MAPPED_GRAD_BYTES
+    layers = [nn.Linear(1024, 2048, bias=False)]   # its init's freed temporaries stay in
+    before = _rss_bytes()                          # the heap, where a calloc would clear them
+    layers += [nn.Linear(1024, 2048, bias=False) for _ in range(4)]
+    grown = _rss_bytes() - before
+    assert grown < 4 * nbytes * 1.5, grown / nbytes           # the weights, not the grads
+    for m in layers:
+        g = m.weight.grad
+        assert g.shape == shape and g.dtype == np.float32 and g.flags.writeable
+        assert g.flags.c_contiguous and not g.any()
+    # backward accumulates into them, and an optimizer moves them into its flat buffer
+    layer = nn.Linear(1024, 2048, bias=False)
+    assert layer.weight.grad.base is not None                 # a mapped gradient
+    x = rng.standard_normal((4, 1024)).astype(np.float32)
+    dy = rng.standard_normal((4, 2048)).astype(np.float32)
+    layer(x)
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.weight.grad, x.T @ dy, rtol=1e-5, atol=1e-5)
+    opt = cnet.optim.SGD(layer.parameters(), lr=0.1)
+    np.testing.assert_allclose(layer.weight.grad, x.T @ dy, rtol=1e-5, atol=1e-5)
+    w0 = layer.weight.data.copy()
+    opt.step()
+    np.testing.assert_allclose(layer.weight.data, w0 - 0.1 * (x.T @ dy), rtol=1e-5, atol=1e-6)
+    small = Parameter(np.ones(8, np.float32))                  # below the size: plain zeros
+    assert small.grad.base is None and not small.grad.any()
+
+
 def test_to_double_converts_params_grads_buffers():
     m = Scale(2)
     m.register_buffer("stat", np.ones(2, np.float32))
