@@ -2857,7 +2857,7 @@ cdef inline void _planar_geometry(Py_ssize_t H, Py_ssize_t W, Py_ssize_t KH, Py_
 
 
 def planar_dx_fits(Py_ssize_t C, Py_ssize_t Cout, Py_ssize_t KH, Py_ssize_t KW,
-                   tuple stride, tuple padding, tuple dilation, Py_ssize_t groups, dtype):
+                   tuple stride, tuple padding, tuple dilation, Py_ssize_t groups):
     """Whether conv_planar_dx takes a layer: AVX-512, groups 1, stride and dilation 1,
     1 to CNET_PLANAR_DX_MAX_C input channels, at most _PLANAR_DX_MAX_COUT outputs,
     padding below the kernel (dy's planes then cover every tap)."""
@@ -2882,8 +2882,7 @@ def conv_planar_dx(floating[:, :, :, ::1] dy, floating[:, :, :, ::1] wt,
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], n, PR, PW
     cdef Py_ssize_t lanes = 16 if floating is float else 8
     cdef int nt
-    if not planar_dx_fits(C, Cout, KH, KW, (1, 1), (ph, pw), (1, 1), 1,
-                          np.float32 if floating is float else np.float64):
+    if not planar_dx_fits(C, Cout, KH, KW, (1, 1), (ph, pw), (1, 1), 1):
         raise ValueError(f"conv_planar_dx: a {KH}x{KW} kernel from {C} input channels to "
                          f"{Cout} (padding {(ph, pw)}) does not fit the planar dx (AVX-512, "
                          f"1-{CNET_PLANAR_DX_MAX_C} inputs, at most {_PLANAR_DX_MAX_COUT} "

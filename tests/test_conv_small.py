@@ -553,14 +553,13 @@ def test_planar_dx_torch_parity_and_threads(args, kwargs, rng):
 
 def test_planar_dx_fits_and_errors():
     fits = _conv.planar_dx_fits
-    f32 = np.float32
-    assert fits(1, 6, 5, 5, (1, 1), (0, 0), (1, 1), 1, f32) == _conv._wide_vectors()
-    assert not fits(5, 6, 3, 3, (1, 1), (1, 1), (1, 1), 1, f32)      # 5 inputs
-    assert not fits(3, 33, 3, 3, (1, 1), (1, 1), (1, 1), 1, f32)     # 33 outputs
-    assert not fits(3, 16, 3, 3, (2, 2), (1, 1), (1, 1), 1, f32)     # strided
-    assert not fits(3, 16, 3, 3, (1, 1), (1, 1), (2, 2), 1, f32)     # dilated
-    assert not fits(4, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2, f32)     # grouped
-    assert not fits(3, 16, 3, 3, (1, 1), (3, 1), (1, 1), 1, f32)     # padding >= kernel
+    assert fits(1, 6, 5, 5, (1, 1), (0, 0), (1, 1), 1) == _conv._wide_vectors()
+    assert not fits(5, 6, 3, 3, (1, 1), (1, 1), (1, 1), 1)      # 5 inputs
+    assert not fits(3, 33, 3, 3, (1, 1), (1, 1), (1, 1), 1)     # 33 outputs
+    assert not fits(3, 16, 3, 3, (2, 2), (1, 1), (1, 1), 1)     # strided
+    assert not fits(3, 16, 3, 3, (1, 1), (1, 1), (2, 2), 1)     # dilated
+    assert not fits(4, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2)     # grouped
+    assert not fits(3, 16, 3, 3, (1, 1), (3, 1), (1, 1), 1)     # padding >= kernel
     _needs_planar()
     w = np.zeros((3, 3, 2, 4), np.float32)
     dy = np.zeros((2, 6, 6, 4), np.float32)

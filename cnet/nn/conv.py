@@ -587,7 +587,7 @@ class Conv2d(Module):
         # from planes of dy (dx ms, one / two threads, col2im -> planar: LeNet's conv1
         # 5.9 / 3.1 -> 1.1 / 0.6, ResNet-20's 3 -> 16 3.0 / 1.6 -> 1.7 / 0.9).
         if _conv.planar_dx_fits(cin, cout, *self.kernel_size, self.stride, self.padding,
-                                self.dilation, g, dtype):
+                                self.dilation, g):
             col2im = "planar"
         if pointwise and g == 1 and self._own_gemm():
             # cnet's GEMM beats the direct kernel on a 1x1 of any width (2 threads,
