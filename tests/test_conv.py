@@ -1418,8 +1418,25 @@ def test_batchnorm_weight_fold_refusals(rng, monkeypatch):
     assert not conv.folds_batchnorm_weights(bn, x)
     with pytest.raises(ValueError, match="cannot fold"):
         conv.forward_with_folded_batchnorm(x, bn)
-    # a 1x1 (GEMM) layer keeps the per-chunk batch norm: exact
-    assert not nn.Conv2d(16, 16, 1).eval().folds_batchnorm_weights(bn, x)
+    # a 1x1 folds too; an im2col layer (a strided 1x1 to 256) keeps the per-chunk batch
+    # norm: exact
+    assert nn.Conv2d(16, 16, 1).eval().folds_batchnorm_weights(bn, x)
+    wide = nn.Conv2d(16, 256, 1, stride=2, bias=False).eval()
+    assert wide._paths(np.float32)[0] == "im2col"
+    assert not wide.folds_batchnorm_weights(_eval_batchnorm(256, np.float32, rng), x)
+
+
+def _record_weight_folds(monkeypatch):
+    """Weight folds at any map size; returns the list that records each
+    forward_with_folded_batchnorm call as (layer, joined a residual)."""
+    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)     # small test maps
+    calls = []
+    fold = nn.Conv2d.forward_with_folded_batchnorm
+    monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
+                        lambda self, x, bn, residual=None: (
+                            calls.append((self, residual is not None)),
+                            fold(self, x, bn, residual))[1])
+    return calls
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1429,13 +1446,7 @@ def test_eval_block_folds_weights_and_joins_the_shortcut_in_the_kernel(threads, 
     # Both direct convolutions of a ResNet block take their batch norms into their
     # weights; the second adds the shortcut and applies the block's ReLU in the
     # kernel's epilogue (no batch norm or add pass left).
-    monkeypatch.setattr(conv_mod, "_FOLD_WEIGHT_RATIO", 0)     # small test maps
-    calls = []
-    fold = nn.Conv2d.forward_with_folded_batchnorm
-    monkeypatch.setattr(nn.Conv2d, "forward_with_folded_batchnorm",
-                        lambda self, x, bn, residual=None: (
-                            calls.append((self, residual is not None)),
-                            fold(self, x, bn, residual))[1])
+    calls = _record_weight_folds(monkeypatch)
     cin = 16 if shortcut == "identity" else 32
     body = nn.Sequential(nn.Conv2d(cin, 16, 3, padding=1, bias=False),
                          _eval_batchnorm(16, np.float32, rng), nn.ReLU(),
@@ -1448,13 +1459,43 @@ def test_eval_block_folds_weights_and_joins_the_shortcut_in_the_kernel(threads, 
     x = rng.standard_normal((3, 12, 12, cin)).astype(np.float32)
     with cnet.threads(threads):
         got = block(x)
+        block_calls = list(calls)
         h = x
         for layer in body:
             h = layer(h)
         want = np.maximum(h + short(x), 0)
-    assert calls == [(body[0], False), (body[3], True)]
+    # (the projection's 1x1 folds its batch norm too, before the body runs)
+    assert block_calls == ([] if shortcut == "identity" else [(short[0], False)]) + [
+        (body[0], False), (body[3], True)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert (got == 0).any() and (got > 0).any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_bottleneck_folds_its_1x1_layers(threads, dtype, rng, monkeypatch):
+    # A ResNeXt bottleneck in eval mode: its 1x1 layers (cnet's GEMM where it has one)
+    # take their batch norms into weight and bias too, the ReLU in the GEMM's store and
+    # the last one joining the shortcut; within round-off of the separate calls, whose
+    # products round differently ((x w) alpha against x (w alpha)).
+    calls = _record_weight_folds(monkeypatch)
+    body = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), _eval_batchnorm(24, dtype, rng),
+                         nn.ReLU(),
+                         nn.Conv2d(24, 24, 3, padding=1, groups=3, bias=False),
+                         _eval_batchnorm(24, dtype, rng), nn.ReLU(),
+                         nn.Conv2d(24, 32, 1), _eval_batchnorm(32, dtype, rng))
+    block = nn.Sequential(nn.Add(body, nn.Identity()), nn.ReLU()).to(dtype).eval()
+    x = rng.standard_normal((5, 9, 7, 32)).astype(dtype)
+    with cnet.threads(threads):
+        got = block(x)
+        assert (body[0], False) in calls and calls[-1] == (body[6], True)
+        h = x                              # the layers one by one, in float64
+        for layer in body:
+            h = layer(h.astype(dtype)).astype(np.float64)
+    want = np.maximum(h + x, 0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    assert got.dtype == dtype and (got == 0).any() and (got > 0).any()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -1486,8 +1527,8 @@ def test_conv_direct_joins_a_residual(dtype, rng):
 
 
 def test_folded_batchnorm_joins_a_residual_on_any_path(rng):
-    # Called directly (Sequential only folds direct layers), a 1x1 GEMM layer joins
-    # the residual per chunk too; the operands are checked.
+    # Called directly, a 1x1 GEMM layer and a direct one join the residual per chunk;
+    # the operands are checked.
     bn = _eval_batchnorm(16, np.float32, rng)
     x = rng.standard_normal((4, 6, 6, 8)).astype(np.float32)
     r = rng.standard_normal((4, 6, 6, 16)).astype(np.float32)

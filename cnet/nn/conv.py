@@ -129,7 +129,7 @@ _PACK_WEIGHT_BYTES = 1 << 20
 # L3.  2 threads, inference, two calls -> per chunk: ResNet-20 (8 MB maps)
 # 52 -> 55 ms; ResNeXt-29 (32-67 MB maps) 733-765 -> 691-708 ms.
 _FOLD_DIRECT_BYTES = 16 << 20
-# Before both, Sequential puts an eval batch norm into a direct layer's weights
+# Before both, Sequential puts an eval batch norm into a direct or 1x1 layer's weights
 # (forward_with_folded_batchnorm: no batch-norm pass at all) where the weight is at
 # most this fraction of the output: scaling a weight costs a pass over it per
 # forward, which for the wide layers of small maps is more than the batch norm's
@@ -137,7 +137,9 @@ _FOLD_DIRECT_BYTES = 16 << 20
 # 49.6 ms, ResNet-18 21.7 -> 27.2; ResNet-20's 9-147 KB weights against 2-8 MB maps:
 # 28.3 -> 27.8 at a ratio of 16; 8, which adds its 8x8x64 layers (147 KB against
 # 2 MB), 25.05 -> 24.75 and 26.19 -> 25.73).  Direct layers over _FOLD_DIRECT_BYTES
-# too, instead of per chunk: VGG-11-BN 35.26 -> 34.74, ResNeXt-29 318.5 -> 313.4.
+# too, instead of per chunk: VGG-11-BN 35.26 -> 34.74, ResNeXt-29 318.5 -> 313.4; and its
+# 1x1 layers on cnet's GEMM (17 of 19, 128 KB-1 MB weights against 8-67 MB maps; the bias
+# and ReLU in the GEMM's store), 4 alternating processes: 319-326 -> 305-313 ms.
 _FOLD_WEIGHT_RATIO = 8
 # Chunks per layer at least (and a multiple of it where the batch allows).
 _MIN_TASKS = _threads.available_cores()
@@ -893,14 +895,15 @@ class Conv2d(Module):
 
     def folds_batchnorm_weights(self, bn, x):
         """Whether forward_with_folded_batchnorm(x, bn) may stand for bn(self(x)) and
-        pays: as folds_batchnorm(bn), for a direct layer without a fused ReLU of its
-        own (the batch norm must see the raw sums) whose weight is at most
-        1/_FOLD_WEIGHT_RATIO of its output (scaling it is a pass per forward).
+        pays: as folds_batchnorm(bn), for a direct or 1x1 (pointwise) layer without a
+        fused ReLU of its own (the batch norm must see the raw sums) whose weight is at
+        most 1/_FOLD_WEIGHT_RATIO of its output (scaling it is a pass per forward).
         Sequential asks this first, then folds_batchnorm(bn, x)."""
         if self._relu or not self.folds_batchnorm(bn):
             return False
         out_shape = self._output_shape_of(x)
-        return (out_shape is not None and self._workspace(x, out_shape)["paths"][0] == "direct"
+        return (out_shape is not None
+                and self._workspace(x, out_shape)["paths"][0] in ("direct", "pointwise")
                 and self.weight.data.nbytes * _FOLD_WEIGHT_RATIO
                 <= math.prod(out_shape) * x.itemsize)
 
