@@ -147,6 +147,16 @@ def test_large_gradients_take_no_memory_until_written(rng):
     assert small.grad.base is None and not small.grad.any()
 
 
+def test_gradient_without_a_mapping_falls_back_to_zeros(monkeypatch):
+    from cnet.nn import module as module_mod
+
+    def no_mapping(*args):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(module_mod.mmap, "mmap", no_mapping)
+    p = Parameter(np.ones((1024, 512), np.float32))
+    assert p.grad.shape == (1024, 512) and p.grad.dtype == np.float32 and not p.grad.any()
+
+
 def test_to_double_converts_params_grads_buffers():
     m = Scale(2)
     m.register_buffer("stat", np.ones(2, np.float32))

@@ -61,9 +61,12 @@ def _untouched_zeros(shape, dtype):
     """A zero array whose pages are not touched (for sizes from _MAPPED_GRAD_BYTES)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes < _MAPPED_GRAD_BYTES:
-        return np.zeros(shape, dtype=dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+    if nbytes >= _MAPPED_GRAD_BYTES:
+        try:
+            return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+        except OSError:       # out of mappings (vm.max_map_count): calloc's zeros will do
+            pass
+    return np.zeros(shape, dtype=dtype)
 
 
 def flatten_parameters(params):
