@@ -3338,6 +3338,12 @@ cdef extern from *:
     #define CNET_GEMM_KW 512
     #define CNET_GEMM_B_BYTES (512 << 10)
     #define CNET_GEMM_MB 256
+    /* gemm_tn's tile prefetches x's rows CNET_GEMM_PF columns ahead into L2: x is read
+       down its columns (cold rows, 1-2 lines per step); ResNeXt-29 training, 2
+       threads, against none: 16 / 32 / 64 columns 2.4 / 3.2 / 1.9% faster */
+    #ifndef CNET_GEMM_PF
+    #define CNET_GEMM_PF 32
+    #endif
 
     /* One MR x NV-vector tile of C = A B over kc steps of K: A(p, k) at
        a[p * ars + k * aks] (rows < MR: the last row is read again, its sums not
@@ -3345,7 +3351,8 @@ cdef extern from *:
        rows of an NHWC map).  The sums start at zero, at the bias (init 1) or at C
        (init 2: a later block of K, or accumulate); init 3 starts at zero and adds
        C at the store (accumulate into C from memory: its lines arrive while the
-       sums run instead of stalling the tile's start); relu at the store. */
+       sums run instead of stalling the tile's start); relu at the store; pf (or
+       NULL): pf + k * aks prefetched into L2 at step k. */
     /* acc OP the tile's C (OP = to load, += to add; inside CNET_GEMM_TILE); a partial
        tile through a buffer: acc indexed by a variable would live in memory in every
        tile. */
@@ -3366,7 +3373,7 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void NAME(                                 \
         const T* a, Py_ssize_t ars, Py_ssize_t aks, const T* bp, Py_ssize_t bks,            \
         Py_ssize_t kc, T* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,              \
-        const T* bias, int init, int relu)                                                  \
+        const T* bias, int init, int relu, const T* pf)                                     \
     {                                                                                       \
         const T* ap[CNET_GEMM_MR];                                                          \
         for (int p = 0; p < CNET_GEMM_MR; p++) ap[p] = a + (p < rows ? p : rows - 1) * ars; \
@@ -3389,6 +3396,7 @@ cdef extern from *:
         }                                                                                   \
         if (init == 2) CNET_GEMM_TILE_C(T, VTU, VW, NV, =);                                 \
         for (Py_ssize_t k = 0; k < kc; k++) {                                               \
+            if (pf) __builtin_prefetch(pf + k * aks, 0, 2);                                 \
             VT b[NV];                                                                       \
             for (int v = 0; v < NV; v++) b[v] = *(const VTU*)(bp + k * bks + v * VW);       \
             _Pragma("GCC unroll 16")                                                        \
@@ -3448,7 +3456,7 @@ cdef extern from *:
                         const T* a = A + i * lda + k0;                                      \
                         T* c = C + i * ldc + j;                                             \
                         CNET_GEMM_CALL(NAME, nv, a, lda, 1, bp, nv * VW, kc, c, ldc, rows,  \
-                                     cols, bj, init, last);                                 \
+                                     cols, bj, init, last, NULL);                           \
                     }                                                                       \
                 }                                                                           \
             }                                                                               \
@@ -3474,7 +3482,8 @@ cdef extern from *:
                 for (Py_ssize_t i = c0; i < c1; i += CNET_GEMM_MR) {                        \
                     Py_ssize_t rows = c1 - i < CNET_GEMM_MR ? c1 - i : CNET_GEMM_MR;        \
                     CNET_GEMM_CALL(NAME, nv, x + k0 * lda + i, 1, lda, bp, ldb, kc,         \
-                                 gw + i * N + j, N, rows, cols, NULL, init, 0);             \
+                                 gw + i * N + j, N, rows, cols, NULL, init, 0,              \
+                                 x + k0 * lda + i + CNET_GEMM_PF);                          \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
