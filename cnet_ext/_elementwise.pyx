@@ -176,6 +176,45 @@ def add(a, b, out, bint relu, int n_threads):
     _dispatch(OP_ADD_RELU if relu else OP_ADD, af, bf, of, 0, 0, 0.0, n_threads)
 
 
+def add_slots(target, slots, int n_threads):
+    """target += slots[0], then += slots[1], ... (a weight gradient's stripe sums, in
+    that fixed order: the same bits as one add per slot) in one pass: each block of
+    target stays in L1 while the slots are added to it, instead of a read and a write
+    of the whole target per slot."""
+    tf = _flat("target", target, None, True)
+    if not isinstance(slots, np.ndarray):
+        raise TypeError(f"slots: expected a numpy array, got {type(slots).__name__}")
+    if slots.ndim < 1 or slots.shape[1:] != target.shape or slots.dtype != target.dtype:
+        raise ValueError(f"slots: expected shape (S,) + {target.shape} {target.dtype}, got "
+                         f"{slots.shape} {slots.dtype}")
+    if not slots.flags.c_contiguous:
+        raise ValueError(f"slots: array of shape {slots.shape} is not C-contiguous")
+    if slots.shape[0] == 0 or tf.shape[0] == 0:
+        return
+    _add_slots(tf, slots.reshape(slots.shape[0], -1), n_threads)
+
+
+def _add_slots(floating[::1] t, floating[:, ::1] slots, int n_threads):
+    cdef Py_ssize_t n = t.shape[0], S = slots.shape[0]
+    cdef int nt = effective_threads(n * S, n_threads, cnet_min_elements_per_thread())
+    cdef Py_ssize_t chunk = _chunk(n, nt), block = 2048
+    cdef Py_ssize_t th, i0, i1, b, e, k
+    with nogil:
+        for th in prange(nt, schedule="static", num_threads=nt):
+            i0 = th * chunk
+            i1 = i0 + chunk
+            if i1 > n:
+                i1 = n
+            b = i0
+            while b < i1:
+                e = b + block
+                if e > i1:
+                    e = i1
+                for k in range(S):
+                    _add(&t[b], &slots[k, b], &t[b], e - b, False)
+                b = e
+
+
 def dropout(x, out, seed, double p, int n_threads):
     """out = x * mask / (1 - p), mask[i] ~ Bernoulli(1 - p) from (seed, i).
 

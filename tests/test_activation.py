@@ -240,3 +240,39 @@ def test_kernel_wrappers_validate():
         _elementwise.concat_last([a], np.zeros((4, 6), np.float32), 1)
     with pytest.raises(ValueError, match="C-contiguous"):
         _elementwise.split_last(a, [np.zeros((5, 4), np.float32).T], 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_slots", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape", [(1,), (3, 683), (7, 3, 3, 130)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_slots_is_one_add_per_slot_in_order(rng, dtype, n_slots, shape, threads):
+    """A weight gradient's stripe sums in one pass: bitwise the sequence of adds
+    (((target + s0) + s1) + ...), whatever the thread count and block edges."""
+    from cnet_ext import _elementwise
+    scale = np.logspace(-6, 6, n_slots).reshape((-1,) + (1,) * len(shape))
+    slots = (rng.standard_normal((n_slots,) + shape) * scale).astype(dtype)
+    target = rng.standard_normal(shape).astype(dtype)
+    want = target.copy()
+    for s in slots:
+        want = want + s
+    _elementwise.add_slots(target, slots, threads)
+    np.testing.assert_array_equal(target, want)
+
+
+def test_add_slots_validates():
+    from cnet_ext import _elementwise
+    t = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match=r"slots: expected shape \(S,\) \+ \(4, 5\) float32, "
+                                         r"got \(2, 5, 4\) float32"):
+        _elementwise.add_slots(t, np.zeros((2, 5, 4), np.float32), 1)
+    with pytest.raises(ValueError, match=r"float64"):
+        _elementwise.add_slots(t, np.zeros((2, 4, 5)), 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _elementwise.add_slots(t, np.zeros((4, 5, 2), np.float32).transpose(2, 0, 1), 1)
+    with pytest.raises(ValueError, match="target.*not C-contiguous"):
+        _elementwise.add_slots(np.zeros((5, 4), np.float32).T, np.zeros((2, 4, 5), np.float32), 1)
+    with pytest.raises(TypeError, match="slots: expected a numpy array"):
+        _elementwise.add_slots(t, [t, t], 1)
+    _elementwise.add_slots(t, np.zeros((0, 4, 5), np.float32), 1)   # no slots: unchanged
+    assert not t.any()
