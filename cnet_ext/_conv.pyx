@@ -1176,7 +1176,8 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                          Py_ssize_t dh, Py_ssize_t dw, int n_threads, Py_ssize_t groups=1,
                          dx=None, wflip=None, packed_flip=None, bint by_images=False,
-                         wscatter=None, relu_y=None, pool=None, bias_sums=None, bn_grad=None):
+                         wscatter=None, relu_y=None, pool=None, bias_sums=None, bn_grad=None,
+                         bint accumulate_dx=False):
     """A direct layer's backward over image chunks, in one parallel region.
 
     Stripe s (chunks [s * k // stripes, (s + 1) * k // stripes) of the k
@@ -1211,6 +1212,11 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
     Each chunk's dy (_batchnorm.backward_dx of its rows) goes to a buffer of the
     stripe's right before the chunk's kernels read it: the batch norm's input
     gradient is never written whole (not with the narrow weight gradient).
+
+    ``accumulate_dx``: dx += the input gradient (a residual block's shortcut
+    gradient, Module._backward_into): each chunk's goes to a buffer of the stripe's
+    and is added while in cache, instead of a whole dx written, then read back by
+    an add pass (the same sums: dx + chunk).
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = slots.shape[1], KW = slots.shape[2], G = groups
@@ -1273,6 +1279,8 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
             raise ValueError("conv_direct_backward: bn_grad is not for the narrow weight "
                              "gradient")
         dyp = NULL                  # (the batch norm's g: shapes only) made per chunk
+    if accumulate_dx and dx is None:
+        raise ValueError("conv_direct_backward: accumulate_dx without dx")
     if relu_y is not None or pool is not None or bias_sums is not None:
         if wg_variant != _NARROW_WGRAD or dx is not None:
             raise ValueError("conv_direct_backward: relu_y, pool and bias_sums are for the "
@@ -1330,7 +1338,7 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, 1, G, H, W, C, OH,
                     OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp, zeros, Cw,
                     pdh, pdw, dx_variant, co_block, by_images, packed_flip is not None, wsp,
-                    srcs + s if srcs != NULL else NULL, bnp)
+                    srcs + s if srcs != NULL else NULL, bnp, accumulate_dx)
         else:
             for s in range(stripes):
                 failed += _direct_backward_stripe(
@@ -1338,12 +1346,13 @@ def conv_direct_backward(floating[:, :, :, ::1] x, floating[:, :, :, ::1] dy,
                     s * n_chunks // stripes, (s + 1) * n_chunks // stripes, n_threads, G, H, W,
                     C, OH, OW, Cout, KH, KW, sh, sw, ph, pw, dh, dw, wg_variant, dxp, wfp,
                     zeros, Cw, pdh, pdw, dx_variant, co_block, by_images,
-                    packed_flip is not None, wsp, srcs + s if srcs != NULL else NULL, bnp)
+                    packed_flip is not None, wsp, srcs + s if srcs != NULL else NULL, bnp,
+                    accumulate_dx)
     free(zeros)
     free(srcs)
     if failed:
         raise MemoryError("conv_direct_backward: no memory for the narrow weight gradient "
-                          "or a chunk's output gradient")
+                          "or a chunk's output or input gradient")
 
 
 cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating* slot,
@@ -1358,28 +1367,38 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                   bint by_images, bint packed,
                                   const floating* wscatter,
                                   const cnet_grad_src* src,
-                                  const cnet_bn_rows* bn) noexcept nogil:
+                                  const cnet_bn_rows* bn, bint accumulate_dx) noexcept nogil:
     """conv_direct_backward's stripe of chunks [first, last): weight gradient into slot,
     then each chunk's dx (if dx), with n_threads-thread kernels.  With ``bn``, each
-    chunk's dy is made first, into a buffer of the stripe's, and the chunk's images
-    are addressed from their first (x, dy, dx shifted).  Returns 1 where the narrow
-    weight gradient's scratch or that buffer could not be allocated (else 0)."""
+    chunk's dy is made first, into a buffer of the stripe's; with ``accumulate_dx``,
+    each chunk's dx goes to a buffer of the stripe's, then is added to dx.  Either
+    way the chunk's images are addressed from their first (x, dy, dx shifted).
+    Returns 1 where the narrow weight gradient's scratch or a buffer could not be
+    allocated (else 0)."""
     cdef Py_ssize_t t, n0, n1, n, most = 0
-    cdef Py_ssize_t image = OH * OW
+    cdef Py_ssize_t image = OH * OW, in_image = H * W * C
     cdef int nt_wg, nt_dx
     cdef floating* dyb = NULL
+    cdef floating* dxb = NULL
+    cdef floating* dx_chunk
     cdef const floating* xc
     cdef const floating* dyc
     cdef floating* dxc
+    for t in range(first, last):
+        most = max(most, ck[t, 1] - ck[t, 0])
     if bn != NULL:
-        for t in range(first, last):
-            most = max(most, ck[t, 1] - ck[t, 0])
         dyb = <floating*>malloc(most * image * Cout * sizeof(floating))
         if dyb == NULL:
+            return 1
+    if accumulate_dx:
+        dxb = <floating*>malloc(most * in_image * sizeof(floating))
+        if dxb == NULL:
+            free(dyb)
             return 1
     for t in range(first, last):
         n0, n1 = ck[t, 0], ck[t, 1]
         xc, dyc, dxc = x, dy, dx
+        dx_chunk = dx + n0 * in_image if dx != NULL else NULL
         if bn != NULL:
             if n_threads > 1:
                 for n in prange(n0, n1, num_threads=n_threads, schedule="static"):
@@ -1387,15 +1406,18 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
                                   (n + 1) * image, Cout)
             else:
                 _bn_grad_rows(bn, dyb, n0 * image, n1 * image, Cout)
-            # the chunk's images addressed from its first (dy holds only them)
-            xc, dyc = x + n0 * H * W * C, dyb
+        if bn != NULL or accumulate_dx:
+            # the chunk's images addressed from its first (the buffers hold only them)
+            xc = x + n0 * in_image
+            dyc = dyb if bn != NULL else dy + n0 * image * Cout
             if dx != NULL:
-                dxc = dx + n0 * H * W * C
+                dxc = dxb if accumulate_dx else dx_chunk
             n1, n0 = n1 - n0, 0
         if wg_variant == _NARROW_WGRAD:
             if not _narrow_wgrad_chunk(xc, dyc, slot, t != first, n0, n1, H, W, OH, OW, Cout,
                                        KH, KW, sh, ph, pw, dh, src):
                 free(dyb)
+                free(dxb)
                 return 1
         else:
             nt_wg = effective_threads((n1 - n0) * OH * OW * KH * KW * (C // G) * Cout,
@@ -1413,8 +1435,24 @@ cdef int _direct_backward_stripe(const floating* x, const floating* dy, floating
             _direct_range(dyc, wflip, NULL, zeros, dxc, n0, n1, nt_dx, G, OH, OW, Cout, H, W,
                           C, Cw, KH, KW, 1, 1, pdh, pdw, dh, dw, dx_variant, co_block,
                           by_images, packed, False, NULL)
+        if accumulate_dx:
+            # dx += the chunk's input gradient, by images over the kernels' threads
+            if n_threads > 1:
+                for n in prange(n1, num_threads=n_threads, schedule="static"):
+                    _add_in_place(dx_chunk + n * in_image, dxb + n * in_image, in_image)
+            else:
+                _add_in_place(dx_chunk, dxb, n1 * in_image)
     free(dyb)
+    free(dxb)
     return 0
+
+
+cdef inline void _add_in_place(floating* out, const floating* b, Py_ssize_t n) noexcept nogil:
+    """out = out + b."""
+    if floating is float:
+        cnet_add_f32(out, b, out, n, 0)
+    else:
+        cnet_add_f64(out, b, out, n, 0)
 
 
 cdef inline void _direct_row(const floating* x, const floating* w, const floating* bias,

@@ -2244,3 +2244,72 @@ def test_subclass_backward_turns_the_joined_backward_paths_off(rng):
         del calls[:]
         model.backward(np.ones_like(y))
         assert calls == want
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("one_image_chunks", [False, True])
+def test_direct_layer_adds_its_input_gradient_by_chunks(threads, dtype, one_image_chunks, rng,
+                                                        monkeypatch):
+    """Conv2d._backward_into (and backward_through_batchnorm with into) on the direct
+    kernels' region: conv_direct_backward adds each chunk's input gradient to into
+    while in cache (accumulate_dx), for the flipped-kernel dx (groups 1 and 2) and the
+    scatter dx: bitwise into + backward's dL/dx, the same weight gradients."""
+    from cnet_ext import _conv
+    if one_image_chunks:            # several chunks per stripe: the buffer reused
+        monkeypatch.setattr(conv_mod, "_KERNEL_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv_mod, "_COL_CHUNK_BYTES", 1)
+    accumulated = []
+    region = _conv.conv_direct_backward
+    monkeypatch.setattr(_conv, "conv_direct_backward", lambda *a, **k: (
+        accumulated.append(k.get("accumulate_dx", False)), region(*a, **k))[1])
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    scatter_c = 4 if lanes == 16 else 2                    # KW * C_in within two vectors
+    configs = [(lanes, 2 * lanes, 3, 1, 1, 1, "direct"),
+               (2 * lanes, 2 * lanes, 3, 1, 1, 2, "direct"),
+               (scatter_c, lanes, 5, 2, 2, 1,
+                "scatter" if _conv.scatter_dx_fits(scatter_c, 5, 1, 1, dtype) else None)]
+    for cin, cout, k, stride, pad, groups, dx_path in configs:
+        for with_bn in (False, True):
+            cnet.manual_seed(1)
+            conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups,
+                             bias=False).to(dtype)
+            bn = nn.BatchNorm2d(cout).to(dtype).train()
+            x = rng.standard_normal((5, 9, 8, cin)).astype(dtype)
+            g = rng.standard_normal(conv.output_shape(x.shape)).astype(dtype)
+            start = rng.standard_normal(x.shape).astype(dtype)
+            grads = []
+            with cnet.threads(threads):
+                for into in (None, start.copy()):
+                    conv.zero_grad()
+                    bn.zero_grad()
+                    y = conv(x)
+                    accumulated.clear()
+                    if with_bn:
+                        bn(y)
+                        if into is None:
+                            dx = conv.backward(bn.backward(g))
+                        else:
+                            assert conv.backward_through_batchnorm(bn, g, into) is into
+                    elif into is None:
+                        dx = conv.backward(g)
+                    else:
+                        assert conv._backward_into(g, into) is into
+                    grads.append([p.grad.copy() for p in conv.parameters()])
+            label = f"{cin}->{cout} {k}x{k} s{stride} g{groups} bn={with_bn}"
+            if dx_path is not None:
+                assert conv._ws["paths"][1:3] == ("direct", dx_path), label
+                assert accumulated == [True], label
+            np.testing.assert_array_equal(into, start + dx, err_msg=label)
+            for a, b in zip(*grads):
+                np.testing.assert_array_equal(a, b, err_msg=label)
+
+
+def test_accumulate_dx_needs_dx():
+    from cnet_ext import _conv
+    x = np.zeros((2, 5, 5, 16), np.float32)
+    dy = np.zeros((2, 5, 5, 16), np.float32)
+    slots = np.zeros((1, 3, 3, 16, 16), np.float32)
+    with pytest.raises(ValueError, match="accumulate_dx without dx"):
+        _conv.conv_direct_backward(x, dy, slots, [(0, 2)], 1, 1, 1, 1, 1, 1, 1, 1,
+                                   accumulate_dx=True)

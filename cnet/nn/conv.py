@@ -1095,9 +1095,10 @@ class Conv2d(Module):
 
     def _backward_into(self, grad_out, into):
         """A 1x1 layer on cnet's GEMM adds its input gradient to ``into`` in the
-        GEMM's store (C += dY W^T); elsewhere backward, then the add (_backward
-        decides).  ResNeXt-29 training, 2 threads: the add pass of its six identity
-        blocks saved (see bench/RESULTS.md)."""
+        GEMM's store (C += dY W^T), a direct layer each chunk's while in cache
+        (conv_direct_backward's accumulate_dx); elsewhere backward, then the add
+        (_backward decides).  ResNeXt-29 training, 2 threads: the add pass of its six
+        identity blocks saved (see bench/RESULTS.md)."""
         x = self._x
         if (not runs_own(self, Conv2d, "backward") or x is None or not self.input_grad
                 or not residual_fits(into, x.shape, x.dtype)
@@ -1286,9 +1287,16 @@ class Conv2d(Module):
                     and own_gemm else None)
         x2 = x.reshape(-1, self.in_channels)
         dy2 = None if dy is None else dy.reshape(-1, cout)
-        # into + dL/dx straight from the GEMM's store where the 1x1 runs on it
+        narrow_dw = dw_path == "small" and self._narrow_weight_grad(ws, w.dtype)
+        # All stripes in one parallel region of the direct kernels (no Python per chunk)
+        region = (not in_kernel and (dw_path == "direct" or narrow_dw)
+                  and dx_path in ("direct", "scatter", None))
+        # into + dL/dx straight from the GEMM's store where the 1x1 runs on it, or
+        # added chunk by chunk in the direct kernels' region
         into_gemm = into is not None and dx_path == "pointwise" and packed_t is not None
-        dx = None if dx_path is None else into if into_gemm else np.empty_like(x)
+        into_region = into is not None and region and dx_path is not None
+        dx = (None if dx_path is None else into if into_gemm or into_region
+              else np.empty_like(x))
         dx2 = None if dx_path is None else dx.reshape(-1, self.in_channels)
 
         def stripe(s, wid, kt):
@@ -1362,7 +1370,6 @@ class Conv2d(Module):
                         np.matmul(dys, wstack_t, out=self._group_view(dc))
                     _conv.col2im(dc, dx, n0, n1, oh, ow, *geom, kt)
 
-        narrow_dw = dw_path == "small" and self._narrow_weight_grad(ws, w.dtype)
         if in_kernel:
             pool = None
             if pooled:
@@ -1375,12 +1382,12 @@ class Conv2d(Module):
             if bias_sums is not None:
                 np.add(self.bias.grad, bias_sums[:stripes].sum(axis=0).astype(w.dtype),
                        out=self.bias.grad)
-        elif (dw_path == "direct" or narrow_dw) and dx_path in ("direct", "scatter", None):
-            # All stripes in one parallel region of the kernels (no Python per chunk).
+        elif region:
             _conv.conv_direct_backward(x, dy, slots, bounds, stripes, *geom[2:8], nt,
                                        self.groups, dx, wflip, packed_flip, by_images,
                                        wscatter if dx_path == "scatter" else None,
-                                       bn_grad=None if bn_grad is None else bn_grad.operands)
+                                       bn_grad=None if bn_grad is None else bn_grad.operands,
+                                       accumulate_dx=into_region)
         else:
             _run_tasks(stripe, stripes, nt)
         # fixed order: same bits for any thread count
@@ -1391,7 +1398,7 @@ class Conv2d(Module):
                 np.add(target, slots[s], out=target)
         if self.bias is not None and not bias_done:
             _bias_grad(dy2, self.bias.grad)
-        if into is not None and not into_gemm:
+        if into is not None and not (into_gemm or into_region):
             return add_into(into, dx)
         return dx
 
