@@ -25,11 +25,20 @@ from libc.stdlib cimport calloc, malloc, free
 cimport cython
 from cython cimport floating
 import numpy as np
+cimport numpy as cnp
 
 from cnet_ext._openmp cimport effective_threads, cnet_min_elements_per_thread
 from cnet_ext._bn_shared cimport (BN_PAD, BN_SLOT, bn_dx_d, bn_dx_f, bn_slot_moments_d,
                                    bn_slot_moments_f)
 from cnet_ext import _batchnorm
+
+cnp.import_array()
+
+
+cdef inline size_t _address(a) except? 0:
+    """ndarray a's data address: a.ctypes.data without the ctypes object (tens of
+    microseconds per call between a step's kernels, its caches cold)."""
+    return <size_t>cnp.PyArray_DATA(<cnp.ndarray?>a)
 
 
 # ---------------------------------------------------------------------------
@@ -1161,11 +1170,11 @@ cdef object _bn_grad_operands(bn_grad, cnet_bn_rows* bn, tuple batch_channels, d
         raise ValueError(f"conv_direct_backward: bn_grad's coef {coef.shape}, alpha "
                          f"{alpha.shape} and shift {shift.shape} do not fit {C} channels "
                          "(_batchnorm.grad_coefficients)")
-    bn.g = <const void*><size_t>g.ctypes.data
-    bn.x = <const void*><size_t>x.ctypes.data
-    bn.coef = <const void*><size_t>coef.ctypes.data
-    bn.alpha = <const void*><size_t>alpha.ctypes.data
-    bn.shift = <const void*><size_t>shift.ctypes.data
+    bn.g = <const void*>_address(g)
+    bn.x = <const void*>_address(x)
+    bn.coef = <const void*>_address(coef)
+    bn.alpha = <const void*>_address(alpha)
+    bn.shift = <const void*>_address(shift)
     bn.cp = BN_PAD(C)
     bn.relu = bool(relu)
     return g
@@ -1767,15 +1776,20 @@ def aligned_empty(shape, dtype):
     weight 16 or 48 bytes past a line).  numpy starts small arrays 16 bytes
     past one, and an optimizer's flat buffer puts parameters anywhere."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
+    cdef Py_ssize_t n = 1, d
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"aligned_empty: negative dimension in {shape}")
+        n *= d
     raw = np.empty(n * dtype.itemsize + 64, np.uint8)
-    start = -raw.ctypes.data % 64
+    cdef Py_ssize_t start = (64 - <Py_ssize_t>(_address(raw) % 64)) % 64
     return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def _line_aligned(a):
     """``a`` itself where it starts on a 64-byte line, else an aligned copy."""
-    if a.ctypes.data % 64 == 0:
+    if _address(a) % 64 == 0:
         return a
     out = aligned_empty(a.shape, a.dtype)
     out[...] = a

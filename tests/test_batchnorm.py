@@ -531,6 +531,10 @@ def test_kernel_checks_given_moments(rng):
         run((slots, counts))
     _batchnorm.rows_moments(x[4:], slots, counts, 1)
     run((slots, counts))
+    slots, counts = _batchnorm.moment_slots(2, 8)
+    _batchnorm.rows_moments(x, slots, counts, 0)        # all rows, but piece 1 empty
+    with pytest.raises(ValueError, match="2 pieces, each at least one row"):
+        run((slots, counts))
     with pytest.raises(ValueError, match=r"moments must be moment_slots\(pieces, 8\)"):
         run(_batchnorm.moment_slots(2, 16))
     with pytest.raises(ValueError, match="moments must be \\(slots, counts\\)"):

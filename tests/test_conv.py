@@ -394,6 +394,10 @@ def test_direct_kernels_read_any_weight_alignment(dtype, rng):
     a = _conv.aligned_empty((3, 5, 7), dtype)
     assert a.shape == (3, 5, 7) and a.dtype == dtype and a.flags.c_contiguous
     assert a.ctypes.data % 64 == 0
+    assert _conv.aligned_empty(7, dtype).shape == (7,)
+    assert _conv.aligned_empty([0, 4], dtype).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"negative dimension in \(2, -1\)"):
+        _conv.aligned_empty((2, -1), dtype)
     lanes = _conv.direct_lanes(np.dtype(dtype))
     w = rng.standard_normal((3, 3, 16, lanes)).astype(dtype)
     assert _conv.flip_weight(w, 1, 2).ctypes.data % 64 == 0
