@@ -3392,7 +3392,8 @@ cdef extern from *:
     #define CNET_GEMM_MB 256
     /* gemm_tn's tile prefetches x's rows CNET_GEMM_PF columns ahead into L2: x is read
        down its columns (cold rows, 1-2 lines per step); ResNeXt-29 training, 2
-       threads, against none: 16 / 32 / 64 columns 2.4 / 3.2 / 1.9% faster */
+       threads, against none: 16 / 32 / 64 columns 2.4 / 3.2 / 1.9% faster.  (Past
+       the last column, or x's end, a prefetch is harmless: it never faults.) */
     #ifndef CNET_GEMM_PF
     #define CNET_GEMM_PF 32
     #endif
