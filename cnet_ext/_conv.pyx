@@ -3379,24 +3379,20 @@ cdef extern from *:
     /* MR rows per register tile; MC rows per cache block (its MC x KC slice of A
        stays in L1 while the panels of B pass); KC steps of K per pass over a tile;
        columns in groups whose KC-deep slice of B is at most B_BYTES (stays in L2);
-       MB rows per thread task; KW rows per pass of gemm_tn over gw's tiles.
+       MB rows per thread task; gemm_tn copies blocks of KW rows x IB columns of x.
        ResNeXt's products (K x N from 64 x 256 to 1024 x 512, batch 64), 2 threads,
        GFLOP/s by (MC, KC): (24, 256) 150-205, (24, 128) 150-200, (48, 128)
        139-199, (12, 256) 134-207, (24, 64) 148-191; B_BYTES 256 KB and MB 1024 a
-       tie.  gemm_tn, one thread, KW 64 / 128 / 256-1024: 90-102 / 100-110 / 97-115. */
+       tie.  gemm_tn, one thread, hot, ResNeXt's 1x1 shapes: 230-259 GFLOP/s with
+       (IB, KW) (24, 256), (24, 128), (48, 128), (12, 512) alike (208-226 reading x
+       in place); ResNeXt-29 training 1.5% faster with (24, 256) than (12, 512). */
     #define CNET_GEMM_MR 6
     #define CNET_GEMM_MC 24
     #define CNET_GEMM_KC 256
-    #define CNET_GEMM_KW 512
+    #define CNET_GEMM_KW 256
+    #define CNET_GEMM_IB 24
     #define CNET_GEMM_B_BYTES (512 << 10)
     #define CNET_GEMM_MB 256
-    /* gemm_tn's tile prefetches x's rows CNET_GEMM_PF columns ahead into L2: x is read
-       down its columns (cold rows, 1-2 lines per step); ResNeXt-29 training, 2
-       threads, against none: 16 / 32 / 64 columns 2.4 / 3.2 / 1.9% faster.  (Past
-       the last column, or x's end, a prefetch is harmless: it never faults.) */
-    #ifndef CNET_GEMM_PF
-    #define CNET_GEMM_PF 32
-    #endif
 
     /* One MR x NV-vector tile of C = A B over kc steps of K: A(p, k) at
        a[p * ars + k * aks] (rows < MR: the last row is read again, its sums not
@@ -3404,8 +3400,7 @@ cdef extern from *:
        rows of an NHWC map).  The sums start at zero, at the bias (init 1) or at C
        (init 2: a later block of K, or accumulate); init 3 starts at zero and adds
        C at the store (accumulate into C from memory: its lines arrive while the
-       sums run instead of stalling the tile's start); relu at the store; pf (or
-       NULL): pf + k * aks prefetched into L2 at step k. */
+       sums run instead of stalling the tile's start); relu at the store. */
     /* acc OP the tile's C (OP = to load, += to add; inside CNET_GEMM_TILE); a partial
        tile through a buffer: acc indexed by a variable would live in memory in every
        tile. */
@@ -3426,7 +3421,7 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void NAME(                                 \
         const T* a, Py_ssize_t ars, Py_ssize_t aks, const T* bp, Py_ssize_t bks,            \
         Py_ssize_t kc, T* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,              \
-        const T* bias, int init, int relu, const T* pf)                                     \
+        const T* bias, int init, int relu)                                                  \
     {                                                                                       \
         const T* ap[CNET_GEMM_MR];                                                          \
         for (int p = 0; p < CNET_GEMM_MR; p++) ap[p] = a + (p < rows ? p : rows - 1) * ars; \
@@ -3449,7 +3444,6 @@ cdef extern from *:
         }                                                                                   \
         if (init == 2) CNET_GEMM_TILE_C(T, VTU, VW, NV, =);                                 \
         for (Py_ssize_t k = 0; k < kc; k++) {                                               \
-            if (pf) __builtin_prefetch(pf + k * aks, 0, 2);                                 \
             VT b[NV];                                                                       \
             for (int v = 0; v < NV; v++) b[v] = *(const VTU*)(bp + k * bks + v * VW);       \
             _Pragma("GCC unroll 16")                                                        \
@@ -3509,7 +3503,7 @@ cdef extern from *:
                         const T* a = A + i * lda + k0;                                      \
                         T* c = C + i * ldc + j;                                             \
                         CNET_GEMM_CALL(NAME, nv, a, lda, 1, bp, nv * VW, kc, c, ldc, rows,  \
-                                     cols, bj, init, last, NULL);                           \
+                                     cols, bj, init, last);                                 \
                     }                                                                       \
                 }                                                                           \
             }                                                                               \
@@ -3517,26 +3511,47 @@ cdef extern from *:
     }                                                                                       \
                                                                                             \
     /* gw[c0:c1, :] (+)= x[r0:r1, c0:c1]^T dy[r0:r1, :]: a weight gradient (gw K x N        \
-       row-major, N a multiple of VW; x and dy rows lda, ldb apart), both read in           \
-       place.  Per block of CNET_GEMM_KW rows, each 4-vector panel of dy (in L2)            \
-       meets every 6 columns of x; gw's tiles are loaded and stored once per block.         \
-       Fixed order: the same sums whatever the thread split. */                             \
+       row-major, N a multiple of VW; x and dy rows lda, ldb apart), dy read in place.      \
+       x's block of KW rows x IB columns is first copied, 6 columns per step of k, into     \
+       xb (L1): read in place, a tile's column of 6 values per row came from L2 (rows a     \
+       power of two apart share few L1 sets), 208-226 GFLOP/s against 230-259; the next     \
+       block's rows are prefetched into L2 meanwhile (x comes cold from DRAM).  Then each   \
+       4-vector panel of dy meets the block's tiles; gw's tiles are loaded and stored       \
+       once per block.  Fixed order: the same sums whatever the thread split. */            \
     CNET_CLONES static void NAME##_wgrad(                                                   \
         const T* x, Py_ssize_t lda, const T* dy, Py_ssize_t ldb, T* gw, int accumulate,     \
         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N)           \
     {                                                                                       \
-        for (Py_ssize_t k0 = r0; k0 < r1; k0 += CNET_GEMM_KW) {                             \
-            Py_ssize_t kc = r1 - k0 < CNET_GEMM_KW ? r1 - k0 : CNET_GEMM_KW;                \
+        T xb[CNET_GEMM_IB * CNET_GEMM_KW];                                                 \
+        for (Py_ssize_t k0 = r0; k0 < r1; k0 += CNET_GEMM_KW) {                            \
+            Py_ssize_t kc = r1 - k0 < CNET_GEMM_KW ? r1 - k0 : CNET_GEMM_KW;              \
             int init = accumulate || k0 > r0 ? 2 : 0;                                       \
-            for (Py_ssize_t j = 0; j < N; j += 4 * VW) {                                    \
-                Py_ssize_t cols = N - j < 4 * VW ? N - j : 4 * VW;                          \
-                int nv = (int)(cols / VW);                                                  \
-                const T* bp = dy + k0 * ldb + j;                                            \
-                for (Py_ssize_t i = c0; i < c1; i += CNET_GEMM_MR) {                        \
-                    Py_ssize_t rows = c1 - i < CNET_GEMM_MR ? c1 - i : CNET_GEMM_MR;        \
-                    CNET_GEMM_CALL(NAME, nv, x + k0 * lda + i, 1, lda, bp, ldb, kc,         \
-                                 gw + i * N + j, N, rows, cols, NULL, init, 0,              \
-                                 x + k0 * lda + i + CNET_GEMM_PF);                          \
+            for (Py_ssize_t i0 = c0; i0 < c1; i0 += CNET_GEMM_IB) {                         \
+                Py_ssize_t i1 = c1 - i0 < CNET_GEMM_IB ? c1 : i0 + CNET_GEMM_IB;            \
+                /* x's block, tile by tile: 6 columns per step of k, contiguous */          \
+                for (Py_ssize_t k = 0; k < kc; k++) {                                       \
+                    const T* xr = x + (k0 + k) * lda;                                       \
+                    /* the next block's rows on their way into L2 (past x: harmless) */     \
+                    const T* next = i1 < c1 ? xr + i1 : x + (k0 + kc + k) * lda + c0;       \
+                    __builtin_prefetch(next, 0, 2);                                         \
+                    __builtin_prefetch(next + 16, 0, 2);                                    \
+                    for (Py_ssize_t i = i0; i < i1; i += CNET_GEMM_MR) {                    \
+                        T* o = xb + (i - i0) * kc + k * CNET_GEMM_MR;                       \
+                        if (i1 - i >= CNET_GEMM_MR)                                         \
+                            for (int p = 0; p < CNET_GEMM_MR; p++) o[p] = xr[i + p];        \
+                        else                                                                \
+                            for (Py_ssize_t p = 0; p < i1 - i; p++) o[p] = xr[i + p];       \
+                    }                                                                       \
+                }                                                                           \
+                for (Py_ssize_t j = 0; j < N; j += 4 * VW) {                                \
+                    Py_ssize_t cols = N - j < 4 * VW ? N - j : 4 * VW;                      \
+                    int nv = (int)(cols / VW);                                              \
+                    const T* bp = dy + k0 * ldb + j;                                        \
+                    for (Py_ssize_t i = i0; i < i1; i += CNET_GEMM_MR) {                    \
+                        Py_ssize_t rows = i1 - i < CNET_GEMM_MR ? i1 - i : CNET_GEMM_MR;    \
+                        CNET_GEMM_CALL(NAME, nv, xb + (i - i0) * kc, 1, CNET_GEMM_MR, bp,   \
+                                     ldb, kc, gw + i * N + j, N, rows, cols, NULL, init, 0); \
+                    }                                                                       \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \

@@ -1693,13 +1693,13 @@ def test_gemm_packed_matches_reference(dtype, rng, gemm_kernel_on):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_tn_matches_reference(dtype, rng, gemm_kernel_on):
     """gw (+)= x[r0:r1].T @ dy[r0:r1] against float64 numpy: input channels not in
-    whole 6-row tiles, output channels not in whole panels, several blocks of rows,
-    an empty range, 1 and 2 threads bitwise."""
+    whole 6-row tiles or 24-column blocks, output channels not in whole panels,
+    several blocks of rows, an empty range, 1 and 2 threads bitwise."""
     _conv = gemm_kernel_on
     lanes = _conv.direct_lanes(np.dtype(dtype))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for m, k, n in [(1, 1, lanes), (7, 3, 5 * lanes), (100, 70, 6 * lanes),
-                    (1100, 13, 2 * lanes), (64, 260, 9 * lanes)]:
+                    (1100, 13, 2 * lanes), (64, 260, 9 * lanes), (600, 50, 3 * lanes)]:
         x = rng.standard_normal((m, k)).astype(dtype)
         dy = rng.standard_normal((m, n)).astype(dtype)
         start = rng.standard_normal((k, n)).astype(dtype)
