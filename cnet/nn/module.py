@@ -218,7 +218,8 @@ class Module:
         shape that the caller owns; it may be grad_out itself): returns into, or
         None where this module computes no input gradient.  A residual join uses it
         (Add): layers whose last pass can add dL/dx in place (Conv2d's 1x1 on
-        cnet's GEMM) save the add pass over the input; the rest add backward's."""
+        cnet's GEMM, its direct layers chunk by chunk) save the add pass over the
+        input; the rest add backward's."""
         return add_into(into, self.backward(grad_out))
 
     def __call__(self, x):
