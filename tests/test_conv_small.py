@@ -323,15 +323,21 @@ def test_scatter_dx_gradients(args, kwargs, rng):
     check_gradients(m, x, check_params=False)
 
 
+def _dx_on_one_and_two_threads(m, x):
+    """m's input gradient for dy = cos(y) on 1 and 2 threads, and that dy."""
+    dxs = []
+    for nt in (1, 2):
+        with cnet.threads(nt):
+            dy = np.cos(m(x))
+            dxs.append(m.backward(dy))
+    return dxs, dy
+
+
 @pytest.mark.parametrize("args,kwargs", SCATTER_CASES[:4])      # scattered in float32
 def test_scatter_dx_threads_identical(args, kwargs, rng):
     m = nn.Conv2d(*args, **kwargs)
     x = rng.standard_normal((32, 14, 14, args[0])).astype(np.float32)
-    dxs = []
-    for nt in (1, 2):
-        with cnet.threads(nt):
-            y = m(x)
-            dxs.append(m.backward(np.cos(y)))
+    dxs, _ = _dx_on_one_and_two_threads(m, x)
     np.testing.assert_array_equal(dxs[0], dxs[1])
 
 
@@ -540,12 +546,7 @@ def test_planar_dx_torch_parity_and_threads(args, kwargs, rng):
     pytest.importorskip("torch")
     m = nn.Conv2d(*args, **kwargs)
     x = rng.standard_normal((16, 13, 35, args[0])).astype(np.float32)
-    dxs = []
-    for nt in (1, 2):
-        with cnet.threads(nt):
-            y = m(x)
-            dy = np.cos(y)
-            dxs.append(m.backward(dy))
+    dxs, dy = _dx_on_one_and_two_threads(m, x)
     np.testing.assert_array_equal(dxs[0], dxs[1])
     _, tdx, _, _ = torch_conv_grads(m, x, dy)
     np.testing.assert_allclose(dxs[0], tdx, rtol=1e-4, atol=1e-5)
