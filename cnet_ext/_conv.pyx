@@ -1489,6 +1489,25 @@ cdef inline void _direct_row(const floating* x, const floating* w, const floatin
         cnet_direct_row_f64(variant, x, w, bias, zeros, yrow, n, oh, H, W, Cg, C, OW, Cog, Cout,
                             Cw, KH, KW, sh, sw, ph, pw, dh, dw)
 
+cdef extern from *:
+    """
+    /* Lines [part, part + 1) / parts of n bytes at p, for writing (a share of an
+       array's lines per call, so that the misses overlap the calls' work). */
+    static inline void cnet_prefetch_write_share(const char* p, size_t n, size_t part,
+                                                 size_t parts) {
+        size_t lines = (n + 63) / 64, lo = lines * part / parts, hi = lines * (part + 1) / parts;
+        for (size_t l = lo; l < hi; l++) __builtin_prefetch(p + l * 64, 1, 3);
+    }
+    """
+    void cnet_prefetch_write_share(const char* p, size_t n, size_t part,
+                                   size_t parts) noexcept nogil
+
+
+cdef inline void _prefetch_write_lines(floating* p, Py_ssize_t n, Py_ssize_t part,
+                                       Py_ssize_t parts) noexcept nogil:
+    cnet_prefetch_write_share(<const char*>p, n * sizeof(floating), part, parts)
+
+
 cdef inline void _direct_group_image(const floating* x, const floating* wpk,
                                      const floating* bias, const floating* zeros, floating* y,
                                      floating* stage, Py_ssize_t n, Py_ssize_t G, Py_ssize_t H,
@@ -3244,9 +3263,12 @@ def phase_weights(w, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                   Py_ssize_t groups):
     """conv_phase_dx's operand for an HWIO weight (KH, KW, C_in/G, C_out) of a
     dilation-1 convolution: for each phase (a, b), in order a * sw + b, None (no
-    tap reaches it: dx is zero there) or (wsub, oh, ow): wsub[u, v, o, g*Cig + i] =
+    tap reaches it: dx is zero there) or (wsub, oh, ow): wsub[g, u, v, o, i] =
     w[a + ph - sh*(oh + u), b + pw - sw*(ow + v), i, g*Cog + o] (inputs and outputs
-    of each group swapped, as flip_weight), oh/ow the dy offsets of its first tap."""
+    of each group swapped, as flip_weight; group-major, so that a group's rows of
+    C_in/G values are contiguous: as rows of all C_in values, 1 KB apart at
+    ResNeXt's 256 channels, a phase's rows mapped onto a few L1 sets and the
+    grouped dx ran at half the FMA rate), oh/ow the dy offsets of its first tap."""
     w = np.asarray(w)
     KH, KW, cig, cout = w.shape
     if groups < 1 or cout % groups or sh < 1 or sw < 1:
@@ -3263,8 +3285,7 @@ def phase_weights(w, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
                 continue
             sub = w[np.ix_(taps_h, taps_w)]                      # (nu, nv, Cig, Cout)
             sub = sub.reshape(len(taps_h), len(taps_w), cig, groups, cog)
-            wsub = np.ascontiguousarray(sub.transpose(0, 1, 4, 3, 2)).reshape(
-                len(taps_h), len(taps_w), cog, groups * cig)
+            wsub = np.ascontiguousarray(sub.transpose(3, 0, 1, 4, 2))   # (G, nu, nv, Cog, Cig)
             out.append((wsub, (a + ph - taps_h[0]) // sh, (b + pw - taps_w[0]) // sw))
     return out
 
@@ -3297,35 +3318,53 @@ def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1]
         raise MemoryError()
     cdef floating[:, :, :, ::1] wv
     cdef floating* zeros = NULL
+    cdef floating* staged = NULL
+    cdef Py_ssize_t pad, wp_staged, image
     try:
         for p in range(nphase):
             if phases[p] is None:
                 continue
             wsub, off_h, off_w = phases[p]
             wsub = np.asarray(wsub)
-            if (wsub.ndim != 4 or wsub.dtype != dtype or not wsub.flags.c_contiguous
-                    or wsub.shape[2] != Cout // G or wsub.shape[3] != C):
+            if (wsub.ndim != 5 or wsub.dtype != dtype or not wsub.flags.c_contiguous
+                    or wsub.shape[0] != G or wsub.shape[3] != Cout // G
+                    or wsub.shape[4] != C // G):
                 raise ValueError(f"conv_phase_dx: phase {p} weight {wsub.shape} "
-                                 f"({wsub.dtype}) is not (taps, taps, {Cout // G}, {C}) "
-                                 f"{np.dtype(dtype)}")
-            wv = wsub
+                                 f"({wsub.dtype}) is not ({G}, taps, taps, {Cout // G}, "
+                                 f"{C // G}) {np.dtype(dtype)}")
+            wv = wsub.reshape(G * wsub.shape[1], wsub.shape[2], Cout // G, C // G)
             keep.append(wsub)
             wp[p] = &wv[0, 0, 0, 0]
-            geo[p, 0], geo[p, 1], geo[p, 2], geo[p, 3] = (wsub.shape[0], wsub.shape[1],
+            geo[p, 0], geo[p, 1], geo[p, 2], geo[p, 3] = (wsub.shape[1], wsub.shape[2],
                                                           off_h, off_w)
         zeros = <floating*>calloc(Cout, sizeof(floating))
         if zeros == NULL:
             raise MemoryError()
         nt = effective_threads((n1 - n0) * H * W * C * Cout, n_threads)
+        # Grouped: dy's images copied into per-group planes first, as the forward's
+        # (_direct_group_image: a group's slice in place is C_out values apart, which
+        # at a power of two maps onto few L1 sets), with ``pad`` zero columns each
+        # side so that every block of a row reads inside its plane.
+        pad = 1 + max([abs(int(g[3])) + int(g[1]) for g in np.asarray(geo)])
+        wp_staged = OW + 2 * pad
+        image = OH * wp_staged * (Cout // G)
         with nogil:
+            if G > 1 and _STAGE_GROUPS:
+                staged = <floating*>cnet_stage_buffer((n1 - n0) * image * G * sizeof(floating))
+            if staged != NULL:
+                for p in prange(n1 - n0, num_threads=nt, schedule="static"):
+                    _stage_group_planes(&dy[n0 + p, 0, 0, 0], staged + p * image, OH, OW, Cout,
+                                        G, pad, (n1 - n0) * image)
             if nt <= 1:
                 for r in range((n1 - n0) * H):
                     _phase_row(&dy[0, 0, 0, 0], wp, geo, zeros, &dx[0, 0, 0, 0], n0 + r // H,
-                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes)
+                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes, staged, n0, pad,
+                               (n1 - n0) * image)
             else:
                 for r in prange((n1 - n0) * H, num_threads=nt, schedule="static"):
                     _phase_row(&dy[0, 0, 0, 0], wp, geo, zeros, &dx[0, 0, 0, 0], n0 + r // H,
-                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes)
+                               r % H, G, H, W, C, OH, OW, Cout, sh, sw, lanes, staged, n0, pad,
+                               (n1 - n0) * image)
     finally:
         free(wp)
         free(zeros)
@@ -3335,13 +3374,22 @@ cdef void _phase_row(const floating* dy, const floating** wp, Py_ssize_t[:, ::1]
                      const floating* zeros, floating* dx, Py_ssize_t n, Py_ssize_t ih,
                      Py_ssize_t G, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                      Py_ssize_t OW, Py_ssize_t Cout, Py_ssize_t sh, Py_ssize_t sw,
-                     Py_ssize_t lanes) noexcept nogil:
+                     Py_ssize_t lanes, const floating* staged, Py_ssize_t n0,
+                     Py_ssize_t pad, Py_ssize_t plane) noexcept nogil:
     """dx row (n, ih): for each phase b of its columns, the row ih // sh of phase
-    (ih % sh, b)'s stride-1 convolution, group by group, into every sw-th pixel."""
-    cdef Py_ssize_t a = ih % sh, i = ih // sh, b, g, p, j, wb
+    (ih % sh, b)'s stride-1 convolution, group by group, into every sw-th pixel.
+    ``staged`` (or NULL): dy's images [n0, ...) as G planes (images, OH, OW + 2 pad,
+    C_out/G), ``pad`` zero columns each side (conv_phase_dx)."""
+    cdef Py_ssize_t a = ih % sh, i = ih // sh, b, g, p, j, wb, wg
     cdef Py_ssize_t Cig = C // G, Cog = Cout // G
     cdef int variant = _direct_variant(Cig, lanes)
     cdef floating* row = dx + (n * H + ih) * W * C
+    # dy read in place (group g's slice of each pixel), or from the staged planes
+    # (``plane`` values apart; image n - n0, pad columns in)
+    cdef Py_ssize_t src_n = n, src_w = OW, src_c = Cout, shift = 0, group_at = Cog
+    cdef const floating* src = dy
+    if staged != NULL:
+        src, src_n, src_w, src_c, shift, group_at = staged, n - n0, OW + 2 * pad, Cog, pad, plane
     for b in range(sw):
         p = a * sw + b
         wb = (W - b + sw - 1) // sw           # this phase's pixels in the row
@@ -3351,17 +3399,21 @@ cdef void _phase_row(const floating* dy, const floating** wp, Py_ssize_t[:, ::1]
             for j in range(wb):
                 memset(row + (b + j * sw) * C, 0, C * sizeof(floating))
             continue
+        wg = geo[p, 0] * geo[p, 1] * Cog * Cig          # one group's phase weight
         for g in range(G):
+            # the next row's dx lines, a share per (phase, group) call: the row is
+            # written in pieces a pixel pitch apart, whose store misses stall on DRAM
+            _prefetch_write_lines(row + W * C, W * C, b * G + g, sw * G)
             if floating is float:
-                cnet_direct_row_f32(variant, dy + g * Cog, wp[p] + g * Cig, NULL, zeros,
-                                    row + b * C + g * Cig, n, i, OH, OW, Cog, Cout, wb, Cig,
-                                    sw * C, C, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
-                                    -geo[p, 3], 1, 1)
+                cnet_direct_row_f32(variant, src + g * group_at, wp[p] + g * wg, NULL, zeros,
+                                    row + b * C + g * Cig, src_n, i, OH, src_w, Cog, src_c, wb,
+                                    Cig, sw * C, Cig, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
+                                    -geo[p, 3] - shift, 1, 1)
             else:
-                cnet_direct_row_f64(variant, dy + g * Cog, wp[p] + g * Cig, NULL, zeros,
-                                    row + b * C + g * Cig, n, i, OH, OW, Cog, Cout, wb, Cig,
-                                    sw * C, C, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
-                                    -geo[p, 3], 1, 1)
+                cnet_direct_row_f64(variant, src + g * group_at, wp[p] + g * wg, NULL, zeros,
+                                    row + b * C + g * Cig, src_n, i, OH, src_w, Cog, src_c, wb,
+                                    Cig, sw * C, Cig, geo[p, 0], geo[p, 1], 1, 1, -geo[p, 2],
+                                    -geo[p, 3] - shift, 1, 1)
 
 
 # ---------------------------------------------------------------------------

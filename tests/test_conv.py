@@ -638,7 +638,8 @@ def test_grouped_direct_kernel_matches_grouped_gemm_path(args, kwargs, dx_path, 
 def test_phase_dx_matches_col2im(dtype, rng):
     """A strided layer's dx by phases (each a stride-1 convolution of dy with some of
     the flipped taps) against the im2col / col2im path and the float64 reference;
-    phases no tap reaches (1x1 stride 2) are zeros; 1 and 2 threads bitwise."""
+    phases no tap reaches (1x1 stride 2) are zeros; 1 and 2 threads bitwise, and
+    grouped layers with dy staged in per-group planes or read in place bitwise."""
     from cnet_ext import _conv
     lanes = _conv.direct_lanes(np.dtype(dtype))
     # (C_in, C_out, kernel, stride, padding, groups, H, W)
@@ -646,7 +647,8 @@ def test_phase_dx_matches_col2im(dtype, rng):
             (lanes, 2 * lanes, 3, 2, 1, 1, 9, 8), (2 * lanes, 4 * lanes, 3, 2, 1, 2, 7, 10),
             (lanes, lanes, 1, 2, 0, 1, 6, 7), (lanes, 2 * lanes, (3, 5), (2, 3), (1, 2), 1, 11, 13),
             (lanes, lanes, 4, 2, 1, 1, 8, 8), (lanes, lanes, 3, 3, 0, 1, 10, 11),
-            (lanes, lanes, 3, 2, 3, 1, 5, 6)]:
+            (lanes, lanes, 3, 2, 3, 1, 5, 6), (4 * lanes, 4 * lanes, 3, 2, 1, 4, 9, 8),
+            (2 * lanes, 2 * lanes, (3, 5), (2, 3), (1, 2), 2, 11, 13)]:
         m = nn.Conv2d(cin, cout, k, stride=st, padding=pad, groups=g)
         general = nn.Conv2d(cin, cout, k, stride=st, padding=pad, groups=g)
         if dtype == np.float64:
@@ -663,9 +665,13 @@ def test_phase_dx_matches_col2im(dtype, rng):
         np.testing.assert_allclose(dx, general.backward(dy), rtol=tol, atol=tol)
         np.testing.assert_allclose(m.weight.grad, general.weight.grad, rtol=tol, atol=10 * tol)
         phases = _conv.phase_weights(m.weight.data, *m.stride, *m.padding, g)
-        for threads in (1, 2):
+        for threads, staged in ((1, True), (2, True), (1, False), (2, False)):
             part = np.full_like(x, 7)
-            _conv.conv_phase_dx(dy, phases, part, 1, 3, *m.stride, threads, g)
+            previous = _conv._stage_groups(staged)
+            try:
+                _conv.conv_phase_dx(dy, phases, part, 1, 3, *m.stride, threads, g)
+            finally:
+                _conv._stage_groups(previous)
             assert np.all(part[0] == 7)
             np.testing.assert_array_equal(part[1:], dx[1:])
     m = nn.Conv2d(16, 16, 1, stride=2).double()
