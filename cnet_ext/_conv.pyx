@@ -441,6 +441,20 @@ cdef extern from *:
        pixel NV vector loads of dy and PB*NV broadcast-FMAs.  Channel tails read a
        clamped (valid) channel and are not stored.  Fixed loop order: the sum
        is the same whatever thread runs it. */
+    /* CNET_DIRECT_WGRAD's pixels of one row: acc[v][j] += XAT * dy's vector v, XAT
+       input channel j of the pixel's tap at xp. */
+    #define CNET_WGRAD_PIXELS(T, VT, VTU, VW, NV, PB, XAT)                                 \
+        for (Py_ssize_t ow = ow_lo; ow < ow_hi; ow++) {                                    \
+            VT dv[NV];                                                                     \
+            for (int v = 0; v < NV; v++) dv[v] = *(const VTU*)(dr + ow * Cy + v * VW);     \
+            const T* xp = xr + (ow * sw + off) * Cx;                                       \
+            _Pragma("GCC unroll 16")                                                       \
+            for (int j = 0; j < PB; j++) {                                                 \
+                T xv = (XAT);                                                              \
+                for (int v = 0; v < NV; v++) acc[v][j] += xv * dv[v];                      \
+            }                                                                              \
+        }
+
     #define CNET_DIRECT_WGRAD(NAME, T, VT, VTU, VW, NV, PB)                                \
     CNET_CLONES static void NAME(                                                          \
         const T* x, const T* dy, T* gw, int accumulate, Py_ssize_t n0, Py_ssize_t n1,      \
@@ -470,16 +484,12 @@ cdef extern from *:
                         if ((size_t)ih >= (size_t)H) continue;                             \
                         const T* xr = x + (n * H + ih) * W * Cx;                           \
                         const T* dr = dy + ((n * OH + oh) * OW) * Cy + co;                 \
-                        for (Py_ssize_t ow = ow_lo; ow < ow_hi; ow++) {                    \
-                            VT dv[NV];                                                     \
-                            for (int v = 0; v < NV; v++)                                   \
-                                dv[v] = *(const VTU*)(dr + ow * Cy + v * VW);              \
-                            const T* xp = xr + (ow * sw + off) * Cx;                       \
-                            _Pragma("GCC unroll 8")                                        \
-                            for (int j = 0; j < PB; j++) {                                 \
-                                T xv = xp[cidx[j]];                                        \
-                                for (int v = 0; v < NV; v++) acc[v][j] += xv * dv[v];      \
-                            }                                                              \
+                        /* a full block's channels at constant offsets: 16 indices */  \
+                        /* would not stay in registers                                */  \
+                        if (nb == PB) {                                                    \
+                            CNET_WGRAD_PIXELS(T, VT, VTU, VW, NV, PB, xp[ci0 + j]);        \
+                        } else {                                                           \
+                            CNET_WGRAD_PIXELS(T, VT, VTU, VW, NV, PB, xp[cidx[j]]);        \
                         }                                                                  \
                     }                                                                      \
                 }                                                                          \
@@ -495,6 +505,8 @@ cdef extern from *:
     CNET_DIRECT_BLOCKS(CNET_DIRECT_WGRAD, cnet_direct_wgrad)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad6x4_f32, float, cnet_w16f4, cnet_w16fu4, 16, 4, 6)
     CNET_DIRECT_WGRAD(cnet_direct_wgrad6x4_f64, double, cnet_w8d4, cnet_w8du4, 8, 4, 6)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad16_f32, float, cnet_t16f, cnet_t16fu, 16, 1, 16)
+    CNET_DIRECT_WGRAD(cnet_direct_wgrad16_f64, double, cnet_t8d, cnet_t8du, 8, 1, 16)
 
     /* Narrow first layers (one input channel, C_out below one vector, stride and
        dilation 1 along the width: LeNet's 1 -> 6), AVX-512 only.  The 8 x 1 block
@@ -716,8 +728,8 @@ cdef extern from *:
     CNET_MASK_SUM(double, f64)
 
     /* One entry per kernel and dtype; ``variant`` picks the register block:
-       0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2, 3: 6 x 4 (see _direct_variant
-       and _wgrad_variant). */
+       0: 6 pixels x 1 vector, 1: 8 x 1, 2: 8 x 2, 3: 6 x 4, 5: 16 x 1 (see
+       _direct_variant and _wgrad_variant). */
     #define CNET_DIRECT_PICK(NAME, SFX)                                                    \
         (variant == 2 ? NAME##8x2_##SFX : variant == 1 ? NAME##8_##SFX : NAME##6_##SFX)
     #define CNET_DIRECT_ENTRIES(SFX, T)                                                    \
@@ -756,6 +768,7 @@ cdef extern from *:
         Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw)                                       \
     {                                                                                      \
         (variant == 3 ? cnet_direct_wgrad6x4_##SFX                                         \
+         : variant == 5 ? cnet_direct_wgrad16_##SFX                                        \
          : CNET_DIRECT_PICK(cnet_direct_wgrad, SFX))(x, dy, gw, accumulate, n0, n1, kh, kw, \
                                                  H, W, C, Cx, OH, OW, Cout, Cy, Cgw, sh,   \
                                                  sw, ph, pw, dh, dw);                      \
@@ -902,12 +915,19 @@ cdef inline int _direct_variant(Py_ssize_t Cout, Py_ssize_t lanes) noexcept nogi
     return 2 if Cout % (2 * lanes) == 0 else 1
 
 
-cdef inline int _wgrad_variant(Py_ssize_t Cout, Py_ssize_t lanes) noexcept nogil:
+cdef inline int _wgrad_variant(Py_ssize_t Cout, Py_ssize_t lanes,
+                               Py_ssize_t Cin) noexcept nogil:
     """The weight gradient also has 3: 6 input channels x 4 vectors (AVX-512): per
     pixel 4 loads of dy feed 24 FMAs.  One thread, 3x3 in chunks: 113-129 GFLOP/s
-    from 128 to 512 channels where 8 x 2 gets 62-90 and im2col + sgemm 86-104."""
+    from 128 to 512 channels where 8 x 2 gets 62-90 and im2col + sgemm 86-104.
+    And 5: 16 input channels x 1 vector, for one vector of outputs and C_in
+    (per group) a multiple of 16: one pass over a tap's rows instead of two of 8 x 1,
+    which stream them from L3 (ResNeXt-29's 32x32x128 in 8 groups, one thread, 16
+    channels per group)."""
     if _WIDE and Cout % (4 * lanes) == 0:
         return 3
+    if _WIDE and Cout == lanes and Cin % 16 == 0:
+        return 5
     return _direct_variant(Cout, lanes)
 
 
@@ -1020,7 +1040,7 @@ def _wgrad_variant_checked(str what, tuple xshape, tuple dyshape, tuple gwshape,
     _check_direct_groups(what, C, Cout, wcin, G, lanes)
     _check_geometry(xshape, ((n1 - n0) * dyshape[1] * dyshape[2], KH * KW * C), n0, n1,
                     dyshape[1], dyshape[2], KH, KW, sh, sw, ph, pw, dh, dw, G, what)
-    return _wgrad_variant(Cout // G, lanes)
+    return _wgrad_variant(Cout // G, lanes, C // G)
 
 
 cdef void _direct_wgrad_range(const floating* x, const floating* dy, floating* gw,
@@ -1040,7 +1060,7 @@ cdef void _direct_wgrad_range(const floating* x, const floating* dy, floating* g
     blocks instead of 5).  Every gw element sums the same products in the same
     order either way."""
     cdef Py_ssize_t task, kh, n
-    cdef Py_ssize_t block = 6 if variant == 0 or variant == 3 else 8
+    cdef Py_ssize_t block = 6 if variant == 0 or variant == 3 else 16 if variant == 5 else 8
     cdef Py_ssize_t x_image = H * W * C, dy_image = OH * OW * Cout
     cdef floating* staged = NULL
     if G > 1 and _STAGE_GROUPS:
