@@ -1521,9 +1521,19 @@ cdef extern from *:
         size_t lines = (n + 63) / 64, lo = lines * part / parts, hi = lines * (part + 1) / parts;
         for (size_t l = lo; l < hi; l++) __builtin_prefetch(p + l * 64, 1, 3);
     }
+    /* Pieces [part, part + 1) / parts of ``count`` pieces of ``width`` bytes, ``pitch``
+       bytes apart, for reading once (non-temporal: no room taken in the outer caches). */
+    static inline void cnet_prefetch_pieces(const char* p, size_t count, size_t pitch,
+                                            size_t width, size_t part, size_t parts) {
+        size_t lo = count * part / parts, hi = count * (part + 1) / parts;
+        for (size_t j = lo; j < hi; j++)
+            for (size_t b = 0; b < width; b += 64) __builtin_prefetch(p + j * pitch + b, 0, 0);
+    }
     """
     void cnet_prefetch_write_share(const char* p, size_t n, size_t part,
                                    size_t parts) noexcept nogil
+    void cnet_prefetch_pieces(const char* p, size_t count, size_t pitch, size_t width,
+                              size_t part, size_t parts) noexcept nogil
 
 
 cdef inline void _prefetch_write_lines(floating* p, Py_ssize_t n, Py_ssize_t part,
@@ -1893,6 +1903,13 @@ cdef void _flip_tile_task(const floating* w, floating* out, Py_ssize_t task, Py_
         pitch = Cg * G
     for o0 in range(0, Cog, 32):
         o1 = min(Cog, o0 + 32)
+        if o0 + 64 < Cog:
+            # the source columns two tiles on: rows Cout values apart are separate
+            # streams to the hardware prefetcher, and the weight comes cold from DRAM
+            # (3x3x512x512, 2 threads: 1.34 ms cold against 0.64 warm)
+            for i in range(width):
+                cnet_prefetch_pieces(<const char*>(src + i * Cout + o0 + 64), 1, 0,
+                                     min(32, Cog - o0 - 64) * sizeof(floating), 0, 1)
         for i0 in range(0, width, 32):
             i1 = min(width, i0 + 32)
             for i in range(i0, i1):
