@@ -3305,10 +3305,9 @@ def phase_weights(w, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
     dilation-1 convolution: for each phase (a, b), in order a * sw + b, None (no
     tap reaches it: dx is zero there) or (wsub, oh, ow): wsub[g, u, v, o, i] =
     w[a + ph - sh*(oh + u), b + pw - sw*(ow + v), i, g*Cog + o] (inputs and outputs
-    of each group swapped, as flip_weight; group-major, so that a group's rows of
-    C_in/G values are contiguous: as rows of all C_in values, 1 KB apart at
-    ResNeXt's 256 channels, a phase's rows mapped onto a few L1 sets and the
-    grouped dx ran at half the FMA rate), oh/ow the dy offsets of its first tap."""
+    of each group swapped, as flip_weight; group-major, so that the kernel reads a
+    group's rows C_in/G values apart rather than C_in), oh/ow the dy offsets of its
+    first tap."""
     w = np.asarray(w)
     KH, KW, cig, cout = w.shape
     if groups < 1 or cout % groups or sh < 1 or sw < 1:
@@ -3359,7 +3358,7 @@ def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1]
     cdef floating[:, :, :, ::1] wv
     cdef floating* zeros = NULL
     cdef floating* staged = NULL
-    cdef Py_ssize_t pad, wp_staged, image
+    cdef Py_ssize_t pad, image
     try:
         for p in range(nphase):
             if phases[p] is None:
@@ -3386,8 +3385,7 @@ def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1]
         # at a power of two maps onto few L1 sets), with ``pad`` zero columns each
         # side so that every block of a row reads inside its plane.
         pad = 1 + max([abs(int(g[3])) + int(g[1]) for g in np.asarray(geo)])
-        wp_staged = OW + 2 * pad
-        image = OH * wp_staged * (Cout // G)
+        image = OH * (OW + 2 * pad) * (Cout // G)     # one image's plane of a group
         with nogil:
             if G > 1 and _STAGE_GROUPS:
                 staged = <floating*>cnet_stage_buffer((n1 - n0) * image * G * sizeof(floating))
