@@ -921,9 +921,9 @@ cdef inline int _wgrad_variant(Py_ssize_t Cout, Py_ssize_t lanes,
     pixel 4 loads of dy feed 24 FMAs.  One thread, 3x3 in chunks: 113-129 GFLOP/s
     from 128 to 512 channels where 8 x 2 gets 62-90 and im2col + sgemm 86-104.
     And 5: 16 input channels x 1 vector, for one vector of outputs and C_in
-    (per group) a multiple of 16: one pass over a tap's rows instead of two of 8 x 1,
-    which stream them from L3 (ResNeXt-29's 32x32x128 in 8 groups, one thread, 16
-    channels per group)."""
+    (per group) a multiple of 16: one pass over a tap's rows instead of two of 8 x 1
+    (ResNeXt-29's 32x32x128 in 8 groups, one thread, by chunks of 8 images: 17.2 ->
+    16.0 ms)."""
     if _WIDE and Cout % (4 * lanes) == 0:
         return 3
     if _WIDE and Cout == lanes and Cin % 16 == 0:
@@ -3384,10 +3384,12 @@ def conv_phase_dx(floating[:, :, :, ::1] dy, list phases, floating[:, :, :, ::1]
         # (_direct_group_image: a group's slice in place is C_out values apart, which
         # at a power of two maps onto few L1 sets), with ``pad`` zero columns each
         # side so that every block of a row reads inside its plane.
-        pad = 1 + max([abs(int(g[3])) + int(g[1]) for g in np.asarray(geo)])
-        image = OH * (OW + 2 * pad) * (Cout // G)     # one image's plane of a group
+        pad = image = 0
+        if G > 1 and _STAGE_GROUPS:
+            pad = 1 + max([abs(int(g[3])) + int(g[1]) for g in np.asarray(geo)])
+            image = OH * (OW + 2 * pad) * (Cout // G)     # one image's plane of a group
         with nogil:
-            if G > 1 and _STAGE_GROUPS:
+            if image > 0:
                 staged = <floating*>cnet_stage_buffer((n1 - n0) * image * G * sizeof(floating))
             if staged != NULL:
                 for p in prange(n1 - n0, num_threads=nt, schedule="static"):
