@@ -79,6 +79,7 @@ cdef extern from *:
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
             const T* CNET_R xr = x + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
+            cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
@@ -101,6 +102,8 @@ cdef extern from *:
             const T* CNET_R xr = x + r * C;                                                     \
             const T* CNET_R sr = s + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
+            cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
+            cnet_prefetch_once(sr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
@@ -138,6 +141,12 @@ cdef extern from *:
                     VT b1[BN_W / L] = {0}, b2[BN_W / L] = {0};                                  \
                     T t1[BN_W], t2[BN_W];                                                       \
                     for (ptrdiff_t r = r0; r < r1; r++) {                                       \
+                        if (c0 == 0) {  /* the later columns find the chunk in cache */         \
+                            cnet_prefetch_once(x + r * C + CNET_STREAM_AHEAD / sizeof(T),       \
+                                               C * sizeof(T));                                  \
+                            cnet_prefetch_once(dy + r * C + CNET_STREAM_AHEAD / sizeof(T),      \
+                                               C * sizeof(T));                                  \
+                        }                                                                       \
                         for (int i = 0; i < BN_W / L; i++) {                                    \
                             VT xv = bn_ld_##SFX(x + r * C + c0 + i * L);                        \
                             VT g = bn_ld_##SFX(dy + r * C + c0 + i * L);                        \
@@ -160,6 +169,8 @@ cdef extern from *:
                 for (ptrdiff_t r = r0; r < r1; r++) {                                           \
                     const T* CNET_R xr = x + r * C;                                             \
                     const T* CNET_R gr = dy + r * C;                                            \
+                    cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));      \
+                    cnet_prefetch_once(gr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));      \
                     if (relu) {                                                                 \
                         for (ptrdiff_t c = 0; c < C; c++) {                                     \
                             T v = xr[c] * alpha[c] + shift[c];                                  \

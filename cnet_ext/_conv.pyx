@@ -1527,7 +1527,7 @@ cdef extern from *:
                                             size_t width, size_t part, size_t parts) {
         size_t lo = count * part / parts, hi = count * (part + 1) / parts;
         for (size_t j = lo; j < hi; j++)
-            for (size_t b = 0; b < width; b += 64) __builtin_prefetch(p + j * pitch + b, 0, 0);
+            cnet_prefetch_once(p + j * pitch, width);
     }
     """
     void cnet_prefetch_write_share(const char* p, size_t n, size_t part,
