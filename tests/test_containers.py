@@ -161,6 +161,66 @@ def test_bottleneck_adds_its_input_gradient_in_the_gemm(rng, own_gemm_on, monkey
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _projection_block(cin, width, cout, stride):
+    """A bottleneck with a projection shortcut (1x1 convolution + BN, strided)."""
+    body = nn.Sequential(_conv(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         _conv(width, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+    shortcut = nn.Sequential(_conv(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Add(body, shortcut), nn.ReLU())
+
+
+def test_projection_block_adds_the_body_gradient_into_the_shortcuts(rng, own_gemm_on,
+                                                                    monkeypatch):
+    """A projection shortcut's fresh input gradient takes the body's, added by the
+    body's first 1x1 convolution in its GEMM's store (containers._owned_sum_target):
+    the block returns that very array.  Finite differences in float64; in float32 the
+    same values as the two gradients summed after both backwards."""
+    from cnet.nn import containers
+    kernels = own_gemm_on
+    accumulated = spy_gemm_accumulate(monkeypatch, kernels)
+    x = rng.standard_normal((3, 6, 6, 8))
+    check_gradients(_projection_block(8, 4, 12, 2), x, max_checks=60, rtol=1e-5, atol=1e-7)
+    assert True in accumulated
+
+    xf = x.astype(np.float32)
+    g = rng.standard_normal((3, 3, 3, 12)).astype(np.float32)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(containers, "_owned_sum_target", lambda grad, other: False)
+        cnet.manual_seed(0)
+        block = _projection_block(8, 4, 12, 2).float()
+        shortcut = block[0].branches[1]
+        returned = []
+        plain = shortcut.backward
+        monkeypatch.setattr(shortcut, "backward", lambda grad: returned.append(plain(grad))
+                            or returned[-1])
+        with cnet.threads(2):
+            block(xf)
+            accumulated.clear()
+            gx = block.backward(g)
+        assert (gx is returned[0]) == fused
+        assert (True in accumulated) == fused
+        results.append([gx] + [p.grad.copy() for p in block.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_owned_sum_target_refuses_views_and_shared_memory():
+    from cnet.nn.containers import _owned_sum_target
+    a = np.zeros((2, 4, 4, 3), np.float32)
+    other = np.zeros_like(a)
+    assert _owned_sum_target(a, other)
+    assert not _owned_sum_target(a[:1], other)                    # a view of another array
+    assert not _owned_sum_target(a, a)                            # the gradient still read
+    assert not _owned_sum_target(a.astype(np.float64), other)     # another dtype
+    frozen = np.zeros_like(a)
+    frozen.flags.writeable = False
+    assert not _owned_sum_target(frozen, other)
+    assert not _owned_sum_target(np.asfortranarray(np.zeros((4, 3), np.float32)),
+                                 np.zeros((4, 3), np.float32))
+
+
 # -- fused add + ReLU -----------------------------------------------------------------
 
 def test_fused_equals_unfused(rng):

@@ -237,6 +237,16 @@ class _Branches(Module):
         return out
 
 
+def _owned_sum_target(grad, other):
+    """Whether a branch's input gradient ``grad`` may take the other branches' in
+    place: an array that owns its memory (a fresh result, as cnet's layers return;
+    not a view into some module's buffer), writeable, C-contiguous and apart from
+    ``other``, the gradient the other branches still read."""
+    return (isinstance(grad, np.ndarray) and grad.base is None and grad.flags.writeable
+            and grad.flags.c_contiguous and grad.dtype == other.dtype
+            and not np.may_share_memory(grad, other))
+
+
 class Add(_Branches):
     """Sum of the branches' outputs: ``Add(body, shortcut)`` is a residual join.
 
@@ -317,6 +327,10 @@ class Add(_Branches):
                 # adds its own into it (Module._backward_into; a bottleneck's first
                 # 1x1 convolution in its GEMM's store): no add pass over the input.
                 return self.branches[0]._backward_into(masked, masked)
+            if _owned_sum_target(shortcut_grad, masked):
+                # A projection shortcut's fresh input gradient takes the body's the
+                # same way: no add pass over the input (3 in a ResNeXt-29 step).
+                return self.branches[0]._backward_into(masked, shortcut_grad)
             return self._sum_grads([self.branches[0].backward(masked), shortcut_grad], masked)
         # `masked` is ours: once every branch is done with it, it takes the sum
         return self._backward_branches([masked] * len(self.branches), out=masked)
