@@ -79,7 +79,7 @@ cdef extern from *:
         for (ptrdiff_t r = 0; r < n; r++) {                                                     \
             const T* CNET_R xr = x + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
-            cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
+            cnet_prefetch_ahead(xr, C * sizeof(T));                                             \
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
@@ -102,8 +102,8 @@ cdef extern from *:
             const T* CNET_R xr = x + r * C;                                                     \
             const T* CNET_R sr = s + r * C;                                                     \
             T* CNET_R yr = y + r * C;                                                           \
-            cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
-            cnet_prefetch_once(sr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
+            cnet_prefetch_ahead(xr, C * sizeof(T));                                             \
+            cnet_prefetch_ahead(sr, C * sizeof(T));                                             \
             if (relu) {                                                                         \
                 for (ptrdiff_t c = 0; c < C; c++) {                                             \
                     T v = xr[c] * alpha[c] + shift[c];                                          \
@@ -142,10 +142,8 @@ cdef extern from *:
                     T t1[BN_W], t2[BN_W];                                                       \
                     for (ptrdiff_t r = r0; r < r1; r++) {                                       \
                         if (c0 == 0) {  /* the later columns find the chunk in cache */         \
-                            cnet_prefetch_once(x + r * C + CNET_STREAM_AHEAD / sizeof(T),       \
-                                               C * sizeof(T));                                  \
-                            cnet_prefetch_once(dy + r * C + CNET_STREAM_AHEAD / sizeof(T),      \
-                                               C * sizeof(T));                                  \
+                            cnet_prefetch_ahead(x + r * C, C * sizeof(T));                      \
+                            cnet_prefetch_ahead(dy + r * C, C * sizeof(T));                     \
                         }                                                                       \
                         for (int i = 0; i < BN_W / L; i++) {                                    \
                             VT xv = bn_ld_##SFX(x + r * C + c0 + i * L);                        \
@@ -169,8 +167,8 @@ cdef extern from *:
                 for (ptrdiff_t r = r0; r < r1; r++) {                                           \
                     const T* CNET_R xr = x + r * C;                                             \
                     const T* CNET_R gr = dy + r * C;                                            \
-                    cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));      \
-                    cnet_prefetch_once(gr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));      \
+                    cnet_prefetch_ahead(xr, C * sizeof(T));                                     \
+                    cnet_prefetch_ahead(gr, C * sizeof(T));                                     \
                     if (relu) {                                                                 \
                         for (ptrdiff_t c = 0; c < C; c++) {                                     \
                             T v = xr[c] * alpha[c] + shift[c];                                  \

@@ -108,8 +108,8 @@ CNET_CLONES static void bn_dx_##SFX(const T* CNET_R x, const T* CNET_R dy, T* CN
         const T* CNET_R xr = x + r * C;                                                     \
         const T* CNET_R gr = dy + r * C;                                                    \
         T* CNET_R dr = dx + r * C;                                                          \
-        cnet_prefetch_once(xr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
-        cnet_prefetch_once(gr + CNET_STREAM_AHEAD / sizeof(T), C * sizeof(T));              \
+        cnet_prefetch_ahead(xr, C * sizeof(T));                                             \
+        cnet_prefetch_ahead(gr, C * sizeof(T));                                             \
         if (relu) {                                                                         \
             for (ptrdiff_t c = 0; c < C; c++) {                                             \
                 T v = xr[c] * alpha[c] + shift[c];                                          \

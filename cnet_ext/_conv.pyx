@@ -88,8 +88,7 @@ cdef extern from *:
     """
     void cnet_scatter_groups(char* d, const char* s, Py_ssize_t G, size_t b,
                              Py_ssize_t ds) noexcept nogil
-    void cnet_prefetch_once(const void* p, size_t n) noexcept nogil
-    size_t CNET_STREAM_AHEAD
+    void cnet_prefetch_ahead(const void* p, size_t n) noexcept nogil
     void cnet_zero_groups(char* d, Py_ssize_t G, size_t b, Py_ssize_t ds) noexcept nogil
     void cnet_gather_add_f32(float* o, const float* s, Py_ssize_t G, Py_ssize_t Cg,
                              Py_ssize_t K) noexcept nogil
@@ -1018,8 +1017,8 @@ cdef void _stage_group_planes(const floating* src, floating* dst, Py_ssize_t row
                 memset(d, 0, pw * Cg * sizeof(floating))
                 memset(d + (pw + W) * Cg, 0, pw * Cg * sizeof(floating))
         for iw in range(W):
-            # the source streams from DRAM (a layer's whole input): see CNET_STREAM_AHEAD
-            cnet_prefetch_once(<const char*>src + CNET_STREAM_AHEAD, C * sizeof(floating))
+            # the source streams from DRAM (a layer's whole input)
+            cnet_prefetch_ahead(src, C * sizeof(floating))
             cnet_scatter_groups(<char*>(dst + (r * Wp + iw + pw) * Cg), <const char*>src, G,
                                 Cg * sizeof(floating), plane * sizeof(floating))
             src += C

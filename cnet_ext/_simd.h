@@ -21,6 +21,7 @@
 #define CNET_SIMD_H
 
 #include <string.h>  /* glibc's features.h, which defines __GLIBC__ */
+#include <stdint.h>
 
 #if defined(_OPENMP)
 #  define CNET_SIMD _Pragma("omp simd")
@@ -88,14 +89,20 @@ static inline double cnet_pick_f64(int take, double a, double b)
     _Generic((a), float: cnet_pick_f32, double: cnet_pick_f64)(take, a, b)
 
 /* Lines of n bytes at p, prefetched for reading once (non-temporal: no room taken
- * in the outer caches).  The streaming kernels (batch norm's passes over
- * activations) prefetch CNET_STREAM_AHEAD bytes ahead of each row they read: with
- * the hardware prefetcher alone, too few DRAM misses were in flight
- * (the masked gradient sums, 32x32x256 x 64, read at ~30 GB/s; ~45-55 so). */
-#define CNET_STREAM_AHEAD 4096
+ * in the outer caches). */
 static inline void cnet_prefetch_once(const void* p, size_t n)
 {
     for (size_t b = 0; b < n; b += 64) __builtin_prefetch((const char*)p + b, 0, 0);
+}
+/* The same for the n bytes CNET_STREAM_AHEAD past p: a streaming kernel (batch norm's
+ * passes over activations, the grouped layers' staging) calls it for each row it
+ * reads, since the hardware prefetcher alone kept too few DRAM misses in flight (the
+ * masked gradient sums over 32x32x256 x 64 read at ~30 GB/s; ~45-55 so).  The address
+ * is made as an integer: it may lie past the array's end (a prefetch never faults). */
+#define CNET_STREAM_AHEAD 4096
+static inline void cnet_prefetch_ahead(const void* p, size_t n)
+{
+    cnet_prefetch_once((const void*)((uintptr_t)p + CNET_STREAM_AHEAD), n);
 }
 
 #define CNET_CAT_(a, b) a##b
