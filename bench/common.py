@@ -42,6 +42,31 @@ def build_cnet_model(name, batch=None):
     return model, tuple(m["input"]), batch or m["batch"], m["classes"]
 
 
+def remove_batchnorm(model):
+    """throughput.py --ablate batchnorm: every BatchNorm2d taken out of its
+    Sequential before the first forward, so that the ReLU after it fuses into the
+    convolution before it (the step as if batch norm cost nothing).  The network
+    computes something else; its convolutions, joins, loss and optimizer do the same
+    work.  Edits Sequential's layer list before its fusion plan exists (built at
+    the first forward).  Returns how many were removed."""
+    from cnet import nn
+    removed = 0
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        if module._plan is not None:
+            raise ValueError("remove_batchnorm: the model has run; build a fresh one")
+        for name, layer in list(module._modules.items()):
+            if isinstance(layer, nn.BatchNorm2d):
+                module._layers.remove(layer)
+                delattr(module, name)
+                removed += 1
+    left = [type(m).__name__ for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        raise ValueError(f"remove_batchnorm: {len(left)} batch norms outside a Sequential")
+    return removed
+
+
 # -- machine --------------------------------------------------------------------
 
 def _lscpu():

@@ -3,6 +3,7 @@
     python bench/throughput.py [--models resnet20,lenet5] [--threads 1,2]
                                [--repeats 9] [--quick] [--no-torch] [--json out.json]
     python bench/throughput.py --scaling [--threads 1,2]   # cnet's thread speed-up alone
+    python bench/throughput.py --ablate batchnorm ...      # + cnet without its batch norms
 
 For every model (bench/common.py MODELS), thread count and mode (train: forward,
 cross-entropy loss, backward, SGD momentum step; infer: eval-mode forward), the
@@ -42,6 +43,11 @@ How it measures:
   whose idle threads spin long (torch's default OpenMP policy) hides part of
   it, one that sleeps soon (cnet spins ~0.5 ms) does not; training runs its
   steps back to back, so both are timed warm.
+- ``--ablate batchnorm`` adds a cnet worker whose model has every batch norm
+  taken out (common.remove_batchnorm: the ReLU after each fuses into the
+  convolution), timed in the same rounds: the step as if batch norm cost
+  nothing, a bound on what folding it into the convolutions could give.  The
+  table adds its time ("cnet no-BN ms") and the faster torch's time over it.
 - Worker processes, not threads: cnet sets its own OpenMP wait (GOMP_SPINCOUNT)
   at import, which would also change torch's OpenMP runtime, so a torch worker
   never imports cnet and gets the environment without it.
@@ -74,6 +80,8 @@ def _cnet_worker(cfg):
     cnet.manual_seed(0)
     base = common.reset_peak_rss()
     model, shape, batch, classes = common.build_cnet_model(cfg["model"], cfg.get("batch"))
+    if cfg["framework"] == "cnet_no_bn":
+        common.remove_batchnorm(model)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch,) + shape, dtype=np.float32)
     y = rng.integers(0, classes, batch)
@@ -143,7 +151,7 @@ def _torch_worker(cfg):
 
 def worker_main(cfg):
     import time as _time
-    if cfg["framework"] == "cnet":
+    if cfg["framework"].startswith("cnet"):
         step, base, ready, state = _cnet_worker(cfg)
     else:
         step, base, ready, state = _torch_worker(cfg)
@@ -161,7 +169,7 @@ def worker_main(cfg):
             return {"times": times}
         if cmd.get("quit"):
             reply = {"peak_kb": common.peak_rss_kb() - base, "base_kb": base}
-            if cfg["framework"] == "cnet":
+            if cfg["framework"].startswith("cnet"):
                 reply.update(_cnet_finish(state))
             return reply
         if cmd.get("hello"):
@@ -246,6 +254,9 @@ def run_config(model, threads, mode, frameworks, args, log):
         workers["cnet"] = Worker(script, dict(base_cfg, framework="cnet"))
         ready = workers["cnet"].call(hello=True)
         for fw in frameworks[1:]:
+            if fw.startswith("cnet"):
+                workers[fw] = Worker(script, dict(base_cfg, framework=fw))
+                continue
             cfg = dict(base_cfg, framework=fw, spec=ready["spec"], input=ready["input"],
                        batch=ready["batch"], classes=ready["classes"])
             env = common.torch_env()
@@ -284,7 +295,7 @@ def derive(r, ceilings):
     ceil = ceilings.get(r["threads"])
     c = r["frameworks"]["cnet"]
     c["pct_sgemm"] = 100 * c["gflops"] / ceil if ceil else None
-    torch_fw = [fw for fw in r["frameworks"] if fw != "cnet"]
+    torch_fw = [fw for fw in r["frameworks"] if fw.startswith("torch")]
     if torch_fw:
         best = min(torch_fw, key=lambda fw: r["frameworks"][fw]["median_s"])
         tb = r["frameworks"][best]
@@ -295,6 +306,8 @@ def derive(r, ceilings):
                                  / min(c["times"]))
         r["mem_ratio"] = c["peak_mb"] / tb["peak_mb"] if tb["peak_mb"] > 0 else None
         r["frameworks"][best]["pct_sgemm"] = 100 * tb["gflops"] / ceil if ceil else None
+        if "cnet_no_bn" in r["frameworks"]:
+            r["no_bn_ratio"] = tb["median_s"] / r["frameworks"]["cnet_no_bn"]["median_s"]
     return r
 
 
@@ -329,6 +342,9 @@ def report(results, ceilings, have_torch, sources=None):
     header = ["model", "thr", "mode", "cnet ms", "cnet img/s", "cnet GFLOP/s", "%sgemm",
               "cnet MB", "iqr"]
     torch_fws = [fw for fw in LABELS if any(fw in r["frameworks"] for r in results)]
+    ablated = any("cnet_no_bn" in r["frameworks"] for r in results)
+    if ablated:
+        header += ["cnet no-BN ms"] + (["no-BN vs torch"] if have_torch else [])
     if have_torch:
         header += [LABELS[fw] for fw in torch_fws] + [
             "torch img/s", "torch %sgemm", "torch MB", "speed vs torch", "best-of",
@@ -340,6 +356,11 @@ def report(results, ceilings, have_torch, sources=None):
         row = [r["model"], r["threads"], r["mode"], _f(c["median_s"] * 1e3, ".1f"),
                _f(c["images_per_s"], ".0f"), _f(c["gflops"], ".1f"), _f(c["pct_sgemm"], ".0f"),
                _f(c["peak_mb"], ".0f"), _f(c["spread"], ".0%")]
+        if ablated:
+            nb = r["frameworks"].get("cnet_no_bn")
+            row.append(_f(nb["median_s"] * 1e3 if nb else None, ".1f"))
+            if have_torch:
+                row.append(_f(r.get("no_bn_ratio"), ".2f") + "x")
         if have_torch:
             fws = r["frameworks"]
             tb = fws[r["torch_best"]]
@@ -363,8 +384,10 @@ def report(results, ceilings, have_torch, sources=None):
             r1 = by[(model, mode, lo)]
             row = [model, mode, _f(r1["frameworks"]["cnet"]["median_s"] / r["frameworks"]["cnet"]["median_s"], ".2f") + "x"]
             if have_torch:
-                t1 = min(r1["frameworks"][fw]["median_s"] for fw in r1["frameworks"] if fw != "cnet")
-                t2 = min(r["frameworks"][fw]["median_s"] for fw in r["frameworks"] if fw != "cnet")
+                t1 = min(d["median_s"] for fw, d in r1["frameworks"].items()
+                         if fw.startswith("torch"))
+                t2 = min(d["median_s"] for fw, d in r["frameworks"].items()
+                         if fw.startswith("torch"))
                 row.append(_f(t1 / t2, ".2f") + "x")
             srows.append(row)
         lines.append("")
@@ -415,6 +438,9 @@ def main(argv=None):
                          "torch when other processes share the cores), cl_malloc "
                          "(channels_last with the malloc thresholds cnet sets at import)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the sgemm probes")
+    ap.add_argument("--ablate", default="", choices=["", "batchnorm"],
+                    help="batchnorm: also time cnet with every batch norm taken out, in the "
+                         "same rounds (what the step would take if batch norm cost nothing)")
     ap.add_argument("--scaling", action="store_true",
                     help="cnet only: its thread counts interleaved in one stretch of time, "
                          "for the speed-up from the first thread count to the others")
@@ -433,8 +459,8 @@ def main(argv=None):
                     else {int(t): v for t, v in data["ceilings"].items()})
         results = [derive(r, ceilings) for r in data["results"]]
         print(format_machine(data["machine"]))
-        print(report(results, ceilings, any(len(r["frameworks"]) > 1 for r in results),
-                     sources))
+        print(report(results, ceilings, any(fw.startswith("torch") for r in results
+                                            for fw in r["frameworks"]), sources))
         return results
     if args.quick:
         args.repeats, args.rounds, args.budget, args.min_repeats = 3, 1, 10.0, 1
@@ -448,8 +474,9 @@ def main(argv=None):
     layouts = {"nchw": "torch_nchw", "cl": "torch_cl", "channels_last": "torch_cl",
                "nchw_passive": "torch_nchw_passive", "cl_passive": "torch_cl_passive",
                "cl_malloc": "torch_cl_malloc"}
-    frameworks = ("cnet",) + (tuple(layouts[t] for t in args.torch_layouts.split(",") if t)
-                              if have_torch else ())
+    frameworks = (("cnet",) + (("cnet_no_bn",) if args.ablate == "batchnorm" else ())
+                  + (tuple(layouts[t] for t in args.torch_layouts.split(",") if t)
+                     if have_torch else ()))
 
     info = machine_info()
     print(format_machine(info))

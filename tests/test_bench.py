@@ -103,6 +103,50 @@ def test_throughput_suite_runs(tmp_path):
     assert "lenet5" in text and ("speed vs torch" in text) == HAVE_TORCH
 
 
+@pytest.mark.parametrize("name", list(common.MODELS))
+def test_remove_batchnorm_keeps_the_rest(name):
+    model = common.build_cnet_model(name)[0]
+    kinds = [type(m).__name__ for m in model.modules()]
+    removed = common.remove_batchnorm(model)
+    after = [type(m).__name__ for m in model.modules()]
+    assert removed == kinds.count("BatchNorm2d") and "BatchNorm2d" not in after
+    assert sorted(after) == sorted(k for k in kinds if k != "BatchNorm2d")
+    full = common.build_cnet_model(name)[0]
+    assert len(list(model.parameters())) == len(list(full.parameters())) - 2 * removed
+
+
+def test_remove_batchnorm_fuses_the_relu_and_refuses_a_model_that_ran():
+    nn = cnet.nn
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    assert common.remove_batchnorm(seq) == 1 and len(seq) == 2
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    conv = seq[0]
+    ref = np.maximum(conv(x), 0)
+    np.testing.assert_array_equal(seq(x), ref)
+    assert conv._relu      # the ReLU runs in the convolution now
+    ran = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ran(x)
+    with pytest.raises(ValueError, match="has run"):
+        common.remove_batchnorm(ran)
+
+
+def test_ablation_is_timed_with_the_others():
+    args = TINY + ["--modes", "train", "--ablate", "batchnorm", "--torch-layouts", "cl"]
+    if not HAVE_TORCH:
+        args.append("--no-torch")
+    (r,) = throughput.main(args)
+    nb = r["frameworks"]["cnet_no_bn"]
+    assert len(nb["times"]) == 2 and nb["median_s"] > 0
+    text = throughput.report([r], {}, HAVE_TORCH)
+    assert "cnet no-BN ms" in text
+    if HAVE_TORCH:
+        assert r["torch_best"] == "torch_cl"
+        assert r["no_bn_ratio"] == pytest.approx(r["frameworks"]["torch_cl"]["median_s"]
+                                                 / nb["median_s"])
+        assert r["speed_ratio"] == pytest.approx(r["frameworks"]["torch_cl"]["median_s"]
+                                                 / r["frameworks"]["cnet"]["median_s"])
+
+
 def test_infer_without_torch_runs():
     results = throughput.main(TINY + ["--modes", "infer", "--no-torch", "--repeats", "1",
                                       "--rounds", "1"])
