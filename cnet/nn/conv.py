@@ -14,7 +14,9 @@ How a convolution runs (kernels in cnet_ext/_conv.pyx):
   direct kernels with blocks of 8 images at one output pixel instead of 8
   pixels of a row (Conv2d._shape_paths): every image of a block has the same
   in-bounds taps, so the padding products that im2col multiplies (3x3: 31% at
-  4x4) are skipped; wide weights are repacked per channel block.
+  4x4) are skipped; wide weights are repacked per channel block.  Not for
+  batches that fill a block worse than the other path fills its own (one
+  image would be computed 8 times: Conv2d._image_blocks_fill).
 - One input channel and few outputs (LeNet's conv1, 1 -> 6; AVX-512): the
   narrow kernels put pixels, not channels, in the vector lanes (forward and
   weight gradient; the channel-vector kernels would fill 6 of 16 lanes).
@@ -637,8 +639,9 @@ class Conv2d(Module):
         return (self.stride == (1, 1) and (self.in_channels // self.groups) % lanes == 0
                 and ph <= dh * (kh - 1) and pw <= dw * (kw - 1))
 
-    def _shape_paths(self, ow, dtype):
-        """(forward, weight gradient, input gradient, by_images) for an output width.
+    def _shape_paths(self, n, h, w, oh, ow, dtype):
+        """(forward, weight gradient, input gradient, by_images) for a batch of n
+        images of h x w (output oh x ow).
 
         On maps at most _IMAGE_BLOCK_MAX_WIDTH wide, ungrouped layers run the
         direct kernels over blocks of images instead of a row's pixels
@@ -649,18 +652,51 @@ class Conv2d(Module):
         4x4 map fills half of 8 pixels).  One thread, forward, ms (im2col or row
         kernel / by images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5;
         VGG 4x4x512 (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not
-        for 1x1 (no padding: the GEMM) nor depthwise.
+        for 1x1 (no padding: the GEMM) nor depthwise, nor for fewer images than
+        fill a block about as well as a row fills the row kernels (see
+        _image_blocks_fill).
         """
         paths = self._paths(dtype)
         lanes = _conv.direct_lanes(np.dtype(dtype))
         by_images = (ow <= _IMAGE_BLOCK_MAX_WIDTH and self.groups == 1
                      and paths[0] in ("direct", "im2col")
                      and self.kernel_size != (1, 1)
-                     and (self.out_channels // self.groups) % lanes == 0)
+                     and (self.out_channels // self.groups) % lanes == 0
+                     and self._image_blocks_fill(n, h, w, oh, ow, dtype))
         if not by_images:
             return paths + (False,)
         dx = "direct" if self._flipped_dx_fits(lanes) else paths[2]
         return "direct", paths[1], dx, True
+
+    def _image_blocks_fill(self, n, h, w, oh, ow, dtype):
+        """Whether n images use the image-blocked kernels at least as well as the
+        other path uses its kernels.  A block of fewer images repeats one and
+        computes a whole block (one image: 8 times the work), but skips the
+        padded taps.  Useful share of the products: image blocks n / (blocks *
+        B); row kernels (direct path) ow / (row blocks * B) times the in-bounds
+        share of a kernel row's taps (out-of-bounds kernel rows are skipped);
+        im2col the in-bounds share of all taps, times M / (M + 64) for its GEMM
+        of M = n * oh * ow rows, which packs the whole weight for a few rows.
+        Batches that are a multiple of B always qualify.  Per layer, 2 threads,
+        fwd+bwd ms, image blocks / other: ResNet-20 batch 4 32x32x16 0.26 /
+        0.17 (rows); VGG-11 batch 4 8x8x256 2.85 / 2.34 (im2col), 4x4x512
+        3.66 / 5.43 (im2col); ResNet-18 batch 2 4x4x256 0.83 / 1.17 (im2col)."""
+        block = _conv.direct_image_block(np.dtype(dtype))
+        image_fill = n / (-(-n // block) * block)
+
+        def in_bounds(size, out, k, s, p, d):
+            return sum(0 <= o * s - p + t * d < size for o in range(out)
+                       for t in range(k)) / (out * k)
+
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        across = in_bounds(w, ow, kw, sw, pw, dw)
+        if self._paths(dtype)[0] == "direct":
+            other = ow / (-(-ow // block) * block) * across
+        else:
+            rows = n * oh * ow
+            other = in_bounds(h, oh, kh, sh, ph, dh) * across * rows / (rows + 64)
+        return image_fill >= other
 
     def _workspace(self, x, out_shape):
         """Buffers for this input shape, allocated once and reused.
@@ -679,7 +715,7 @@ class Conv2d(Module):
             kh, kw = self.kernel_size
             k_total = kh * kw * self.in_channels
             per_image = oh * ow * k_total
-            paths = self._shape_paths(ow, x.dtype)
+            paths = self._shape_paths(n, x.shape[1], x.shape[2], oh, ow, x.dtype)
             if paths[0] != "im2col" and paths[1] != "gemm":     # no column buffers
                 budget = _KERNEL_CHUNK_BYTES
             elif (self.out_channels // self.groups >= _WIDE_CHANNELS
