@@ -652,9 +652,9 @@ class Conv2d(Module):
         4x4 map fills half of 8 pixels).  One thread, forward, ms (im2col or row
         kernel / by images): ResNet-18 4x4x256 7.4 / 4.6, 2x2x512 8.2 / 3.0-4.5;
         VGG 4x4x512 (batch 64) 50 / 31, 8x8x256 44 / 37; 8x8x128 5.1 / 4.6.  Not
-        for 1x1 (no padding: the GEMM) nor depthwise, nor for fewer images than
-        fill a block about as well as a row fills the row kernels (see
-        _image_blocks_fill).
+        for 1x1 (no padding: the GEMM) nor depthwise, nor for batches that fill
+        the image blocks worse than the other path fills its own
+        (_image_blocks_fill).
         """
         paths = self._paths(dtype)
         lanes = _conv.direct_lanes(np.dtype(dtype))
