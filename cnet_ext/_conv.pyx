@@ -3790,8 +3790,9 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
                 bint accumulate=False, moments=None):
     """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as gemm_pack(B) (K x N,
     K = a's columns, N = c's columns).  Register tiles of 6 rows x 4 vectors, A
-    read in place; rows split over n_threads in blocks of CNET_GEMM_MB.  Each row's
-    sums run in the same order whatever the thread count (bitwise the same).
+    read in place; rows split over n_threads in blocks of CNET_GEMM_MB, or, with
+    fewer blocks than threads and no moments, column panels.  Each element's sums
+    run in the same order whatever the thread count (bitwise the same).
     ``accumulate``: c[r0:r1] += a[r0:r1] @ B (ReLU of the sum; no bias), C added
     in the tiles' store (a residual's input gradient: no separate add pass).
     ``moments`` (not with relu or accumulate; c's rows unpadded):
@@ -3841,6 +3842,20 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
         mslots = &mslots_v[0, 0]
         mcounts = &mcounts_v[0]
     cdef int nt = effective_threads((r1 - r0) * K * N, n_threads)
+    # Fewer row blocks than threads (a small batch's layer: one image's 4x4 map is 16
+    # rows): the threads take column panels instead, each reading all of A and its
+    # own panels of B.  Each C element's sums run as in the row split (bitwise).
+    cdef Py_ssize_t width = 4 * (16 if floating is float else 8)
+    cdef Py_ssize_t panels = (N + width - 1) // width, part, parts, j0, j1
+    if nt > blocks and mslots == NULL and panels > blocks:
+        parts = min(nt, panels)
+        with nogil:
+            for part in prange(parts, num_threads=parts, schedule="static"):
+                j0 = part * panels // parts * width
+                j1 = min(N, (part + 1) * panels // parts * width)
+                _gemm_rows(A, lda, B + j0 * K, NULL if bias_p == NULL else bias_p + j0,
+                           C + j0, ldc, r0, r1, K, j1 - j0, relu, accumulate)
+        return
     if nt > blocks:
         nt = <int>blocks
     with nogil:

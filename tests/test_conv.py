@@ -1670,6 +1670,33 @@ def gemm_kernel_on():
     _conv.gemm_kernel(previous)
 
 
+def test_gemm_packed_few_rows_split_columns_bitwise(rng, gemm_kernel_on):
+    """Fewer row blocks than threads (one image's small map): the threads take column
+    panels; bias, ReLU, accumulate and a partial last panel, the same bits as one
+    thread and the reference's values."""
+    _conv = gemm_kernel_on
+    for m, k, n in [(16, 4608, 520), (4, 700, 130), (255, 300, 200)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        packed = _conv.gemm_pack(b)
+        start = rng.standard_normal((m, n)).astype(np.float32)
+        for use_bias, relu, accumulate in [(True, False, False), (True, True, False),
+                                           (False, True, True)]:
+            got = []
+            for threads in (1, 2):
+                c = start.copy()
+                _conv.gemm_packed(a, packed, c, bias if use_bias else None, relu, 0, m,
+                                  threads, accumulate=accumulate)
+                got.append(c)
+            np.testing.assert_array_equal(got[0], got[1])
+            want = a.astype(np.float64) @ b + (bias if use_bias else 0) + (
+                start if accumulate else 0)
+            if relu:
+                want = np.maximum(want, 0)
+            np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_packed_matches_reference(dtype, rng, gemm_kernel_on):
     """C = A B (+ bias) (ReLU) against float64 numpy: tails of rows (not whole 6-row
