@@ -3577,15 +3577,18 @@ cdef extern from *:
 
     /* Rows [r0, r1) of C (ldc) = A (lda) Bp (C += A Bp where accumulate), Bp from
        cnet_gemm_pack: panels of 4 vectors of columns (the last of whole vectors),
-       each K steps deep. */
+       each K steps deep; or, with ldb > 0, B itself (K x N rows ldb apart, N whole
+       vectors) read in place: for a few rows of A, packing B costs as much as the
+       product. */
     #define CNET_GEMM_ROWS(NAME, T, VT, VTU, VW)                                            \
     CNET_GEMM_TILE(NAME##_t1, T, VT, VTU, VW, 1)                                            \
     CNET_GEMM_TILE(NAME##_t2, T, VT, VTU, VW, 2)                                            \
     CNET_GEMM_TILE(NAME##_t3, T, VT, VTU, VW, 3)                                            \
     CNET_GEMM_TILE(NAME##_t4, T, VT, VTU, VW, 4)                                            \
     CNET_CLONES static void NAME(                                                           \
-        const T* A, Py_ssize_t lda, const T* Bp, const T* bias, T* C, Py_ssize_t ldc,       \
-        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu, int accumulate) \
+        const T* A, Py_ssize_t lda, const T* Bp, Py_ssize_t ldb, const T* bias, T* C,       \
+        Py_ssize_t ldc, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu, \
+        int accumulate)                                                                     \
     {                                                                                       \
         Py_ssize_t nc = CNET_GEMM_B_BYTES / (CNET_GEMM_KC * sizeof(T)) / (4 * VW) * (4 * VW); \
         for (Py_ssize_t j0 = 0; j0 < N; j0 += nc)                                           \
@@ -3598,7 +3601,8 @@ cdef extern from *:
                 for (Py_ssize_t j = j0; j < j1; j += 4 * VW) {                              \
                     Py_ssize_t cols = N - j < 4 * VW ? N - j : 4 * VW;                      \
                     int nv = (int)((cols + VW - 1) / VW);                                   \
-                    const T* bp = Bp + j * K + k0 * nv * VW;                                \
+                    const T* bp = ldb ? Bp + k0 * ldb + j : Bp + j * K + k0 * nv * VW;      \
+                    Py_ssize_t bks = ldb ? ldb : nv * VW;                                   \
                     const T* bj = bias ? bias + j : NULL;                                   \
                     for (Py_ssize_t i = i0; i < i1; i += CNET_GEMM_MR) {                    \
                         Py_ssize_t rows = i1 - i < CNET_GEMM_MR ? i1 - i : CNET_GEMM_MR;    \
@@ -3606,7 +3610,7 @@ cdef extern from *:
                         T* c = C + i * ldc + j;                                             \
                         const T* pf = j == j0 && i + CNET_GEMM_MC < r1                      \
                                       ? a + CNET_GEMM_MC * lda : NULL;                      \
-                        CNET_GEMM_CALL(NAME, nv, a, lda, 1, bp, nv * VW, kc, c, ldc, rows,  \
+                        CNET_GEMM_CALL(NAME, nv, a, lda, 1, bp, bks, kc, c, ldc, rows,      \
                                      cols, bj, init, last, pf);                             \
                     }                                                                       \
                 }                                                                           \
@@ -3700,10 +3704,11 @@ cdef extern from *:
     CNET_GEMM_ROWS(cnet_gemm_rows_f32, float, cnet_gemm_vf, cnet_gemm_vfu, 16)
     CNET_GEMM_ROWS(cnet_gemm_rows_f64, double, cnet_gemm_vd, cnet_gemm_vdu, 8)
     """
-    void cnet_gemm_rows_f32(const float* A, Py_ssize_t lda, const float* Bp, const float* bias,
-                          float* C, Py_ssize_t ldc, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K,
-                          Py_ssize_t N, int relu, int accumulate) noexcept nogil
-    void cnet_gemm_rows_f64(const double* A, Py_ssize_t lda, const double* Bp,
+    void cnet_gemm_rows_f32(const float* A, Py_ssize_t lda, const float* Bp, Py_ssize_t ldb,
+                          const float* bias, float* C, Py_ssize_t ldc, Py_ssize_t r0,
+                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu,
+                          int accumulate) noexcept nogil
+    void cnet_gemm_rows_f64(const double* A, Py_ssize_t lda, const double* Bp, Py_ssize_t ldb,
                           const double* bias, double* C, Py_ssize_t ldc, Py_ssize_t r0,
                           Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, int relu,
                           int accumulate) noexcept nogil
@@ -3785,11 +3790,14 @@ cdef void _pack_panels(floating[:, :] b, floating[::1] out, int n_threads):
                 cnet_gemm_pack_f64(B, rs, cs, K, N, j * 4 * lanes, o)
 
 
-def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
+def gemm_packed(floating[:, ::1] a, bp, floating[:, ::1] c, bias,
                 bint relu, Py_ssize_t r0, Py_ssize_t r1, int n_threads,
                 bint accumulate=False, moments=None):
     """c[r0:r1] = a[r0:r1] @ B (+ bias) (ReLU), B given as gemm_pack(B) (K x N,
-    K = a's columns, N = c's columns).  Register tiles of 6 rows x 4 vectors, A
+    K = a's columns, N = c's columns), or as B itself (C-contiguous, N whole
+    vectors: gemm_inplace_fits), read in place, which pays for a few rows of A
+    (packing a weight costs as much as a product with one image's small map).
+    Register tiles of 6 rows x 4 vectors, A
     read in place; rows split over n_threads in blocks of CNET_GEMM_MB, or, with
     fewer blocks than threads and no moments, column panels.  Each element's sums
     run in the same order whatever the thread count (bitwise the same).
@@ -3807,9 +3815,24 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
     if c.shape[0] != M or not 0 <= r0 <= r1 <= M:
         raise ValueError(f"gemm_packed: A has {M} rows and C {c.shape[0]}, rows "
                          f"[{r0}, {r1}) asked")
-    if bp.shape[0] != gemm_packed_size(K, N, dtype):
-        raise ValueError(f"gemm_packed: packed B of {bp.shape[0]} elements is not "
-                         f"gemm_pack of a {K} x {N} matrix")
+    cdef floating[::1] bp_v
+    cdef floating[:, ::1] b_v
+    cdef Py_ssize_t ldb = 0
+    cdef const floating* B
+    if np.ndim(bp) == 2:
+        b_v = bp
+        if b_v.shape[0] != K or b_v.shape[1] != N or not gemm_inplace_fits(N, dtype):
+            raise ValueError(f"gemm_packed: B of shape {tuple(b_v.shape)[:2]} read in "
+                             f"place must be {K} x {N} with {N} a multiple of "
+                             f"{direct_lanes(dtype)}")
+        ldb = N
+        B = &b_v[0, 0] if K else NULL
+    else:
+        bp_v = bp
+        if bp_v.shape[0] != gemm_packed_size(K, N, dtype):
+            raise ValueError(f"gemm_packed: packed B of {bp_v.shape[0]} elements is not "
+                             f"gemm_pack of a {K} x {N} matrix")
+        B = &bp_v[0] if bp_v.shape[0] else NULL
     if accumulate and bias is not None:
         raise ValueError("gemm_packed: accumulate adds A @ B to C; a bias is not taken "
                          "with it")
@@ -3824,7 +3847,6 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
     if r1 == r0 or N == 0:
         return
     cdef const floating* A = &a[0, 0]
-    cdef const floating* B = &bp[0]
     cdef floating* C = &c[0, 0]
     # a tile's store would overwrite rows of A that later panels still read
     if A < <const floating*>(C + M * ldc) and <const floating*>C < A + M * lda:
@@ -3853,21 +3875,28 @@ def gemm_packed(floating[:, ::1] a, floating[::1] bp, floating[:, ::1] c, bias,
             for part in prange(parts, num_threads=parts, schedule="static"):
                 j0 = part * panels // parts * width
                 j1 = min(N, (part + 1) * panels // parts * width)
-                _gemm_rows(A, lda, B + j0 * K, NULL if bias_p == NULL else bias_p + j0,
-                           C + j0, ldc, r0, r1, K, j1 - j0, relu, accumulate)
+                _gemm_rows(A, lda, B + (j0 if ldb else j0 * K), ldb,
+                           NULL if bias_p == NULL else bias_p + j0, C + j0, ldc, r0, r1, K,
+                           j1 - j0, relu, accumulate)
         return
     if nt > blocks:
         nt = <int>blocks
     with nogil:
         if nt <= 1 and mslots == NULL:
-            _gemm_rows(A, lda, B, bias_p, C, ldc, r0, r1, K, N, relu, accumulate)
+            _gemm_rows(A, lda, B, ldb, bias_p, C, ldc, r0, r1, K, N, relu, accumulate)
         else:
             for blk in prange(blocks, num_threads=nt, schedule="dynamic"):
                 i0 = r0 + blk * CNET_GEMM_MB
                 i1 = min(i0 + CNET_GEMM_MB, r1)
-                _gemm_rows(A, lda, B, bias_p, C, ldc, i0, i1, K, N, relu, accumulate)
+                _gemm_rows(A, lda, B, ldb, bias_p, C, ldc, i0, i1, K, N, relu, accumulate)
                 if mslots != NULL:
                     _piece_moments(<const floating*>C, i0, i1, N, mslots, mcounts, blk)
+
+
+def gemm_inplace_fits(Py_ssize_t N, dtype):
+    """Whether gemm_packed can read a K x N B in place: whole vectors of columns (the
+    tiles load them whole; a packed B is zero-padded instead)."""
+    return N % direct_lanes(dtype) == 0
 
 
 def gemm_row_blocks(Py_ssize_t r0, Py_ssize_t r1):
@@ -3876,13 +3905,13 @@ def gemm_row_blocks(Py_ssize_t r0, Py_ssize_t r1):
 
 
 cdef inline void _gemm_rows(const floating* A, Py_ssize_t lda, const floating* Bp,
-                          const floating* bias, floating* C, Py_ssize_t ldc, Py_ssize_t r0,
-                          Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, bint relu,
+                          Py_ssize_t ldb, const floating* bias, floating* C, Py_ssize_t ldc,
+                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t K, Py_ssize_t N, bint relu,
                           bint accumulate) noexcept nogil:
     if floating is float:
-        cnet_gemm_rows_f32(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu, accumulate)
+        cnet_gemm_rows_f32(A, lda, Bp, ldb, bias, C, ldc, r0, r1, K, N, relu, accumulate)
     else:
-        cnet_gemm_rows_f64(A, lda, Bp, bias, C, ldc, r0, r1, K, N, relu, accumulate)
+        cnet_gemm_rows_f64(A, lda, Bp, ldb, bias, C, ldc, r0, r1, K, N, relu, accumulate)
 
 
 def gemm_tn(floating[:, ::1] x, floating[:, ::1] dy, floating[:, ::1] gw,

@@ -1698,6 +1698,72 @@ def test_gemm_packed_few_rows_split_columns_bitwise(rng, gemm_kernel_on):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_reads_b_in_place_bitwise(dtype, rng, gemm_kernel_on):
+    """B itself (whole vectors of columns) in place of gemm_pack(B): the same bits,
+    with bias, ReLU, accumulate, several blocks of K, row and column splits; B of
+    the wrong shape or of partial vectors refused."""
+    _conv = gemm_kernel_on
+    lanes = _conv.direct_lanes(np.dtype(dtype))
+    for m, k, n in [(5, 3, lanes), (16, 600, 8 * lanes), (300, 70, 5 * lanes)]:
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        start = rng.standard_normal((m, n)).astype(dtype)
+        assert _conv.gemm_inplace_fits(n, dtype)
+        for use_bias, relu, accumulate in [(True, True, False), (False, False, True)]:
+            for threads in (1, 2):
+                got = []
+                for operand in (_conv.gemm_pack(b), b):
+                    c = start.copy()
+                    _conv.gemm_packed(a, operand, c, bias if use_bias else None, relu, 0, m,
+                                      threads, accumulate=accumulate)
+                    got.append(c)
+                np.testing.assert_array_equal(got[0], got[1])
+    assert not _conv.gemm_inplace_fits(lanes + 1, dtype)
+    a = np.zeros((4, 3), dtype)
+    with pytest.raises(ValueError, match="read in place"):
+        _conv.gemm_packed(a, np.zeros((3, lanes + 1), dtype), np.zeros((4, lanes + 1), dtype),
+                          None, False, 0, 4, 1)
+    with pytest.raises(ValueError, match="read in place"):
+        _conv.gemm_packed(a, np.zeros((4, lanes), dtype), np.zeros((4, lanes), dtype),
+                          None, False, 0, 4, 1)
+
+
+def test_small_batch_forward_reads_the_weight_in_place(rng, monkeypatch, direct_blocking):
+    # A 1x1 and an im2col layer at batch 1: the GEMM gets the weight itself (no
+    # packing per call); the same output as with the packed weight.
+    from cnet_ext import _conv
+    if not _conv.gemm_kernel():
+        pytest.skip("the layers use BLAS on this machine")
+    seen = []
+    real = _conv.gemm_packed
+
+    def spy(a, bp, *args, **kw):
+        seen.append(np.ndim(bp))
+        return real(a, bp, *args, **kw)
+    monkeypatch.setattr(_conv, "gemm_packed", spy)
+    layers = [(nn.Conv2d(64, 128, 1), 8)]
+    if direct_blocking == "row blocks":          # else the 3x3 takes the image blocks
+        layers.append((nn.Conv2d(256, 512, 3, padding=1), 4))
+    for layer, hw in layers:
+        layer.eval()
+        x = rng.standard_normal((1, hw, hw, layer.in_channels)).astype(np.float32)
+        seen.clear()
+        y = layer(x)
+        assert seen and set(seen) == {2}
+        monkeypatch.setattr(conv_mod, "_GEMM_INPLACE_ROWS", 0)
+        again = type(layer)(layer.in_channels, layer.out_channels, layer.kernel_size,
+                            padding=layer.padding)
+        again.weight.data[...] = layer.weight.data
+        again.bias.data[...] = layer.bias.data
+        again.eval()
+        seen.clear()
+        np.testing.assert_array_equal(again(x), y)
+        assert seen and set(seen) == {1}
+        monkeypatch.setattr(conv_mod, "_GEMM_INPLACE_ROWS", 256)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_packed_matches_reference(dtype, rng, gemm_kernel_on):
     """C = A B (+ bias) (ReLU) against float64 numpy: tails of rows (not whole 6-row
     tiles) and columns (not whole panels, not whole vectors), several blocks of K

@@ -124,6 +124,9 @@ _IMAGE_BLOCK_MAX_WIDTH = 32
 # every C_out values, which at 512 outputs maps onto 1/16 of L2's sets and is
 # evicted between images (VGG 4x4x512, batch 64, one thread: 40 -> 31 ms).
 _PACK_WEIGHT_BYTES = 1 << 20
+# Forward GEMMs of at most this many output pixels (all images) read the weight in
+# place instead of packing it per call (Conv2d._forward_gemm_operand).
+_GEMM_INPLACE_ROWS = 256
 # Eval mode: Sequential lets a direct layer apply the next batch norm per chunk
 # (Python tasks, Conv2d.forward_with_batchnorm) only when its output is at least
 # this big (Conv2d.folds_batchnorm); below,
@@ -771,6 +774,17 @@ class Conv2d(Module):
         return _conv.direct_weight_blocks(w, self.groups, n_threads)
 
     @staticmethod
+    def _forward_gemm_operand(wstack, out_shape, n_threads):
+        """The forward GEMM's weight operand: packed (_packed_gemm_operand), or the
+        weight itself where the batch has at most _GEMM_INPLACE_ROWS output pixels
+        (a small batch's map), for which packing costs as much as the product."""
+        rows = out_shape[0] * out_shape[1] * out_shape[2]
+        if rows <= _GEMM_INPLACE_ROWS and _conv.gemm_inplace_fits(wstack.shape[1],
+                                                                    wstack.dtype):
+            return wstack
+        return _packed_gemm_operand(wstack, n_threads)
+
+    @staticmethod
     def _worker_buffers(name, n_workers, shape, dtype):
         """One scratch array per worker thread (see _scratch)."""
         return [_scratch((name, wid), shape, dtype) for wid in range(n_workers)]
@@ -1042,8 +1056,8 @@ class Conv2d(Module):
         geom = self._geometry()
         # The GEMM of a 1x1 or im2col layer on cnet's own kernel (bias and ReLU in
         # its store) where it has one (_own_gemm); else BLAS.
-        packed_gemm = (_packed_gemm_operand(wstack, nt) if path in ("pointwise", "im2col")
-                       and self._own_gemm() else None)
+        packed_gemm = (self._forward_gemm_operand(wstack, out_shape, nt)
+                       if path in ("pointwise", "im2col") and self._own_gemm() else None)
         y = np.empty(out_shape, x.dtype)
         y2 = y.reshape(-1, cout)
         residual2 = None if residual is None else residual.reshape(-1, cout)
