@@ -5,8 +5,8 @@ BLAS and torch.matmul, on the shapes ResNeXt-29's 1x1 layers hand them.
 
 forward / dx: C = A B with A an NHWC map read in place (M = batch * H * W rows)
 and B the weight packed once (cnet: _conv.gemm_pack, timed apart; the layers pack
-per call).  dW: gw += A^T dY summed over a chunk's rows, as Conv2d's backward
-runs it per chunk (cnet: _conv.gemm_tn accumulating in place; BLAS and torch: the
+per call, except forwards of at most 256 rows, which read the weight in place).
+dW: gw += A^T dY summed over a chunk's rows, as Conv2d's backward runs it per chunk (cnet: _conv.gemm_tn accumulating in place; BLAS and torch: the
 product into a buffer, then an add).  dx+=: C += A B, a residual block's input
 gradient added to the shortcut's (cnet: gemm_packed(accumulate=True), C added in
 the store; numpy: the product into a buffer, then an add; torch: addmm_).  Contenders alternate in rounds in one
