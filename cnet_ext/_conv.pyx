@@ -3797,9 +3797,9 @@ def gemm_packed(floating[:, ::1] a, bp, floating[:, ::1] c, bias,
     K = a's columns, N = c's columns), or as B itself (C-contiguous, N whole
     vectors: gemm_inplace_fits), read in place, which pays for a few rows of A
     (packing a weight costs as much as a product with one image's small map).
-    Register tiles of 6 rows x 4 vectors, A
-    read in place; rows split over n_threads in blocks of CNET_GEMM_MB, or, with
-    fewer blocks than threads and no moments, column panels.  Each element's sums
+    Register tiles of 6 rows x 4 vectors, A read in place; rows split over
+    n_threads in blocks of CNET_GEMM_MB, or, with fewer blocks than threads and no
+    moments, column panels.  Each element's sums
     run in the same order whatever the thread count (bitwise the same).
     ``accumulate``: c[r0:r1] += a[r0:r1] @ B (ReLU of the sum; no bias), C added
     in the tiles' store (a residual's input gradient: no separate add pass).
