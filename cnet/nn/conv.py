@@ -665,21 +665,23 @@ class Conv2d(Module):
                      and paths[0] in ("direct", "im2col")
                      and self.kernel_size != (1, 1)
                      and (self.out_channels // self.groups) % lanes == 0
-                     and self._image_blocks_fill(n, h, w, oh, ow, dtype))
+                     and self._image_blocks_fill(paths[0], n, h, w, oh, ow, dtype))
         if not by_images:
             return paths + (False,)
         dx = "direct" if self._flipped_dx_fits(lanes) else paths[2]
         return "direct", paths[1], dx, True
 
-    def _image_blocks_fill(self, n, h, w, oh, ow, dtype):
+    def _image_blocks_fill(self, path, n, h, w, oh, ow, dtype):
         """Whether n images use the image-blocked kernels at least as well as the
-        other path uses its kernels.  A block of fewer images repeats one and
+        other path (``path``, the forward's "direct" or "im2col") uses its kernels.  A block of fewer images repeats one and
         computes a whole block (one image: 8 times the work), but skips the
         padded taps.  Useful share of the products: image blocks n / (blocks *
         B); row kernels (direct path) ow / (row blocks * B) times the in-bounds
         share of a kernel row's taps (out-of-bounds kernel rows are skipped);
         im2col the in-bounds share of all taps, times M / (M + 64) for its GEMM
-        of M = n * oh * ow rows, which packs the whole weight for a few rows.
+        of M = n * oh * ow rows (a product of few rows runs below the GEMM's rate;
+        the factor was fitted when such forwards still packed the weight per call,
+        before _forward_gemm_operand).
         Batches that are a multiple of B always qualify.  Per layer, 2 threads,
         fwd+bwd ms, image blocks / other: ResNet-20 batch 4 32x32x16 0.26 /
         0.17 (rows); VGG-11 batch 4 8x8x256 2.85 / 2.34 (im2col), 4x4x512
@@ -694,7 +696,7 @@ class Conv2d(Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
                                                   self.padding, self.dilation)
         across = in_bounds(w, ow, kw, sw, pw, dw)
-        if self._paths(dtype)[0] == "direct":
+        if path == "direct":
             other = ow / (-(-ow // block) * block) * across
         else:
             rows = n * oh * ow
